@@ -1,0 +1,73 @@
+"""Command line: ``python -m evalkit --model PATH --tasks a,b ...`` under any launcher.
+
+Flags are a stable contract; ``--config FILE`` holds the same options in YAML and flags given
+on the command line win over it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from evalkit.config import RunConfig, Seeds, read_config_file
+from evalkit.errors import USAGE_EXIT_CODE, UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit 2, like every other usage error
+        raise UsageError(f"{message} (see python -m evalkit --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m evalkit", description="Evaluate a language model on lm-eval-format tasks.",
+                argument_default=None)
+    p.add_argument("--config", type=Path, help="YAML file with any of the options below")
+    p.add_argument("--model", help="local model folder (a transformers checkpoint)")
+    p.add_argument("--tasks", help="comma-separated task names, tags or YAML paths")
+    p.add_argument("--include-path", action="append", type=Path, help="extra folder of task YAMLs (repeatable)")
+    p.add_argument("--output", type=Path, help="folder for results.json and samples_<task>.jsonl")
+    p.add_argument("--batch-size", type=int, help="requests per forward pass (default 1)")
+    p.add_argument("--limit", type=float, help="first N docs per task, or a fraction in (0, 1)")
+    p.add_argument("--num-fewshot", type=int, help="override every task's num_fewshot")
+    p.add_argument("--seed", help="one seed for everything, or python,numpy,torch,fewshot (default 0,1234,1234,1234)")
+    p.add_argument("--dtype", help="auto, float32, float16 or bfloat16 (default auto)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when CUDA is present)")
+    p.add_argument("--tp", type=int, help="tensor-parallel size (default 1)")
+    p.add_argument("--timeout", type=float, help="seconds any collective may wait before the run fails (default 1800)")
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> RunConfig:
+    args = vars(build_parser().parse_args(argv))
+    file_values = read_config_file(args.pop("config")) if args.get("config") else {}
+    values = {**file_values, **{k: v for k, v in args.items() if v is not None}}
+    missing = [f"--{name}" for name in ("model", "tasks", "output") if not values.get(name)]
+    if missing:
+        raise UsageError(f"missing required option(s): {', '.join(missing)}")
+    if "seed" in values:
+        values["seed"] = Seeds.parse(values["seed"])
+    tasks = values["tasks"]
+    values["tasks"] = tuple(t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip())
+    values["include_path"] = tuple(Path(p) for p in values.get("include_path", ()))
+    values["output"] = Path(values["output"])
+    values["model"] = str(values["model"])
+    try:
+        return RunConfig(**values).validate()
+    except TypeError as exc:
+        raise UsageError(f"bad option: {exc}") from None
+
+
+def entry_point() -> None:
+    sys.exit(main())
+
+
+def main(argv: list[str] | None = None) -> int:
+    from evalkit.runner import run_guarded
+
+    try:
+        config = parse_config(argv)
+    except UsageError as exc:
+        print(f"evalkit: error: {exc}", file=sys.stderr, flush=True)
+        return USAGE_EXIT_CODE
+    return run_guarded(config)

@@ -1,0 +1,51 @@
+"""The few collectives the loop uses, each a no-op at world size 1.
+
+Errors found while preparing a run are agreed on by all ranks, so a bad input found on one
+rank ends every rank with the same one-line message instead of leaving the others waiting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch.distributed as dist
+
+from evalkit.errors import UsageError
+from evalkit.parallel import Topology
+from evalkit.shard import merge_shards
+
+T = TypeVar("T")
+
+
+def all_gather(topo: Topology, value: Any) -> list[Any]:
+    if not topo.distributed:
+        return [value]
+    out: list[Any] = [None] * topo.dims.world_size
+    dist.all_gather_object(out, value)
+    return out
+
+
+def agreed(topo: Topology, step: Callable[[], T]) -> T:
+    """Run ``step`` on every rank; if it fails with bad input on any rank, fail on all of them."""
+    result, error = None, None
+    try:
+        result = step()
+    except UsageError as exc:
+        error = str(exc)
+    errors = [(rank, e) for rank, e in enumerate(all_gather(topo, error)) if e is not None]
+    if errors:
+        rank, message = errors[0]
+        if message != error and error is None:
+            message = f"{message} (found on rank {rank})"
+        raise UsageError(message)
+    return result
+
+
+def gather_results(topo: Topology, mine: list[tuple[int, Any]], total: int) -> list[Any] | None:
+    """Every carrying rank's (index, result) pairs, merged in global order on rank 0."""
+    if not topo.distributed:
+        return merge_shards([mine], total)
+    parts: list[Any] | None = [None] * topo.dims.world_size if topo.is_main else None
+    dist.gather_object(mine if topo.carries_results else [], parts, dst=0)
+    return merge_shards(parts, total) if topo.is_main else None

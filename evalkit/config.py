@@ -1,0 +1,112 @@
+"""The run configuration: typed, validated once, with defaults in one place.
+
+Flags and an optional YAML file (``--config``) fill the same dataclass; a YAML key the
+dataclass does not know is an error naming the file and the closest known key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from evalkit.errors import UsageError, did_you_mean, raise_all
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+# lm-eval's default seeds: python random, numpy, torch, few-shot sampler.
+DEFAULT_SEEDS = (0, 1234, 1234, 1234)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Seeds:
+    python: int
+    numpy: int
+    torch: int
+    fewshot: int
+
+    @classmethod
+    def parse(cls, text: str | int) -> Seeds:
+        """One value sets all four (as ``lm_eval --seed N`` does); four comma-separated set each."""
+        parts = [p.strip() for p in str(text).split(",")]
+        try:
+            values = [int(p) for p in parts]
+        except ValueError:
+            raise UsageError(f"--seed {text!r}: expected an integer or four comma-separated integers") from None
+        if len(values) == 1:
+            values = values * 4
+        if len(values) != 4:
+            raise UsageError(f"--seed {text!r}: expected 1 or 4 values, got {len(values)}")
+        return cls(python=values[0], numpy=values[1], torch=values[2], fewshot=values[3])
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    model: str
+    tasks: tuple[str, ...]
+    output: Path
+    include_path: tuple[Path, ...] = ()
+    batch_size: int = 1
+    limit: float | None = None
+    num_fewshot: int | None = None
+    seed: Seeds = field(default_factory=lambda: Seeds.parse(",".join(map(str, DEFAULT_SEEDS))))
+    dtype: str = "auto"
+    device: str | None = None
+    tp: int = 1
+    timeout: float = 1800.0
+
+    def validate(self) -> RunConfig:
+        problems = []
+        if not self.tasks:
+            problems.append("no tasks given; pass --tasks name1,name2")
+        if self.batch_size < 1:
+            problems.append(f"--batch-size {self.batch_size} must be at least 1")
+        if self.limit is not None and (self.limit <= 0 or (self.limit > 1 and self.limit != int(self.limit))):
+            problems.append(f"--limit {self.limit} must be a positive integer or a fraction in (0, 1]")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            problems.append(f"--num-fewshot {self.num_fewshot} must be 0 or more")
+        if self.dtype not in DTYPES:
+            problems.append(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.tp < 1:
+            problems.append(f"--tp {self.tp} must be at least 1")
+        if self.timeout <= 0:
+            problems.append(f"--timeout {self.timeout} must be positive")
+        for path in self.include_path:
+            if not path.is_dir():
+                problems.append(f"--include-path {path} is not a folder")
+        raise_all(problems, "bad arguments")
+        return self
+
+    def to_json(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["output"] = str(self.output)
+        data["include_path"] = [str(p) for p in self.include_path]
+        data["tasks"] = list(self.tasks)
+        return data
+
+
+FIELD_NAMES = tuple(f.name for f in dataclasses.fields(RunConfig))
+
+
+def read_config_file(path: Path) -> dict:
+    """Keys of a ``--config`` YAML file, checked against RunConfig's fields."""
+    if not path.is_file():
+        raise UsageError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UsageError(f"--config {path}: malformed YAML: {_first_line(exc)}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path}: expected a mapping of option names to values")
+    problems = []
+    for key in data:
+        name = str(key).replace("-", "_")
+        if name not in FIELD_NAMES:
+            problems.append(f"unknown key '{key}'{did_you_mean(name, FIELD_NAMES)}")
+    raise_all(problems, f"--config {path}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def _first_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())

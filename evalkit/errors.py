@@ -1,0 +1,31 @@
+"""Errors that end a run with one line and exit code 2.
+
+A user's mistake (bad flag, unknown task, missing file) is not a crash: it is reported as a
+single line that says what is wrong and how to fix it, on every rank, with no traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+USAGE_EXIT_CODE = 2
+
+
+class UsageError(Exception):
+    """Bad input from the user. The message is shown as-is, on one line."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(message.split("\n")))
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the closest known name, or '' when nothing is close."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def raise_all(problems: list[str], where: str) -> None:
+    """Report every problem found at once rather than one per attempt."""
+    if problems:
+        raise UsageError(f"{where}: " + "; ".join(problems))

@@ -1,0 +1,200 @@
+"""The transformers causal-LM backend, numerically matching lm-eval's ``hf`` model.
+
+Token handling follows lm-eval 0.4.13 so scores compare: the tokenizer adds its own special
+tokens, trailing spaces of a context move onto the continuation, over-long inputs are cut from
+the left, continuation log-probs are summed, and long texts are scored in rolling windows that
+predict every token exactly once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import transformers
+
+from evalkit.models.batching import run_batched
+from evalkit.models.protocol import Progress
+from evalkit.models.stopping import StopOnSequences, cut_at_stop
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
+DEFAULT_MAX_LENGTH = 2048
+DEFAULT_MAX_GEN_TOKS = 256
+TOKENIZER_UNSET = int(1e30)  # transformers' "no limit" model_max_length is ~1e30
+
+
+class HFCausalLM:
+    def __init__(self, path: str, *, dtype: str, device: torch.device, batch_size: int) -> None:
+        self.device = device
+        self.batch_size = batch_size
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        # device_map is never used: under a launcher transformers could pick a layout by itself.
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[dtype], use_safetensors=_has_safetensors(path) or None
+        ).to(device)
+        self.model.eval()
+        self.path = path
+        self.max_length = _max_length(self.model.config, self.tokenizer)
+        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        self.prefix_token_id = bos if bos is not None else eos
+        self.bos_text = self.tokenizer.decode(self.prefix_token_id)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "class": type(self.model).__name__,
+            "dtype": str(self.model.dtype).removeprefix("torch."),
+            "num_parameters": sum(p.numel() for p in self.model.parameters()),
+            "max_length": self.max_length,
+        }
+
+    # -- tokenization -------------------------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
+        kwargs = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+        if add_special_tokens is None and text.startswith(self.bos_text):
+            kwargs["add_special_tokens"] = False
+        return self.tokenizer.encode(text, **kwargs)
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        if context == "":
+            cont = self.encode(continuation, add_special_tokens=False)
+            if cont[0] == self.prefix_token_id:
+                return cont[:1], cont[1:]
+            return [self.prefix_token_id], cont
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        whole = self.encode(context + continuation)
+        ctx = self.encode(context)
+        return ctx, whole[len(ctx):]
+
+    # -- scoring ------------------------------------------------------------------------------
+
+    def loglikelihood(self, pairs: list[tuple[str, str]], progress: Progress) -> list[tuple[float, bool]]:
+        encoded = [self.encode_pair(c, x) for c, x in pairs]
+        return self.score_tokens(encoded, progress)
+
+    def score_tokens(self, encoded: list[tuple[list[int], list[int]]], progress: Progress) -> list[tuple[float, bool]]:
+        return run_batched(encoded, self.batch_size, key=lambda p: (-len(p[0]) - len(p[1]), tuple(p[0] + p[1])),
+                           fn=self._score_batch, progress=progress)
+
+    @torch.no_grad()
+    def _score_batch(self, batch: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        inputs = [(ctx + cont)[-(self.max_length + 1):][:-1] for ctx, cont in batch]
+        width = max(len(x) for x in inputs)
+        ids = torch.full((len(inputs), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        for row, tokens in enumerate(inputs):
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+        # Right padding never changes the scored positions of a causal model, so no mask.
+        logprobs = F.log_softmax(self.model(ids.to(self.device)).logits, dim=-1)
+        results = []
+        for row, ((_, cont), tokens) in enumerate(zip(batch, inputs, strict=True)):
+            span = logprobs[row, len(tokens) - len(cont) : len(tokens)]
+            target = torch.tensor(cont, device=span.device)
+            greedy = bool((span.argmax(dim=-1) == target).all())
+            results.append((float(span.gather(1, target[:, None]).sum()), greedy))
+        return results
+
+    def loglikelihood_rolling(self, texts: list[str], progress: Progress) -> list[float]:
+        windows, owners = [], []
+        for owner, text in enumerate(texts):
+            for window in rolling_windows(self.encode(text), self.prefix_token_id, self.max_length):
+                windows.append(window)
+                owners.append(owner)
+        scores = self.score_tokens(windows, progress=lambda n: None)
+        totals = [0.0] * len(texts)
+        for owner, (logprob, _) in zip(owners, scores, strict=True):
+            totals[owner] += logprob
+        progress(len(texts))
+        return totals
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def generate_until(self, requests: list[tuple[str, dict[str, Any]]], progress: Progress) -> list[str]:
+        out: list[str] = [""] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, (_, kwargs) in enumerate(requests):
+            groups.setdefault(repr(sorted(kwargs.items())), []).append(i)
+        for members in groups.values():
+            texts = run_batched([requests[i][0] for i in members], self.batch_size,
+                                key=lambda c: (-len(self.encode(c)), c),
+                                fn=lambda batch, kw=requests[members[0]][1]: self._generate_batch(batch, kw),
+                                progress=progress)
+            for i, text in zip(members, texts, strict=True):
+                out[i] = text
+        return out
+
+    @torch.no_grad()
+    def _generate_batch(self, contexts: list[str], gen_kwargs: dict[str, Any]) -> list[str]:
+        kwargs = dict(gen_kwargs)
+        until = list(kwargs.pop("until"))
+        eos_text = self.tokenizer.decode(self.tokenizer.eos_token_id, skip_special_tokens=False)
+        if eos_text not in until:
+            until.append(eos_text)
+        max_gen_toks = kwargs.pop("max_gen_toks")
+        context_budget = self.max_length - max_gen_toks
+        if context_budget <= 0:
+            raise ValueError(f"max_gen_toks {max_gen_toks} leaves no room for context in max length {self.max_length}")
+        self.tokenizer.padding_side = "left"
+        special = {"add_special_tokens": False} if contexts[0].startswith(self.bos_text) else {}
+        enc = self.tokenizer(contexts, padding="longest", return_tensors="pt", **special)
+        ids = enc["input_ids"][:, -context_budget:].to(self.device)
+        mask = enc["attention_mask"][:, -context_budget:].to(self.device)
+        sampling = {"do_sample": bool(kwargs.pop("do_sample", False))}
+        temperature = kwargs.pop("temperature", 0.0)
+        if sampling["do_sample"]:
+            sampling["temperature"] = temperature
+        generated = self.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_length=ids.shape[1] + max_gen_toks,
+            stopping_criteria=[StopOnSequences(self.tokenizer, until, ids.shape[1], len(contexts))],
+            pad_token_id=self.tokenizer.pad_token_id,
+            use_cache=True,
+            **sampling,
+            **kwargs,
+        )
+        return [cut_at_stop(self.tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True), until)
+                for row in generated.tolist()]
+
+
+def rolling_windows(tokens: list[int], prefix: int, max_len: int) -> list[tuple[list[int], list[int]]]:
+    """(context, scored tokens) windows: every token scored once, each with as much context as fits.
+
+    The first window conditions on ``prefix``; later ones on the tokens just before them, and
+    the last window is full-length but scores only its new tokens.
+    """
+    windows = []
+    first = min(max_len, len(tokens))
+    if tokens:
+        windows.append(([prefix] + tokens[: first - 1], tokens[:first]))
+    done = first
+    while done < len(tokens):
+        n = min(len(tokens) - done, max_len)
+        end = done + n
+        windows.append((tokens[max(end - max_len - 1, 0) : end - 1], tokens[end - n : end]))
+        done = end
+    # Context and scored tokens overlap except for the first scored token; keep them disjoint.
+    return [(ctx[: len(ctx) - (len(scored) - 1)], scored) for ctx, scored in windows]
+
+
+def _max_length(config: Any, tokenizer: Any) -> int:
+    config = getattr(config, "text_config", None) or config
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, attr, None)
+        if value is not None:
+            return int(value)
+    limit = getattr(tokenizer, "model_max_length", None)
+    if limit is not None and limit < TOKENIZER_UNSET:
+        return int(limit)
+    return DEFAULT_MAX_LENGTH
+
+
+def _has_safetensors(path: str) -> bool:
+    folder = Path(path)
+    return folder.is_dir() and any(folder.glob("*.safetensors"))

@@ -1,0 +1,126 @@
+"""Build a tiny, randomly initialised Llama model and tokenizer for tests.
+
+Why: evalkit must reproduce lm-evaluation-harness numbers, and that can only be
+checked against a real Hugging Face model evaluated by both tools.  No model
+hub is reachable, so we build one locally: a byte-level BPE tokenizer trained on
+the bundled demo task data (so prompts tokenize into a realistic mix of merged
+and byte tokens) and a ~160k-parameter ``LlamaForCausalLM``.  The weights are
+random but seeded, so the output is byte-for-byte reproducible and small enough
+(< 1 MB) to commit as a test fixture.
+
+Usage::
+
+    python -m evalkit.tinymodel OUT_DIR [--tasks-dir DIR] [--seed N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TASKS_DIR = Path(__file__).resolve().parent / "bundled_tasks" / "demo"
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
+VOCAB_SIZE = 512
+MAX_POSITIONS = 128
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Yield every string nested anywhere inside a decoded JSON value."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def corpus_from_tasks(tasks_dir: Path) -> list[str]:
+    """Collect all string values from the ``*.jsonl`` files under ``tasks_dir`` (sorted)."""
+    texts: list[str] = []
+    for path in sorted(tasks_dir.rglob("*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                texts.extend(_strings(json.loads(line)))
+    if not texts:
+        raise ValueError(f"no text found in *.jsonl files under {tasks_dir}")
+    return texts
+
+
+def _train_tokenizer(corpus: list[str]) -> Any:
+    """Train a byte-level BPE tokenizer that prepends ``<s>`` like Llama (no EOS)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    bos_id = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        model_max_length=MAX_POSITIONS,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def build_tiny_llama(out_dir: Path, corpus: list[str], *, seed: int = 0) -> Path:
+    """Train the tokenizer on ``corpus``, build a seeded tiny Llama, save both to ``out_dir``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = _train_tokenizer(corpus)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=MAX_POSITIONS,
+        initializer_range=0.2,  # large init so the random model's logits are not flat
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m evalkit.tinymodel", description=__doc__.split("\n")[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--tasks-dir", type=Path, default=DEFAULT_TASKS_DIR,
+                        help="folder whose *.jsonl files form the tokenizer corpus")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    out = build_tiny_llama(args.out_dir, corpus_from_tasks(args.tasks_dir), seed=args.seed)
+    print(f"wrote tiny Llama model and tokenizer to {out}")
+
+
+if __name__ == "__main__":
+    main()
