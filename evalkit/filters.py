@@ -35,8 +35,8 @@ def uppercase() -> Callable[[Responses], Any]:
 
 @FILTERS.register("remove_whitespace")
 def remove_whitespace() -> Callable[[Responses], Any]:
-    # lm-eval drops leading whitespace only; inner and trailing spaces stay.
-    return lambda responses: [r.lstrip() for r in responses]
+    # Leading and trailing whitespace go; inner whitespace stays.
+    return lambda responses: [r.strip() for r in responses]
 
 
 @FILTERS.register("regex")

@@ -1,0 +1,123 @@
+"""The evaluation loop every rank runs.
+
+prepare (all ranks, global order) -> load model -> this rank's shard -> model calls in batches
+-> gather to rank 0 -> rank 0 scores and writes. Bad input ends every rank with one line and
+exit code 2; any other exception ends the failing rank at once with its message, which ends
+the others (their collectives fail, and the launcher stops the group).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from evalkit.collectives import agreed, all_gather, gather_results
+from evalkit.config import RunConfig
+from evalkit.errors import USAGE_EXIT_CODE, UsageError
+from evalkit.filters import FilterPipeline
+from evalkit.model_source import check_model_source
+from evalkit.models.hf import HFCausalLM
+from evalkit.parallel import Topology, init_topology, shutdown
+from evalkit.progress import WorldProgress
+from evalkit.results import write_outputs
+from evalkit.score import task_metrics
+from evalkit.shard import shard_indices
+from evalkit.tasks.build import Request, TaskPlan, build_task, number_requests
+from evalkit.tasks.index import load_tasks
+
+
+@dataclass
+class RunPlan:
+    model_path: str
+    tasks: list[TaskPlan]
+    requests: list[Request]
+
+
+def set_seeds(config: RunConfig) -> None:
+    random.seed(config.seed.python)
+    np.random.seed(config.seed.numpy)
+    torch.manual_seed(config.seed.torch)
+
+
+def prepare(config: RunConfig) -> RunPlan:
+    """Everything that can be checked before a model loads, identical on every rank."""
+    model_path = check_model_source(config.model)
+    if config.output.exists() and not config.output.is_dir():
+        raise UsageError(f"--output {config.output} is a file; pass a folder")
+    tasks = []
+    for task in load_tasks(list(config.tasks), list(config.include_path)):
+        plan = build_task(task, num_fewshot=config.num_fewshot, limit=config.limit, fewshot_seed=config.seed.fewshot)
+        task_metrics(plan)
+        FilterPipeline(task.filter_list)
+        tasks.append(plan)
+    return RunPlan(model_path=model_path, tasks=tasks, requests=number_requests(tasks))
+
+
+def load_model(config: RunConfig, plan: RunPlan, topo: Topology) -> HFCausalLM:
+    try:
+        return HFCausalLM(plan.model_path, dtype=config.dtype, device=topo.device, batch_size=config.batch_size)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot load model from {plan.model_path}: {' '.join(str(exc).split())[:300]}") from None
+
+
+def run_requests(backend: HFCausalLM, requests: list[Request], progress: WorldProgress) -> list[tuple[int, Any]]:
+    """This rank's requests, grouped by kind, each result paired with its global index."""
+    out: list[tuple[int, Any]] = []
+    for kind in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+        batch = [r for r in requests if r.kind == kind]
+        if not batch:
+            continue
+        if kind == "loglikelihood":
+            results = backend.loglikelihood([r.args for r in batch], progress.update)
+        elif kind == "loglikelihood_rolling":
+            results = backend.loglikelihood_rolling([r.args[0] for r in batch], progress.update)
+        else:
+            results = backend.generate_until([(r.args[0], r.args[1]) for r in batch], progress.update)
+        out += [(r.index, result) for r, result in zip(batch, results, strict=True)]
+    return out
+
+
+def evaluate(config: RunConfig, topo: Topology) -> None:
+    started = time.time()
+    set_seeds(config)
+    plan = agreed(topo, lambda: prepare(config))
+    backend = agreed(topo, lambda: load_model(config, plan, topo))
+    mine = [plan.requests[i] for i in shard_indices([r.cost for r in plan.requests], topo.dp_rank, topo.dims.dp)]
+    progress = WorldProgress(topo, total=len(plan.requests))
+    t0 = time.time()
+    results = run_requests(backend, mine, progress)
+    rank_stats = {"rank": topo.rank, "requests": len(mine), "seconds": round(time.time() - t0, 3)}
+    stats = all_gather(topo, rank_stats)
+    outputs = gather_results(topo, results, total=len(plan.requests))
+    progress.close()
+    if topo.is_main:
+        write_outputs(config, topo, plan.tasks, outputs, backend.describe(), stats, wall=time.time() - started)
+
+
+def run_guarded(config: RunConfig) -> int:
+    """Run on this rank; turn bad input into exit 2 and any crash into a prompt exit 1."""
+    rank = os.environ.get("RANK", "0")
+    try:
+        topo = init_topology(config.tp, config.device, config.timeout)
+        evaluate(config, topo)
+    except UsageError as exc:
+        print(f"evalkit: error: {exc}", file=sys.stderr, flush=True)
+        shutdown()
+        return USAGE_EXIT_CODE
+    except KeyboardInterrupt:
+        print(f"evalkit: rank {rank} interrupted", file=sys.stderr, flush=True)
+        os._exit(130)
+    except BaseException as exc:  # noqa: BLE001 - a crash must end this rank now, never wait on peers
+        traceback.print_exc()
+        print(f"evalkit: rank {rank} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        os._exit(1)
+    shutdown()
+    return 0
