@@ -28,7 +28,8 @@ class Seeds:
 
     @classmethod
     def parse(cls, text: str | int) -> Seeds:
-        """One value sets all four (as ``lm_eval --seed N`` does); four comma-separated set each."""
+        """One value sets all four (as ``lm_eval --seed N`` does); 3 or 4 comma-separated values set
+        python, numpy, torch (and few-shot, 1234 when left out)."""
         parts = [p.strip() for p in str(text).split(",")]
         try:
             values = [int(p) for p in parts]
@@ -36,8 +37,10 @@ class Seeds:
             raise UsageError(f"--seed {text!r}: expected an integer or four comma-separated integers") from None
         if len(values) == 1:
             values = values * 4
+        elif len(values) == 3:
+            values.append(DEFAULT_SEEDS[3])
         if len(values) != 4:
-            raise UsageError(f"--seed {text!r}: expected 1 or 4 values, got {len(values)}")
+            raise UsageError(f"--seed {text!r}: expected 1, 3 or 4 values, got {len(values)}")
         return cls(python=values[0], numpy=values[1], torch=values[2], fewshot=values[3])
 
 

@@ -59,7 +59,7 @@ def format_table(results: dict[str, dict[str, Any]], versions: dict[str, Any], n
     for task, metrics in results.items():
         first = True
         for key, value in metrics.items():
-            if key == "alias" or "_stderr," in key:
+            if key in ("name", "alias", "sample_len") or "_stderr," in key:
                 continue
             metric, _, filter_name = key.partition(",")
             err = metrics.get(f"{metric}_stderr,{filter_name}", "N/A")

@@ -59,20 +59,21 @@ def score_task(plan: TaskPlan, outputs: list[Any]) -> tuple[dict[str, Any], list
     return aggregate(metrics, per_doc, list(pipeline.chains)), samples
 
 
-def task_hash(plan: TaskPlan) -> str:
-    """Identity of what was evaluated: the resolved config and every prompt and request."""
-    body = json.dumps([plan.config.task, plan.num_fewshot, [[r.args for r in d.requests] for d in plan.docs]],
-                      default=str, ensure_ascii=False)
-    return sha256(body)
+def task_hash(samples: list[dict[str, Any]], n_filters: int) -> str:
+    """lm-eval's task hash: its samples file holds every doc once per filter, hashes joined in order."""
+    per_filter = "".join(s["doc_hash"] + s["prompt_hash"] + s["target_hash"] for s in samples)
+    return sha256(per_filter * n_filters)
 
 
 def write_outputs(config: RunConfig, topo: Topology, plans: list[TaskPlan], outputs: list[Any],
                   model: dict[str, Any], rank_stats: list[dict[str, Any]], wall: float) -> None:
-    results, all_samples = {}, {}
+    results, all_samples, hashes = {}, {}, {}
     for plan in plans:
         scores, samples = score_task(plan, outputs)
-        results[plan.config.task] = {"alias": plan.config.task, **scores}
-        all_samples[plan.config.task] = samples
+        task = plan.config.task
+        results[task] = {"name": task, "alias": task, "sample_len": len(samples), **scores}
+        all_samples[task] = samples
+        hashes[task] = task_hash(samples, len(samples[0]["filtered_resps"]))
     carried = [s for s in rank_stats if s["requests"]]
     document = {
         "results": results,
@@ -87,7 +88,7 @@ def write_outputs(config: RunConfig, topo: Topology, plans: list[TaskPlan], outp
         "parallel": topo.describe(),
         "seed": {"python": config.seed.python, "numpy": config.seed.numpy, "torch": config.seed.torch,
                  "fewshot": config.seed.fewshot},
-        "task_hashes": {p.config.task: task_hash(p) for p in plans},
+        "task_hashes": hashes,
         "package_versions": package_versions(),
         "git_hash": git_hash(),
         "date": time.time(),

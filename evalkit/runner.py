@@ -41,6 +41,17 @@ class RunPlan:
     requests: list[Request]
 
 
+def quiet_libraries() -> None:
+    """Library progress bars and warnings would repeat once per rank; evalkit reports progress itself."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def set_seeds(config: RunConfig) -> None:
     random.seed(config.seed.python)
     np.random.seed(config.seed.numpy)
@@ -87,6 +98,7 @@ def run_requests(backend: HFCausalLM, requests: list[Request], progress: WorldPr
 
 def evaluate(config: RunConfig, topo: Topology) -> None:
     started = time.time()
+    quiet_libraries()
     set_seeds(config)
     plan = agreed(topo, lambda: prepare(config))
     backend = agreed(topo, lambda: load_model(config, plan, topo))

@@ -116,8 +116,10 @@ def filter_results(pipeline: FilterPipeline, doc: DocPlan, outputs: dict[int, An
 def aggregate(metrics: list[Metric], per_doc: list[dict[str, dict[str, Any]]], filters: list[str]) -> dict[str, Any]:
     """Task-level "metric,filter" values and their standard errors."""
     out: dict[str, Any] = {}
+    by_name = {m.name: m for m in metrics}
     for filter_name in filters:
-        for metric in metrics:
+        # Keys come in the order the per-doc values name them, as lm-eval writes them.
+        for metric in [by_name[name] for name in per_doc[0][filter_name]]:
             values = [d[filter_name][metric.name] for d in per_doc if metric.name in d[filter_name]]
             out[f"{metric.name},{filter_name}"] = AGGREGATIONS.get(metric.aggregation)(values)
             out[f"{metric.name}_stderr,{filter_name}"] = stderr(metric.aggregation, values, BOOTSTRAP_ITERS)

@@ -6,7 +6,10 @@ hub is reachable, so we build one locally: a byte-level BPE tokenizer trained on
 the bundled demo task data (so prompts tokenize into a realistic mix of merged
 and byte tokens) and a ~160k-parameter ``LlamaForCausalLM``.  The weights are
 random but seeded, so the output is byte-for-byte reproducible and small enough
-(< 1 MB) to commit as a test fixture.
+(< 1 MB) to commit as a test fixture.  Two tweaks keep the random model from
+being fully degenerate: a large init std (logits vary by position and input),
+and an up-scaled newline row in the output layer, so greedy generation
+sometimes emits "\n\n" and generation stop sequences get exercised.
 
 Usage::
 
@@ -25,6 +28,7 @@ DEFAULT_TASKS_DIR = Path(__file__).resolve().parent / "bundled_tasks" / "demo"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 VOCAB_SIZE = 512
 MAX_POSITIONS = 128
+NEWLINE_LOGIT_SCALE = 3.0
 
 
 def _strings(value: Any) -> Iterator[str]:
@@ -102,10 +106,13 @@ def build_tiny_llama(out_dir: Path, corpus: list[str], *, seed: int = 0) -> Path
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
-        torch_dtype="float32",
+        dtype="float32",
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.float32).eval()
+    newline_id = tokenizer.convert_tokens_to_ids("\u010a")  # byte-level symbol for "\n"
+    with torch.no_grad():
+        model.lm_head.weight[newline_id] *= NEWLINE_LOGIT_SCALE
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir

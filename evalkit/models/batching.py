@@ -1,7 +1,10 @@
-"""Length-sorted batching that hands results back in the caller's order.
+"""Batching that keeps every request's numbers independent of its batch.
 
-Sorting longest first keeps padding small, and the first batch is the largest, so running out
-of memory happens at once rather than hours in.
+A causal model's float result for a sequence depends on the width it is padded to (kernels
+pick their blocking from the sequence length), not on the other rows. So each request gets a
+width that depends only on its own length: its length rounded up to a fixed grid (at most
+1/8 extra). Requests are grouped by width, longest first, so a request scores the same at any
+batch size and on any rank, and padding stays small.
 """
 
 from __future__ import annotations
@@ -12,18 +15,36 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def sorted_batches(items: Sequence[T], size: int, key: Callable[[T], Any]) -> Iterator[list[tuple[int, T]]]:
-    """Batches of (original position, item), longest first."""
-    order = sorted(range(len(items)), key=lambda i: key(items[i]))
-    for start in range(0, len(order), size):
-        yield [(i, items[i]) for i in order[start : start + size]]
+def padded_width(length: int, cap: int) -> int:
+    """``length`` rounded up to a multiple of 2**(bits-4), never above ``cap``."""
+    step = 1 << max(length.bit_length() - 4, 0)
+    return min(-(-length // step) * step, max(cap, length))
 
 
-def run_batched(items: Sequence[T], size: int, key: Callable[[T], Any],
-                fn: Callable[[list[T]], list[Any]], progress: Callable[[int], None]) -> list[Any]:
+def width_batches(items: Sequence[T], size: int, length: Callable[[T], int], cap: int,
+                  tiebreak: Callable[[T], Any] = lambda _: 0) -> Iterator[tuple[int, list[tuple[int, T]]]]:
+    """(width, [(original position, item), ...]) batches, widest first."""
+    keyed = sorted(range(len(items)), key=lambda i: (-padded_width(length(items[i]), cap), -length(items[i]),
+                                                     tiebreak(items[i]), i))
+    batch: list[tuple[int, T]] = []
+    width = None
+    for i in keyed:
+        w = padded_width(length(items[i]), cap)
+        if batch and (w != width or len(batch) == size):
+            yield width, batch
+            batch = []
+        width = w
+        batch.append((i, items[i]))
+    if batch:
+        yield width, batch
+
+
+def run_batched(items: Sequence[T], size: int, length: Callable[[T], int], cap: int,
+                fn: Callable[[int, list[T]], list[Any]], progress: Callable[[int], None],
+                tiebreak: Callable[[T], Any] = lambda _: 0) -> list[Any]:
     out: list[Any] = [None] * len(items)
-    for batch in sorted_batches(items, size, key):
-        results = fn([item for _, item in batch])
+    for width, batch in width_batches(items, size, length, cap, tiebreak):
+        results = fn(width, [item for _, item in batch])
         for (position, _), result in zip(batch, results, strict=True):
             out[position] = result
         progress(len(batch))

@@ -80,13 +80,13 @@ class HFCausalLM:
         return self.score_tokens(encoded, progress)
 
     def score_tokens(self, encoded: list[tuple[list[int], list[int]]], progress: Progress) -> list[tuple[float, bool]]:
-        return run_batched(encoded, self.batch_size, key=lambda p: (-len(p[0]) - len(p[1]), tuple(p[0] + p[1])),
-                           fn=self._score_batch, progress=progress)
+        return run_batched(encoded, self.batch_size, length=lambda p: min(len(p[0]) + len(p[1]) - 1, self.max_length),
+                           cap=self.max_length, fn=self._score_batch, progress=progress,
+                           tiebreak=lambda p: tuple(p[0] + p[1]))
 
     @torch.no_grad()
-    def _score_batch(self, batch: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+    def _score_batch(self, width: int, batch: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         inputs = [(ctx + cont)[-(self.max_length + 1):][:-1] for ctx, cont in batch]
-        width = max(len(x) for x in inputs)
         ids = torch.full((len(inputs), width), self.tokenizer.pad_token_id, dtype=torch.long)
         for row, tokens in enumerate(inputs):
             ids[row, : len(tokens)] = torch.tensor(tokens)
@@ -121,46 +121,59 @@ class HFCausalLM:
         for i, (_, kwargs) in enumerate(requests):
             groups.setdefault(repr(sorted(kwargs.items())), []).append(i)
         for members in groups.values():
+            kwargs = normalize_generation_kwargs(requests[members[0]][1])
+            budget = self.max_length - kwargs["max_gen_toks"]
+            if budget <= 0:
+                raise ValueError(f"max_gen_toks {kwargs['max_gen_toks']} leaves no room for a prompt "
+                                 f"in the model's {self.max_length} positions")
             texts = run_batched([requests[i][0] for i in members], self.batch_size,
-                                key=lambda c: (-len(self.encode(c)), c),
-                                fn=lambda batch, kw=requests[members[0]][1]: self._generate_batch(batch, kw),
-                                progress=progress)
+                                length=lambda c: min(len(self.encode(c)), budget), cap=budget,
+                                fn=lambda width, batch, kw=kwargs: self._generate_batch(width, batch, kw),
+                                progress=progress, tiebreak=lambda c: c)
             for i, text in zip(members, texts, strict=True):
                 out[i] = text
         return out
 
     @torch.no_grad()
-    def _generate_batch(self, contexts: list[str], gen_kwargs: dict[str, Any]) -> list[str]:
+    def _generate_batch(self, width: int, contexts: list[str], gen_kwargs: dict[str, Any]) -> list[str]:
         kwargs = dict(gen_kwargs)
         until = list(kwargs.pop("until"))
         eos_text = self.tokenizer.decode(self.tokenizer.eos_token_id, skip_special_tokens=False)
         if eos_text not in until:
             until.append(eos_text)
         max_gen_toks = kwargs.pop("max_gen_toks")
-        context_budget = self.max_length - max_gen_toks
-        if context_budget <= 0:
-            raise ValueError(f"max_gen_toks {max_gen_toks} leaves no room for context in max length {self.max_length}")
-        self.tokenizer.padding_side = "left"
-        special = {"add_special_tokens": False} if contexts[0].startswith(self.bos_text) else {}
-        enc = self.tokenizer(contexts, padding="longest", return_tensors="pt", **special)
-        ids = enc["input_ids"][:, -context_budget:].to(self.device)
-        mask = enc["attention_mask"][:, -context_budget:].to(self.device)
-        sampling = {"do_sample": bool(kwargs.pop("do_sample", False))}
-        temperature = kwargs.pop("temperature", 0.0)
-        if sampling["do_sample"]:
-            sampling["temperature"] = temperature
+        ids = torch.full((len(contexts), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(contexts), width), dtype=torch.long)
+        for row, context in enumerate(contexts):
+            tokens = self.encode(context)[-width:]
+            ids[row, width - len(tokens):] = torch.tensor(tokens)
+            mask[row, width - len(tokens):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
         generated = self.model.generate(
             input_ids=ids,
             attention_mask=mask,
-            max_length=ids.shape[1] + max_gen_toks,
-            stopping_criteria=[StopOnSequences(self.tokenizer, until, ids.shape[1], len(contexts))],
+            max_length=width + max_gen_toks,
+            stopping_criteria=[StopOnSequences(self.tokenizer, until, width, len(contexts))],
             pad_token_id=self.tokenizer.pad_token_id,
             use_cache=True,
-            **sampling,
             **kwargs,
         )
         return [cut_at_stop(self.tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True), until)
                 for row in generated.tolist()]
+
+
+def normalize_generation_kwargs(raw: dict[str, Any]) -> dict[str, Any]:
+    """lm-eval's reading of generation_kwargs: token-limit aliases, greedy unless sampling is asked for."""
+    kwargs = dict(raw)
+    until = kwargs.pop("until", None)
+    until = [] if until is None else [until] if isinstance(until, str) else list(until)
+    limits = [kwargs.pop(k, None) for k in ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")]
+    max_gen_toks = int(next((v for v in limits if v is not None), DEFAULT_MAX_GEN_TOKS))
+    temperature = float(kwargs.pop("temperature", 0.0))
+    do_sample = kwargs.pop("do_sample", None)
+    do_sample = temperature > 0.0 if do_sample is None else bool(do_sample)
+    sampling = {"do_sample": True, "temperature": temperature} if do_sample else {"do_sample": False}
+    return {"until": until, "max_gen_toks": max_gen_toks, **sampling, **kwargs}
 
 
 def rolling_windows(tokens: list[int], prefix: int, max_len: int) -> list[tuple[list[int], list[int]]]:

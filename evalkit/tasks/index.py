@@ -63,7 +63,7 @@ class TaskIndex:
         if name in self.tasks:
             return [self.tasks[name]]
         if name in self.tags:
-            return [self.tasks[t] for t in self.tags[name]]
+            return [self.tasks[t] for t in sorted(self.tags[name])]
         known = list(self.tasks) + list(self.tags)
         if self.broken:
             path, problem = next(iter(self.broken.items()))

@@ -1,0 +1,59 @@
+"""World size, launcher and batch size change nothing: same prompts, values and metrics.
+
+Real multi-process runs on CPU with gloo: torchrun at 2 and 4 ranks, accelerate launch at 2.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import DEMO_TASKS, Run, model_args, run_evalkit
+
+pytestmark = pytest.mark.multiprocess
+
+LOGLIKELIHOOD_TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module", params=[("torchrun", 2, 8), ("torchrun", 4, 1), ("accelerate", 2, 3)],
+                ids=lambda p: f"{p[0]}-ws{p[1]}-bs{p[2]}")
+def layout_run(request, tmp_path_factory) -> tuple[tuple, Run]:
+    launcher, nproc, batch = request.param
+    run = run_evalkit(model_args("--tasks", ",".join(DEMO_TASKS), "--batch-size", str(batch)),
+                      launcher=launcher, nproc=nproc, output=tmp_path_factory.mktemp(f"{launcher}{nproc}"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    return request.param, run
+
+
+def test_topology_is_recorded(layout_run):
+    (_, nproc, _), run = layout_run
+    parallel = run.results()["parallel"]
+    assert parallel == {"world_size": nproc, "dp": nproc, "tp": 1, "backend": "gloo", "device": "cpu"}
+    per_rank = run.results()["throughput"]["per_rank"]
+    assert sorted(r["rank"] for r in per_rank) == list(range(nproc))
+    assert sum(r["requests"] for r in per_rank) == sum(
+        len(s["arguments"]) for t in DEMO_TASKS for s in run.samples(t))
+
+
+@pytest.mark.parametrize("task", DEMO_TASKS)
+def test_same_samples_as_single_process(layout_run, reference_run, task):
+    _, run = layout_run
+    expected, got = reference_run.samples(task), run.samples(task)
+    assert [s["doc_id"] for s in got] == list(range(len(expected))), "every doc exactly once, in order"
+    for want, have in zip(expected, got, strict=True):
+        assert have["prompt"] == want["prompt"]
+        assert have["arguments"] == want["arguments"]
+        for key in ("loglikelihoods", "loglikelihood"):
+            if key in want:
+                a, b = want[key], have[key]
+                a, b = (a, b) if isinstance(a, list) else ([a], [b])
+                assert max(abs(x - y) for x, y in zip(a, b, strict=True)) <= LOGLIKELIHOOD_TOLERANCE
+        if "response" in want:
+            assert have["response"] == want["response"]
+        assert have["filtered_resps"] == want["filtered_resps"] or "loglikelihoods" in want
+        assert have["metrics"].keys() == want["metrics"].keys()
+
+
+def test_same_metrics_as_single_process(layout_run, reference_run):
+    _, run = layout_run
+    assert run.results()["results"] == reference_run.results()["results"]
+    assert run.results()["task_hashes"] == reference_run.results()["task_hashes"]
