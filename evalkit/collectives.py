@@ -18,27 +18,31 @@ from evalkit.shard import merge_shards
 T = TypeVar("T")
 
 
-def all_gather(topo: Topology, value: Any) -> list[Any]:
-    if not topo.distributed:
+def all_gather(world_size: int, value: Any) -> list[Any]:
+    if world_size == 1:
         return [value]
-    out: list[Any] = [None] * topo.dims.world_size
+    out: list[Any] = [None] * world_size
     dist.all_gather_object(out, value)
     return out
 
 
-def agreed(topo: Topology, step: Callable[[], T]) -> T:
+class AgreedError(UsageError):
+    """Bad input that every rank knows about, so ranks may wait for each other before exiting."""
+
+
+def agreed(world_size: int, step: Callable[[], T]) -> T:
     """Run ``step`` on every rank; if it fails with bad input on any rank, fail on all of them."""
     result, error = None, None
     try:
         result = step()
     except UsageError as exc:
         error = str(exc)
-    errors = [(rank, e) for rank, e in enumerate(all_gather(topo, error)) if e is not None]
+    errors = [(rank, e) for rank, e in enumerate(all_gather(world_size, error)) if e is not None]
     if errors:
         rank, message = errors[0]
         if message != error and error is None:
             message = f"{message} (found on rank {rank})"
-        raise UsageError(message)
+        raise AgreedError(message)
     return result
 
 

@@ -8,6 +8,7 @@ lm-eval's seeded bootstrap (reproduced exactly, vectorised).
 from __future__ import annotations
 
 import math
+import random
 import re
 import string
 from collections.abc import Callable, Sequence
@@ -104,16 +105,16 @@ BOOTSTRAP_CHUNK = 1000
 def bootstrap_stderr(aggregate: Callable[[list], float], values: list, iters: int) -> float:
     """lm-eval's bootstrap: chunk i of 1000 resamples draws from ``random.Random(i)``.
 
-    Python's ``Random(i).choices`` takes ``floor(random() * n)`` per draw; NumPy's legacy
-    MT19937 seeded with the array ``[i]`` yields the same ``random()`` stream, so the same
-    resamples come out without a Python loop per draw.
+    Python's ``Random(i).choices`` takes ``floor(random() * n)`` per draw. NumPy's legacy
+    generator is the same Mersenne Twister with the same ``random()`` construction, so loading
+    Python's seeded state into it yields the same resamples without a Python loop per draw.
     """
     n = len(values)
     chunk = min(BOOTSTRAP_CHUNK, iters)
     stats = []
     array = np.asarray(values, dtype=object)
     for i in range(iters // chunk):
-        rng = np.random.RandomState(np.array([i], dtype=np.uint32))
+        rng = _numpy_twin(random.Random(i))
         picks = np.floor(rng.random_sample((chunk, n)) * n).astype(np.int64)
         if aggregate is perplexity:
             floats = np.asarray(values, dtype=np.float64)
@@ -121,6 +122,13 @@ def bootstrap_stderr(aggregate: Callable[[list], float], values: list, iters: in
         else:
             stats.extend(aggregate(list(array[row])) for row in picks)
     return sample_stddev(stats)
+
+
+def _numpy_twin(python_rng: random.Random) -> np.random.RandomState:
+    _, internal, _ = python_rng.getstate()
+    twin = np.random.RandomState()
+    twin.set_state(("MT19937", np.array(internal[:-1], dtype=np.uint32), internal[-1]))
+    return twin
 
 
 def _row_means(matrix: np.ndarray) -> list[float]:

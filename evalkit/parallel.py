@@ -95,15 +95,14 @@ def _env_int(name: str, default: int) -> int:
         raise UsageError(f"environment variable {name}={raw!r} is not an integer") from None
 
 
-def read_launcher_env(tp: int) -> tuple[ParallelDims, int, int]:
-    """ParallelDims, global rank and local rank from the launcher's environment."""
+def read_launcher_env() -> tuple[int, int, int]:
+    """World size, global rank and local rank from the launcher's environment."""
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", rank)
-    dims = ParallelDims(world_size=world_size, tp=tp)
-    if not 0 <= rank < world_size:
+    if world_size < 1 or not 0 <= rank < world_size:
         raise UsageError(f"RANK={rank} is outside WORLD_SIZE={world_size}; check the launcher")
-    return dims, rank, local_rank
+    return world_size, rank, local_rank
 
 
 def pick_device(requested: str | None, local_rank: int) -> torch.device:
@@ -119,31 +118,48 @@ def pick_device(requested: str | None, local_rank: int) -> torch.device:
     return torch.device(name)
 
 
-def init_topology(tp: int, device: str | None, timeout_s: float) -> Topology:
-    """Build the process group once and prove it works with one startup collective."""
-    dims, rank, local_rank = read_launcher_env(tp)
+def validate_layout(world_size: int, tp: int) -> ParallelDims:
+    dims = ParallelDims(world_size=world_size, tp=tp)
     if dims.tp != 1:
-        raise UsageError(
-            f"--tp {dims.tp}: tensor parallelism is not available in this version; use --tp 1"
-        )
+        raise UsageError(f"--tp {dims.tp}: tensor parallelism is not available in this version; use --tp 1")
+    return dims
+
+
+def init_topology(tp: int, device: str | None, timeout_s: float) -> Topology:
+    """Build the process group once, prove it works, then agree on the layout on every rank.
+
+    The group comes first so that a bad layout is reported by every rank together.
+    """
+    from evalkit.collectives import agreed
+
+    world_size, rank, local_rank = read_launcher_env()
     dev = pick_device(device, local_rank)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    topo = Topology(dims=dims, rank=rank, local_rank=local_rank, device=dev, backend=backend)
-    if dims.world_size > 1 and not dist.is_initialized():
+    if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(
             backend=backend,
             rank=rank,
-            world_size=dims.world_size,
+            world_size=world_size,
             timeout=timedelta(seconds=timeout_s),
             device_id=dev if dev.type == "cuda" else None,
         )
         check = torch.ones(1, device=dev)
         dist.all_reduce(check)
-        if int(check.item()) != dims.world_size:
-            raise RuntimeError(f"startup all_reduce saw {int(check.item())} ranks, expected {dims.world_size}")
-    return topo
+        if int(check.item()) != world_size:
+            raise RuntimeError(f"startup all_reduce saw {int(check.item())} ranks, expected {world_size}")
+    dims = agreed(world_size, lambda: validate_layout(world_size, tp))
+    return Topology(dims=dims, rank=rank, local_rank=local_rank, device=dev, backend=backend)
+
+
+def settle_before_exit() -> None:
+    """After an error every rank agreed on: let every rank print it before any rank exits."""
+    if dist.is_initialized():
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=timedelta(seconds=30))
+        else:
+            dist.barrier()
 
 
 def shutdown() -> None:

@@ -19,13 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from evalkit.collectives import agreed, all_gather, gather_results
+from evalkit.collectives import AgreedError, agreed, all_gather, gather_results
 from evalkit.config import RunConfig
 from evalkit.errors import USAGE_EXIT_CODE, UsageError
 from evalkit.filters import FilterPipeline
 from evalkit.model_source import check_model_source
 from evalkit.models.hf import HFCausalLM
-from evalkit.parallel import Topology, init_topology, shutdown
+from evalkit.parallel import Topology, init_topology, settle_before_exit, shutdown
 from evalkit.progress import WorldProgress
 from evalkit.results import write_outputs
 from evalkit.score import task_metrics
@@ -100,14 +100,15 @@ def evaluate(config: RunConfig, topo: Topology) -> None:
     started = time.time()
     quiet_libraries()
     set_seeds(config)
-    plan = agreed(topo, lambda: prepare(config))
-    backend = agreed(topo, lambda: load_model(config, plan, topo))
+    world = topo.dims.world_size
+    plan = agreed(world, lambda: prepare(config))
+    backend = agreed(world, lambda: load_model(config, plan, topo))
     mine = [plan.requests[i] for i in shard_indices([r.cost for r in plan.requests], topo.dp_rank, topo.dims.dp)]
     progress = WorldProgress(topo, total=len(plan.requests))
     t0 = time.time()
     results = run_requests(backend, mine, progress)
     rank_stats = {"rank": topo.rank, "requests": len(mine), "seconds": round(time.time() - t0, 3)}
-    stats = all_gather(topo, rank_stats)
+    stats = all_gather(world, rank_stats)
     outputs = gather_results(topo, results, total=len(plan.requests))
     progress.close()
     if topo.is_main:
@@ -122,6 +123,8 @@ def run_guarded(config: RunConfig) -> int:
         evaluate(config, topo)
     except UsageError as exc:
         print(f"evalkit: error: {exc}", file=sys.stderr, flush=True)
+        if isinstance(exc, AgreedError):
+            settle_before_exit()
         shutdown()
         return USAGE_EXIT_CODE
     except KeyboardInterrupt:

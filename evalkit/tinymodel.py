@@ -1,4 +1,4 @@
-"""Build a tiny, randomly initialised Llama model and tokenizer for tests.
+r"""Build a tiny, randomly initialised Llama model and tokenizer for tests.
 
 Why: evalkit must reproduce lm-evaluation-harness numbers, and that can only be
 checked against a real Hugging Face model evaluated by both tools.  No model
@@ -22,7 +22,10 @@ import argparse
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 DEFAULT_TASKS_DIR = Path(__file__).resolve().parent / "bundled_tasks" / "demo"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
@@ -55,7 +58,7 @@ def corpus_from_tasks(tasks_dir: Path) -> list[str]:
     return texts
 
 
-def _train_tokenizer(corpus: list[str]) -> Any:
+def _train_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer that prepends ``<s>`` like Llama (no EOS)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -121,8 +124,9 @@ def build_tiny_llama(out_dir: Path, corpus: list[str], *, seed: int = 0) -> Path
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m evalkit.tinymodel", description=__doc__.split("\n")[0])
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--tasks-dir", type=Path, default=DEFAULT_TASKS_DIR,
-                        help="folder whose *.jsonl files form the tokenizer corpus")
+    parser.add_argument(
+        "--tasks-dir", type=Path, default=DEFAULT_TASKS_DIR, help="folder whose *.jsonl files form the tokenizer corpus"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     out = build_tiny_llama(args.out_dir, corpus_from_tasks(args.tasks_dir), seed=args.seed)
