@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from evalkit.config import RunConfig, Seeds, read_config_file
-from evalkit.errors import USAGE_EXIT_CODE, UsageError
+from evalkit.errors import USAGE_EXIT_CODE, UsageError, say
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,6 +68,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = parse_config(argv)
     except UsageError as exc:
-        print(f"evalkit: error: {exc}", file=sys.stderr, flush=True)
+        say(f"evalkit: error: {exc}")
         return USAGE_EXIT_CODE
     return run_guarded(config)

@@ -7,6 +7,8 @@ single line that says what is wrong and how to fix it, on every rank, with no tr
 from __future__ import annotations
 
 import difflib
+import os
+import sys
 from collections.abc import Iterable
 
 USAGE_EXIT_CODE = 2
@@ -29,3 +31,9 @@ def raise_all(problems: list[str], where: str) -> None:
     """Report every problem found at once rather than one per attempt."""
     if problems:
         raise UsageError(f"{where}: " + "; ".join(problems))
+
+
+def say(line: str) -> None:
+    """One line to stderr in a single write, so lines from several ranks never interleave."""
+    sys.stderr.flush()
+    os.write(sys.stderr.fileno(), (line.rstrip("\n") + "\n").encode())

@@ -21,7 +21,7 @@ import torch
 
 from evalkit.collectives import AgreedError, agreed, all_gather, gather_results
 from evalkit.config import RunConfig
-from evalkit.errors import USAGE_EXIT_CODE, UsageError
+from evalkit.errors import USAGE_EXIT_CODE, UsageError, say
 from evalkit.filters import FilterPipeline
 from evalkit.model_source import check_model_source
 from evalkit.models.hf import HFCausalLM
@@ -122,17 +122,17 @@ def run_guarded(config: RunConfig) -> int:
         topo = init_topology(config.tp, config.device, config.timeout)
         evaluate(config, topo)
     except UsageError as exc:
-        print(f"evalkit: error: {exc}", file=sys.stderr, flush=True)
+        say(f"evalkit: error: {exc}")
         if isinstance(exc, AgreedError):
             settle_before_exit()
         shutdown()
         return USAGE_EXIT_CODE
     except KeyboardInterrupt:
-        print(f"evalkit: rank {rank} interrupted", file=sys.stderr, flush=True)
+        say(f"evalkit: rank {rank} interrupted")
         os._exit(130)
     except BaseException as exc:  # noqa: BLE001 - a crash must end this rank now, never wait on peers
         traceback.print_exc()
-        print(f"evalkit: rank {rank} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        say(f"evalkit: rank {rank} failed: {type(exc).__name__}: {exc}")
         os._exit(1)
     shutdown()
     return 0
