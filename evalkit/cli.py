@@ -20,8 +20,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m evalkit", description="Evaluate a language model on lm-eval-format tasks.",
-                argument_default=None)
+    p = _Parser(
+        prog="python -m evalkit",
+        description="Evaluate a language model on lm-eval-format tasks.",
+        argument_default=None,
+    )
     p.add_argument("--config", type=Path, help="YAML file with any of the options below")
     p.add_argument("--model", help="local model folder (a transformers checkpoint)")
     p.add_argument("--tasks", help="comma-separated task names, tags or YAML paths")

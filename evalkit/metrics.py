@@ -13,7 +13,6 @@ import re
 import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -48,7 +47,7 @@ def bits_per_byte(values: list) -> float:
 
 
 def _weighted_mean(pairs: list) -> float:
-    loglikelihoods, weights = zip(*pairs)
+    loglikelihoods, weights = zip(*pairs, strict=True)
     return sum(loglikelihoods) / sum(weights)
 
 
@@ -72,9 +71,15 @@ for _name, _agg, _hib in [
     METRICS.register(_name)(MetricInfo(_agg, _hib))
 
 
-def exact_match(prediction: str, reference: str, *, ignore_case: bool = False,
-                ignore_punctuation: bool = False, ignore_numbers: bool = False,
-                regexes_to_ignore: Sequence[str] | None = None) -> float:
+def exact_match(
+    prediction: str,
+    reference: str,
+    *,
+    ignore_case: bool = False,
+    ignore_punctuation: bool = False,
+    ignore_numbers: bool = False,
+    regexes_to_ignore: Sequence[str] | None = None,
+) -> float:
     """1.0 when prediction equals reference after the requested normalisations."""
     for pattern in regexes_to_ignore or ():
         prediction = re.sub(pattern, "", prediction)

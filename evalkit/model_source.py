@@ -11,7 +11,9 @@ def check_model_source(model: str) -> str:
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise UsageError(f"--model {model}: the folder has no config.json; point --model at a transformers checkpoint folder")
+            raise UsageError(
+                f"--model {model}: the folder has no config.json; point --model at a transformers checkpoint folder"
+            )
         return str(path)
     if path.exists():
         raise UsageError(f"--model {model} is a file; point --model at the checkpoint's folder")

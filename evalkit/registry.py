@@ -33,9 +33,7 @@ class Registry(Generic[T]):
             return self._items[name]
         except KeyError:
             known = ", ".join(sorted(self._items))
-            raise UsageError(
-                f"unknown {self.kind} '{name}'{did_you_mean(name, self._items)}; known: {known}"
-            ) from None
+            raise UsageError(f"unknown {self.kind} '{name}'{did_you_mean(name, self._items)}; known: {known}") from None
 
     def __contains__(self, name: object) -> bool:
         return name in self._items

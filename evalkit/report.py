@@ -44,15 +44,20 @@ def git_hash() -> str | None:
     """The commit of the evalkit checkout, when it runs from one."""
     root = Path(__file__).resolve().parent.parent
     try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None
 
 
-def format_table(results: dict[str, dict[str, Any]], versions: dict[str, Any], n_shot: dict[str, int],
-                 higher_is_better: dict[str, dict[str, bool]]) -> str:
+def format_table(
+    results: dict[str, dict[str, Any]],
+    versions: dict[str, Any],
+    n_shot: dict[str, int],
+    higher_is_better: dict[str, dict[str, bool]],
+) -> str:
     """A markdown table like lm-eval's: one row per task, filter and metric."""
     header = ["Tasks", "Version", "Filter", "n-shot", "Metric", "", "Value", "", "Stderr"]
     rows = []
@@ -64,13 +69,21 @@ def format_table(results: dict[str, dict[str, Any]], versions: dict[str, Any], n
             metric, _, filter_name = key.partition(",")
             err = metrics.get(f"{metric}_stderr,{filter_name}", "N/A")
             arrow = {True: "↑", False: "↓"}.get(higher_is_better.get(task, {}).get(metric), " ")
-            rows.append([
-                task if first else "", str(versions.get(task, "")) if first else "", filter_name,
-                str(n_shot.get(task, "")) if first else "", metric, arrow, f"{value:.4f}",
-                "±", err if isinstance(err, str) else f"{err:.4f}",
-            ])
+            rows.append(
+                [
+                    task if first else "",
+                    str(versions.get(task, "")) if first else "",
+                    filter_name,
+                    str(n_shot.get(task, "")) if first else "",
+                    metric,
+                    arrow,
+                    f"{value:.4f}",
+                    "±",
+                    err if isinstance(err, str) else f"{err:.4f}",
+                ]
+            )
             first = False
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda cells: "|" + "|".join(f" {c:<{w}} " for c, w in zip(cells, widths)) + "|"  # noqa: E731
+    line = lambda cells: "|" + "|".join(f" {c:<{w}} " for c, w in zip(cells, widths, strict=True)) + "|"  # noqa: E731
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(header), sep, *(line(r) for r in rows)])

@@ -43,19 +43,21 @@ def score_task(plan: TaskPlan, outputs: list[Any]) -> tuple[dict[str, Any], list
         filtered = filter_results(pipeline, doc, {r.index: outputs[r.index] for r in doc.requests})
         values = {name: doc_metrics(plan, doc, results, metrics) for name, results in filtered.items()}
         per_doc.append(values)
-        samples.append({
-            "doc_id": doc.doc_id,
-            "doc": doc.doc,
-            "prompt": doc.prompt,
-            "target": doc.target,
-            "arguments": [list(r.args) for r in doc.requests],
-            **model_outputs(plan, doc, outputs),
-            "filtered_resps": {name: results for name, results in filtered.items()},
-            "metrics": {f"{m},{f}": v for f, ms in values.items() for m, v in ms.items()},
-            "doc_hash": doc_hash(doc.doc),
-            "prompt_hash": sha256(doc.requests[0].args[0]),
-            "target_hash": sha256(str(doc.target)),
-        })
+        samples.append(
+            {
+                "doc_id": doc.doc_id,
+                "doc": doc.doc,
+                "prompt": doc.prompt,
+                "target": doc.target,
+                "arguments": [list(r.args) for r in doc.requests],
+                **model_outputs(plan, doc, outputs),
+                "filtered_resps": {name: results for name, results in filtered.items()},
+                "metrics": {f"{m},{f}": v for f, ms in values.items() for m, v in ms.items()},
+                "doc_hash": doc_hash(doc.doc),
+                "prompt_hash": sha256(doc.requests[0].args[0]),
+                "target_hash": sha256(str(doc.target)),
+            }
+        )
     return aggregate(metrics, per_doc, list(pipeline.chains)), samples
 
 
@@ -65,8 +67,15 @@ def task_hash(samples: list[dict[str, Any]], n_filters: int) -> str:
     return sha256(per_filter * n_filters)
 
 
-def write_outputs(config: RunConfig, topo: Topology, plans: list[TaskPlan], outputs: list[Any],
-                  model: dict[str, Any], rank_stats: list[dict[str, Any]], wall: float) -> None:
+def write_outputs(
+    config: RunConfig,
+    topo: Topology,
+    plans: list[TaskPlan],
+    outputs: list[Any],
+    model: dict[str, Any],
+    rank_stats: list[dict[str, Any]],
+    wall: float,
+) -> None:
     results, all_samples, hashes = {}, {}, {}
     for plan in plans:
         scores, samples = score_task(plan, outputs)
@@ -86,16 +95,22 @@ def write_outputs(config: RunConfig, topo: Topology, plans: list[TaskPlan], outp
         "config": config.to_json(),
         "model": model,
         "parallel": topo.describe(),
-        "seed": {"python": config.seed.python, "numpy": config.seed.numpy, "torch": config.seed.torch,
-                 "fewshot": config.seed.fewshot},
+        "seed": {
+            "python": config.seed.python,
+            "numpy": config.seed.numpy,
+            "torch": config.seed.torch,
+            "fewshot": config.seed.fewshot,
+        },
         "task_hashes": hashes,
         "package_versions": package_versions(),
         "git_hash": git_hash(),
         "date": time.time(),
         "total_evaluation_time_seconds": round(wall, 3),
         "throughput": {
-            "per_rank": [{**s, "requests_per_second": round(s["requests"] / s["seconds"], 3) if s["seconds"] else None}
-                         for s in carried],
+            "per_rank": [
+                {**s, "requests_per_second": round(s["requests"] / s["seconds"], 3) if s["seconds"] else None}
+                for s in carried
+            ],
         },
     }
     try:

@@ -45,8 +45,10 @@ def task_metrics(plan: TaskPlan) -> list[Metric]:
     for spec in specs:
         info = METRICS.get(spec.metric)
         if spec.metric not in SUPPORTED[kind]:
-            raise UsageError(f"task {plan.config.task}: metric '{spec.metric}' does not apply to {kind} "
-                             f"(use one of {', '.join(SUPPORTED[kind])})")
+            raise UsageError(
+                f"task {plan.config.task}: metric '{spec.metric}' does not apply to {kind} "
+                f"(use one of {', '.join(SUPPORTED[kind])})"
+            )
         aggregation = spec.aggregation or info.aggregation
         AGGREGATIONS.get(aggregation)
         hib = info.higher_is_better if spec.higher_is_better is None else bool(spec.higher_is_better)
@@ -80,21 +82,31 @@ def _multiple_choice(doc: DocPlan, results: list[tuple[float, bool]]) -> dict[st
     gold = doc.target
     if isinstance(gold, list):
         gold = [g if g < len(choices) else -100 for g in gold]
-        return {"acc": float(pred in gold), "acc_norm": float(pred_norm in gold),
-                "exact_match": int(any(greedy[g] if g != -100 else 0 for g in gold))}
+        return {
+            "acc": float(pred in gold),
+            "acc_norm": float(pred_norm in gold),
+            "exact_match": int(any(greedy[g] if g != -100 else 0 for g in gold)),
+        }
     if isinstance(gold, str):
         gold = choices.index(gold) if gold in choices else -100
     elif isinstance(gold, int) and gold >= len(choices):
         gold = -100
-    return {"acc": float(pred == gold), "acc_norm": float(pred_norm == gold),
-            "exact_match": int(greedy[gold]) if gold != -100 else 0}
+    return {
+        "acc": float(pred == gold),
+        "acc_norm": float(pred_norm == gold),
+        "exact_match": int(greedy[gold]) if gold != -100 else 0,
+    }
 
 
 def _generation_score(plan: TaskPlan, doc: DocPlan, answer: Any, metric: Metric) -> float:
     gold = doc.target
     if doc.choices is not None:
         gold = doc.choices[gold]
-    golds = [str(g) for g in gold] if isinstance(gold, list) else [gold if isinstance(gold, type(answer)) else type(answer)(gold)]
+    golds = (
+        [str(g) for g in gold]
+        if isinstance(gold, list)
+        else [gold if isinstance(gold, type(answer)) else type(answer)(gold)]
+    )
     scores = [exact_match(answer, g, **metric.kwargs) for g in golds]
     if not isinstance(gold, list):
         return scores[0]

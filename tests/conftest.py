@@ -45,16 +45,36 @@ def launcher_prefix(launcher: str, nproc: int) -> list[str]:
     if launcher == "python":
         return [sys.executable]
     if launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+        ]
     if launcher == "accelerate":
-        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                str(REPO / "configs" / "accelerate" / f"{nproc}proc.yaml"), "--main_process_port", str(free_port())]
+        return [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(REPO / "configs" / "accelerate" / f"{nproc}proc.yaml"),
+            "--main_process_port",
+            str(free_port()),
+        ]
     raise ValueError(launcher)
 
 
-def run_evalkit(args: list[str], *, launcher: str = "python", nproc: int = 1, output: Path | None = None,
-                script: str | None = None, timeout: float = 600) -> Run:
+def run_evalkit(
+    args: list[str],
+    *,
+    launcher: str = "python",
+    nproc: int = 1,
+    output: Path | None = None,
+    script: str | None = None,
+    timeout: float = 600,
+) -> Run:
     """Run evalkit as a user would (``-m evalkit`` or a wrapper script) and capture everything."""
     target = [script] if script else ["-m", "evalkit"]
     cmd = launcher_prefix(launcher, nproc) + target + args
@@ -74,7 +94,8 @@ def model_args(*extra: str) -> list[str]:
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory) -> Run:
     """Every demo task at world size 1, batch size 1: the run compared with lm-eval and all layouts."""
-    run = run_evalkit(model_args("--tasks", ",".join(DEMO_TASKS), "--batch-size", "1"),
-                      output=tmp_path_factory.mktemp("ws1_bs1"))
+    run = run_evalkit(
+        model_args("--tasks", ",".join(DEMO_TASKS), "--batch-size", "1"), output=tmp_path_factory.mktemp("ws1_bs1")
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     return run

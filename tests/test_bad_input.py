@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import TASK_FIXTURES, TINY_MODEL, model_args, run_evalkit
 
 BROKEN = TASK_FIXTURES / "broken"
@@ -16,37 +15,55 @@ def assert_usage_error(run, *fragments: str, ranks: int = 1) -> None:
         assert fragment in errors[0], errors[0]
     assert len(set(errors)) == 1, "every rank reports the same error"
     # torchrun prints its own traceback when a worker fails; none may come from evalkit's code.
-    evalkit_frames = [line for line in run.stderr.splitlines()
-                      if line.strip().startswith('File "') and "/evalkit/" in line]
+    evalkit_frames = [
+        line for line in run.stderr.splitlines() if line.strip().startswith('File "') and "/evalkit/" in line
+    ]
     assert not evalkit_frames, evalkit_frames
     if run.output is not None:
         assert not (run.output / "results.json").exists()
 
 
-@pytest.mark.parametrize(("args", "fragments"), [
-    (["--tasks", "demo_mcc"], ["unknown task 'demo_mcc'", "did you mean 'demo_mc'"]),
-    (["--tasks", str(BROKEN / "malformed.yaml")], ["malformed YAML", "malformed.yaml", "line"]),
-    (["--tasks", str(BROKEN / "unknown_key.yaml")], ["unknown key 'doc_to_txt'", "did you mean 'doc_to_text'"]),
-    (["--tasks", str(BROKEN / "missing_data.yaml")], ["data file 'data/does_not_exist.jsonl' not found"]),
-    (["--tasks", str(BROKEN / "missing_split.yaml")], ["split 'validation' does not exist", "test"]),
-    (["--tasks", str(BROKEN / "missing_field.yaml")], ["difficulty", "doc fields are"]),
-    (["--tasks", str(BROKEN / "hub_dataset.yaml")], ["some-org/some-benchmark", "Hub", "local copy"]),
-    (["--tasks", "demo_mc", "--tp", "2"], ["tp(2) does not divide world_size(1)"]),
-    (["--tasks", "demo_mc", "--batch-size", "0"], ["--batch-size 0 must be at least 1"]),
-    (["--tasks", "demo_mc", "--bogus"], ["unrecognized arguments: --bogus"]),
-], ids=["unknown-task", "malformed-yaml", "unknown-key", "missing-data", "missing-split", "missing-field",
-        "hub-dataset", "tp-not-dividing", "batch-size", "unknown-flag"])
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--tasks", "demo_mcc"], ["unknown task 'demo_mcc'", "did you mean 'demo_mc'"]),
+        (["--tasks", str(BROKEN / "malformed.yaml")], ["malformed YAML", "malformed.yaml", "line"]),
+        (["--tasks", str(BROKEN / "unknown_key.yaml")], ["unknown key 'doc_to_txt'", "did you mean 'doc_to_text'"]),
+        (["--tasks", str(BROKEN / "missing_data.yaml")], ["data file 'data/does_not_exist.jsonl' not found"]),
+        (["--tasks", str(BROKEN / "missing_split.yaml")], ["split 'validation' does not exist", "test"]),
+        (["--tasks", str(BROKEN / "missing_field.yaml")], ["difficulty", "doc fields are"]),
+        (["--tasks", str(BROKEN / "hub_dataset.yaml")], ["some-org/some-benchmark", "Hub", "local copy"]),
+        (["--tasks", "demo_mc", "--tp", "2"], ["tp(2) does not divide world_size(1)"]),
+        (["--tasks", "demo_mc", "--batch-size", "0"], ["--batch-size 0 must be at least 1"]),
+        (["--tasks", "demo_mc", "--bogus"], ["unrecognized arguments: --bogus"]),
+    ],
+    ids=[
+        "unknown-task",
+        "malformed-yaml",
+        "unknown-key",
+        "missing-data",
+        "missing-split",
+        "missing-field",
+        "hub-dataset",
+        "tp-not-dividing",
+        "batch-size",
+        "unknown-flag",
+    ],
+)
 def test_bad_task_input(tmp_path, args, fragments):
     run = run_evalkit(model_args(*args), output=tmp_path / "out")
     assert run.returncode == 2
     assert_usage_error(run, *fragments)
 
 
-@pytest.mark.parametrize(("model", "fragments"), [
-    (str(TINY_MODEL / "missing"), ["no such folder"]),
-    ("meta-llama/Llama-2-7b-hf", ["not a local folder", "Hugging Face Hub", "--model DIR"]),
-    (str(TINY_MODEL / "config.json"), ["is a file"]),
-])
+@pytest.mark.parametrize(
+    ("model", "fragments"),
+    [
+        (str(TINY_MODEL / "missing"), ["no such folder"]),
+        ("meta-llama/Llama-2-7b-hf", ["not a local folder", "Hugging Face Hub", "--model DIR"]),
+        (str(TINY_MODEL / "config.json"), ["is a file"]),
+    ],
+)
 def test_bad_model(tmp_path, model, fragments):
     run = run_evalkit(["--model", model, "--tasks", "demo_mc", "--device", "cpu"], output=tmp_path / "out")
     assert run.returncode == 2
@@ -54,11 +71,15 @@ def test_bad_model(tmp_path, model, fragments):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize(("args", "fragments"), [
-    (["--tasks", "demo_mcc"], ["unknown task 'demo_mcc'"]),
-    (["--tasks", "demo_mc", "--tp", "3"], ["tp(3) does not divide world_size(2)"]),
-    (["--tasks", "demo_mc", "--tp", "2"], ["tensor parallelism is not available"]),
-], ids=["unknown-task", "tp-not-dividing", "tp-unavailable"])
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--tasks", "demo_mcc"], ["unknown task 'demo_mcc'"]),
+        (["--tasks", "demo_mc", "--tp", "3"], ["tp(3) does not divide world_size(2)"]),
+        (["--tasks", "demo_mc", "--tp", "2"], ["tensor parallelism is not available"]),
+    ],
+    ids=["unknown-task", "tp-not-dividing", "tp-unavailable"],
+)
 def test_bad_input_ends_every_rank(tmp_path, args, fragments):
     run = run_evalkit(model_args(*args), launcher="torchrun", nproc=2, output=tmp_path / "out", timeout=120)
     assert run.returncode != 0

@@ -6,7 +6,6 @@ Real multi-process runs on CPU with gloo: torchrun at 2 and 4 ranks, accelerate 
 from __future__ import annotations
 
 import pytest
-
 from conftest import DEMO_TASKS, Run, model_args, run_evalkit
 
 pytestmark = pytest.mark.multiprocess
@@ -14,12 +13,19 @@ pytestmark = pytest.mark.multiprocess
 LOGLIKELIHOOD_TOLERANCE = 1e-5
 
 
-@pytest.fixture(scope="module", params=[("torchrun", 2, 8), ("torchrun", 4, 1), ("accelerate", 2, 3)],
-                ids=lambda p: f"{p[0]}-ws{p[1]}-bs{p[2]}")
+@pytest.fixture(
+    scope="module",
+    params=[("torchrun", 2, 8), ("torchrun", 4, 1), ("accelerate", 2, 3)],
+    ids=lambda p: f"{p[0]}-ws{p[1]}-bs{p[2]}",
+)
 def layout_run(request, tmp_path_factory) -> tuple[tuple, Run]:
     launcher, nproc, batch = request.param
-    run = run_evalkit(model_args("--tasks", ",".join(DEMO_TASKS), "--batch-size", str(batch)),
-                      launcher=launcher, nproc=nproc, output=tmp_path_factory.mktemp(f"{launcher}{nproc}"))
+    run = run_evalkit(
+        model_args("--tasks", ",".join(DEMO_TASKS), "--batch-size", str(batch)),
+        launcher=launcher,
+        nproc=nproc,
+        output=tmp_path_factory.mktemp(f"{launcher}{nproc}"),
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     return request.param, run
 
@@ -30,8 +36,7 @@ def test_topology_is_recorded(layout_run):
     assert parallel == {"world_size": nproc, "dp": nproc, "tp": 1, "backend": "gloo", "device": "cpu"}
     per_rank = run.results()["throughput"]["per_rank"]
     assert sorted(r["rank"] for r in per_rank) == list(range(nproc))
-    assert sum(r["requests"] for r in per_rank) == sum(
-        len(s["arguments"]) for t in DEMO_TASKS for s in run.samples(t))
+    assert sum(r["requests"] for r in per_rank) == sum(len(s["arguments"]) for t in DEMO_TASKS for s in run.samples(t))
 
 
 @pytest.mark.parametrize("task", DEMO_TASKS)

@@ -88,14 +88,30 @@ def test_exact_match_normalisations():
 
 
 def test_filters_chain_like_lm_eval():
-    pipeline = FilterPipeline([
-        FilterChain(name="strict", steps=(FilterStep(function="regex", kwargs={}), FilterStep(function="take_first"))),
-        FilterChain(name="flex", steps=(
-            FilterStep(function="regex", kwargs={"regex_pattern": r"(-?[$0-9.,]{2,})|(-?[0-9]+)", "group_select": -1}),
-            FilterStep(function="take_first"))),
-        FilterChain(name="ws", steps=(FilterStep(function="lowercase"), FilterStep(function="remove_whitespace"),
-                                      FilterStep(function="take_first"))),
-    ])
+    pipeline = FilterPipeline(
+        [
+            FilterChain(
+                name="strict", steps=(FilterStep(function="regex", kwargs={}), FilterStep(function="take_first"))
+            ),
+            FilterChain(
+                name="flex",
+                steps=(
+                    FilterStep(
+                        function="regex", kwargs={"regex_pattern": r"(-?[$0-9.,]{2,})|(-?[0-9]+)", "group_select": -1}
+                    ),
+                    FilterStep(function="take_first"),
+                ),
+            ),
+            FilterChain(
+                name="ws",
+                steps=(
+                    FilterStep(function="lowercase"),
+                    FilterStep(function="remove_whitespace"),
+                    FilterStep(function="take_first"),
+                ),
+            ),
+        ]
+    )
     out = pipeline.apply(["  So 3 then 12 #### 15 "])
     assert out == {"strict": "15", "flex": "15", "ws": "so 3 then 12 #### 15"}
     assert pipeline.apply(["no digits"])["strict"] == "[invalid]"

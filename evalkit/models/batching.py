@@ -21,11 +21,14 @@ def padded_width(length: int, cap: int) -> int:
     return min(-(-length // step) * step, max(cap, length))
 
 
-def width_batches(items: Sequence[T], size: int, length: Callable[[T], int], cap: int,
-                  tiebreak: Callable[[T], Any] = lambda _: 0) -> Iterator[tuple[int, list[tuple[int, T]]]]:
+def width_batches(
+    items: Sequence[T], size: int, length: Callable[[T], int], cap: int, tiebreak: Callable[[T], Any] = lambda _: 0
+) -> Iterator[tuple[int, list[tuple[int, T]]]]:
     """(width, [(original position, item), ...]) batches, widest first."""
-    keyed = sorted(range(len(items)), key=lambda i: (-padded_width(length(items[i]), cap), -length(items[i]),
-                                                     tiebreak(items[i]), i))
+    keyed = sorted(
+        range(len(items)),
+        key=lambda i: (-padded_width(length(items[i]), cap), -length(items[i]), tiebreak(items[i]), i),
+    )
     batch: list[tuple[int, T]] = []
     width = None
     for i in keyed:
@@ -39,9 +42,15 @@ def width_batches(items: Sequence[T], size: int, length: Callable[[T], int], cap
         yield width, batch
 
 
-def run_batched(items: Sequence[T], size: int, length: Callable[[T], int], cap: int,
-                fn: Callable[[int, list[T]], list[Any]], progress: Callable[[int], None],
-                tiebreak: Callable[[T], Any] = lambda _: 0) -> list[Any]:
+def run_batched(
+    items: Sequence[T],
+    size: int,
+    length: Callable[[T], int],
+    cap: int,
+    fn: Callable[[int, list[T]], list[Any]],
+    progress: Callable[[int], None],
+    tiebreak: Callable[[T], Any] = lambda _: 0,
+) -> list[Any]:
     out: list[Any] = [None] * len(items)
     for width, batch in width_batches(items, size, length, cap, tiebreak):
         results = fn(width, [item for _, item in batch])

@@ -71,7 +71,7 @@ class HFCausalLM:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
         whole = self.encode(context + continuation)
         ctx = self.encode(context)
-        return ctx, whole[len(ctx):]
+        return ctx, whole[len(ctx) :]
 
     # -- scoring ------------------------------------------------------------------------------
 
@@ -80,13 +80,19 @@ class HFCausalLM:
         return self.score_tokens(encoded, progress)
 
     def score_tokens(self, encoded: list[tuple[list[int], list[int]]], progress: Progress) -> list[tuple[float, bool]]:
-        return run_batched(encoded, self.batch_size, length=lambda p: min(len(p[0]) + len(p[1]) - 1, self.max_length),
-                           cap=self.max_length, fn=self._score_batch, progress=progress,
-                           tiebreak=lambda p: tuple(p[0] + p[1]))
+        return run_batched(
+            encoded,
+            self.batch_size,
+            length=lambda p: min(len(p[0]) + len(p[1]) - 1, self.max_length),
+            cap=self.max_length,
+            fn=self._score_batch,
+            progress=progress,
+            tiebreak=lambda p: tuple(p[0] + p[1]),
+        )
 
     @torch.no_grad()
     def _score_batch(self, width: int, batch: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        inputs = [(ctx + cont)[-(self.max_length + 1):][:-1] for ctx, cont in batch]
+        inputs = [(ctx + cont)[-(self.max_length + 1) :][:-1] for ctx, cont in batch]
         ids = torch.full((len(inputs), width), self.tokenizer.pad_token_id, dtype=torch.long)
         for row, tokens in enumerate(inputs):
             ids[row, : len(tokens)] = torch.tensor(tokens)
@@ -124,12 +130,19 @@ class HFCausalLM:
             kwargs = normalize_generation_kwargs(requests[members[0]][1])
             budget = self.max_length - kwargs["max_gen_toks"]
             if budget <= 0:
-                raise ValueError(f"max_gen_toks {kwargs['max_gen_toks']} leaves no room for a prompt "
-                                 f"in the model's {self.max_length} positions")
-            texts = run_batched([requests[i][0] for i in members], self.batch_size,
-                                length=lambda c: min(len(self.encode(c)), budget), cap=budget,
-                                fn=lambda width, batch, kw=kwargs: self._generate_batch(width, batch, kw),
-                                progress=progress, tiebreak=lambda c: c)
+                raise ValueError(
+                    f"max_gen_toks {kwargs['max_gen_toks']} leaves no room for a prompt "
+                    f"in the model's {self.max_length} positions"
+                )
+            texts = run_batched(
+                [requests[i][0] for i in members],
+                self.batch_size,
+                length=lambda c, cap=budget: min(len(self.encode(c)), cap),
+                cap=budget,
+                fn=lambda width, batch, kw=kwargs: self._generate_batch(width, batch, kw),
+                progress=progress,
+                tiebreak=lambda c: c,
+            )
             for i, text in zip(members, texts, strict=True):
                 out[i] = text
         return out
@@ -146,8 +159,8 @@ class HFCausalLM:
         mask = torch.zeros((len(contexts), width), dtype=torch.long)
         for row, context in enumerate(contexts):
             tokens = self.encode(context)[-width:]
-            ids[row, width - len(tokens):] = torch.tensor(tokens)
-            mask[row, width - len(tokens):] = 1
+            ids[row, width - len(tokens) :] = torch.tensor(tokens)
+            mask[row, width - len(tokens) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         generated = self.model.generate(
             input_ids=ids,
@@ -158,8 +171,10 @@ class HFCausalLM:
             use_cache=True,
             **kwargs,
         )
-        return [cut_at_stop(self.tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True), until)
-                for row in generated.tolist()]
+        return [
+            cut_at_stop(self.tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True), until)
+            for row in generated.tolist()
+        ]
 
 
 def normalize_generation_kwargs(raw: dict[str, Any]) -> dict[str, Any]:

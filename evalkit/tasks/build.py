@@ -73,8 +73,12 @@ def generation_kwargs(task: TaskConfig) -> dict[str, Any] | None:
     if task.output_type != "generate_until":
         return None
     if task.generation_kwargs is None:
-        return {"temperature": 0.0, "do_sample": False, "max_gen_toks": DEFAULT_MAX_GEN_TOKS,
-                "until": [task.fewshot_delimiter]}
+        return {
+            "temperature": 0.0,
+            "do_sample": False,
+            "max_gen_toks": DEFAULT_MAX_GEN_TOKS,
+            "until": [task.fewshot_delimiter],
+        }
     kwargs = dict(task.generation_kwargs)
     if "temperature" in kwargs:
         kwargs["temperature"] = float(kwargs["temperature"])
@@ -123,8 +127,14 @@ def build_task(task: TaskConfig, *, num_fewshot: int | None, limit: float | None
         target = formatter.target(task.doc_to_target, doc)
         choices = formatter.choices(task.doc_to_choice, doc) if task.doc_to_choice is not None else None
         docs.append(DocPlan(doc_id=doc_id, doc=doc, prompt=prompt, target=target, choices=choices))
-    return TaskPlan(config=task, num_fewshot=shots, n_docs_total=len(eval_docs), docs=docs,
-                    formatter=formatter, generation_kwargs=gen_kwargs)
+    return TaskPlan(
+        config=task,
+        num_fewshot=shots,
+        n_docs_total=len(eval_docs),
+        docs=docs,
+        formatter=formatter,
+        generation_kwargs=gen_kwargs,
+    )
 
 
 def _answer_text(task: TaskConfig, target: Any, choices: list[str] | None) -> str:
@@ -157,8 +167,10 @@ def build_prompt(task: TaskConfig, fmt: DocFormatter, doc: dict[str, Any], shots
 
 def _require_text(task: TaskConfig, text: Any) -> None:
     if not isinstance(text, str):
-        raise UsageError(f"task {task.task}: doc_to_text must give text, got {type(text).__name__} "
-                         f"(multiple-input tasks are not supported)")
+        raise UsageError(
+            f"task {task.task}: doc_to_text must give text, got {type(text).__name__} "
+            f"(multiple-input tasks are not supported)"
+        )
 
 
 def requests_for(plan: TaskPlan, doc: DocPlan, start: int) -> list[Request]:
@@ -177,8 +189,11 @@ def requests_for(plan: TaskPlan, doc: DocPlan, start: int) -> list[Request]:
     out = []
     for instance, (kind, args) in enumerate(calls):
         for _ in range(task.repeats):
-            out.append(Request(index=start + len(out), task=task.task, doc_id=doc.doc_id,
-                               instance=instance, kind=kind, args=args))
+            out.append(
+                Request(
+                    index=start + len(out), task=task.task, doc_id=doc.doc_id, instance=instance, kind=kind, args=args
+                )
+            )
     return out
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evalkit.errors import UsageError, did_you_mean, raise_all
+from evalkit.errors import did_you_mean, raise_all
 
 OUTPUT_TYPES = ("multiple_choice", "loglikelihood", "loglikelihood_rolling", "generate_until")
 
@@ -15,9 +15,20 @@ OUTPUT_TYPES = ("multiple_choice", "loglikelihood", "loglikelihood_rolling", "ge
 IGNORED_KEYS = ("task_alias", "should_decontaminate", "doc_to_decontamination_query", "dataset_path_kwargs")
 # Keys lm-eval accepts whose behaviour evalkit does not implement: refusing beats silently differing.
 UNSUPPORTED_KEYS = (
-    "group", "group_alias", "aggregate_metric_list", "process_results", "fewshot_config",
-    "use_prompt", "doc_to_image", "doc_to_audio", "gen_prefix", "custom_dataset", "unsafe_code",
-    "class", "multiple_input", "multiple_target",
+    "group",
+    "group_alias",
+    "aggregate_metric_list",
+    "process_results",
+    "fewshot_config",
+    "use_prompt",
+    "doc_to_image",
+    "doc_to_audio",
+    "gen_prefix",
+    "custom_dataset",
+    "unsafe_code",
+    "class",
+    "multiple_input",
+    "multiple_target",
 )
 
 
@@ -94,7 +105,9 @@ def parse_task_config(data: dict[str, Any], source: Path) -> TaskConfig:
         problems.append("missing 'task' (the task's name)")
     if values.get("output_type", "generate_until") not in OUTPUT_TYPES:
         kind = values["output_type"]
-        problems.append(f"output_type '{kind}' is not one of {', '.join(OUTPUT_TYPES)}{did_you_mean(str(kind), OUTPUT_TYPES)}")
+        problems.append(
+            f"output_type '{kind}' is not one of {', '.join(OUTPUT_TYPES)}{did_you_mean(str(kind), OUTPUT_TYPES)}"
+        )
     if not (values.get("test_split") or values.get("validation_split")):
         problems.append("no evaluation split: set test_split or validation_split")
     if values.get("output_type") == "multiple_choice" and values.get("doc_to_choice") is None:
@@ -146,11 +159,8 @@ def _parse_filters(items: Any, problems: list[str]) -> tuple[FilterChain, ...]:
             if not isinstance(step, dict) or "function" not in step:
                 problems.append(f"filter step {step!r} in '{item['name']}' needs a 'function'")
                 continue
-            steps.append(FilterStep(function=step["function"], kwargs={k: v for k, v in step.items() if k != "function"}))
+            steps.append(
+                FilterStep(function=step["function"], kwargs={k: v for k, v in step.items() if k != "function"})
+            )
         chains.append(FilterChain(name=item["name"], steps=tuple(steps)))
     return tuple(chains)
-
-
-def require(condition: bool, message: str) -> None:
-    if not condition:
-        raise UsageError(message)

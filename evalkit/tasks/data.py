@@ -71,9 +71,7 @@ def _load_from_hub(task: TaskConfig, path: str, kwargs: dict[str, Any]) -> datas
 def split_docs(task: TaskConfig, splits: datasets.DatasetDict, split: str) -> Any:
     """One split with ``process_docs`` applied, as lm-eval does for every split it reads."""
     if split not in splits:
-        raise UsageError(
-            f"task {task.task}: split '{split}' does not exist; the dataset has: {', '.join(splits)}"
-        )
+        raise UsageError(f"task {task.task}: split '{split}' does not exist; the dataset has: {', '.join(splits)}")
     docs = splits[split]
     if task.process_docs is not None:
         fn = task.process_docs.resolve() if isinstance(task.process_docs, FunctionRef) else task.process_docs

@@ -69,8 +69,7 @@ class TaskIndex:
             path, problem = next(iter(self.broken.items()))
             raise UsageError(f"unknown task '{name}', and {len(self.broken)} task file(s) could not be read: {problem}")
         raise UsageError(
-            f"unknown task '{name}'{did_you_mean(name, known)}; "
-            f"add --include-path DIR for your own task YAMLs"
+            f"unknown task '{name}'{did_you_mean(name, known)}; add --include-path DIR for your own task YAMLs"
         )
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -34,15 +35,13 @@ class FunctionRef:
         try:
             return getattr(module, attr)
         except AttributeError:
-            raise UsageError(
-                f"!function {self.spec}: {module.__file__} has no attribute '{attr}'"
-            ) from None
+            raise UsageError(f"!function {self.spec}: {module.__file__} has no attribute '{attr}'") from None
 
     def __str__(self) -> str:
         return f"!function {self.spec}"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _import_file(path: Path):
     if not path.is_file():
         raise UsageError(f"!function refers to {path}, which does not exist")

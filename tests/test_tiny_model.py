@@ -1,0 +1,19 @@
+"""The committed test model is exactly what ``python -m evalkit.tinymodel`` builds (what `make demo` runs)."""
+
+from __future__ import annotations
+
+import hashlib
+
+from conftest import TINY_MODEL
+
+from evalkit.tinymodel import DEFAULT_TASKS_DIR, build_tiny_llama, corpus_from_tasks
+
+
+def digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_builder_reproduces_the_fixture(tmp_path):
+    built = build_tiny_llama(tmp_path / "tiny", corpus_from_tasks(DEFAULT_TASKS_DIR))
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert digest(built / name) == digest(TINY_MODEL / name), name
