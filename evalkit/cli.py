@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from evalkit.config import RunConfig, Seeds, read_config_file
+from evalkit.config import RunConfig, Seeds, deepspeed_settings, read_config_file
 from evalkit.errors import USAGE_EXIT_CODE, UsageError, say
 
 
@@ -36,7 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", help="one seed for everything, or python,numpy,torch,fewshot (default 0,1234,1234,1234)")
     p.add_argument("--dtype", help="auto, float32, float16 or bfloat16 (default auto)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when CUDA is present)")
-    p.add_argument("--tp", type=int, help="tensor-parallel size (default 1)")
+    p.add_argument("--tp", type=int, help="tensor-parallel size; must divide the process count (default 1)")
+    p.add_argument("--tp-backend", help="deepspeed (AutoTP, default) or transformers (tp_plan='auto')")
+    p.add_argument("--deepspeed", type=Path, help="DeepSpeed-Inference JSON config (tensor_parallel.tp_size, dtype)")
+    p.add_argument("--gpus-per-rank", type=int, help="split each rank's model over its own K GPUs (device_map)")
+    p.add_argument("--gpu-mem", type=float, help="GiB per GPU to check the layout against (default: the device's)")
     p.add_argument("--timeout", type=float, help="seconds any collective may wait before the run fails (default 1800)")
     return p
 
@@ -55,6 +59,9 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
     values["include_path"] = tuple(Path(p) for p in values.get("include_path", ()))
     values["output"] = Path(values["output"])
     values["model"] = str(values["model"])
+    if values.get("deepspeed"):
+        values["deepspeed"] = Path(values["deepspeed"])
+        values.update(deepspeed_settings(values["deepspeed"], values))
     try:
         return RunConfig(**values).validate()
     except TypeError as exc:
@@ -68,7 +75,12 @@ def entry_point() -> None:
 def main(argv: list[str] | None = None) -> int:
     from evalkit.runner import run_guarded
 
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv[:1] == ["plan"]:
+            from evalkit.planner import main as plan_main
+
+            return plan_main(argv[1:])
         config = parse_config(argv)
     except UsageError as exc:
         say(f"evalkit: error: {exc}")

@@ -15,6 +15,7 @@ import yaml
 from evalkit.errors import UsageError, did_you_mean, raise_all
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+TP_BACKENDS = ("deepspeed", "transformers")
 # lm-eval's default seeds: python random, numpy, torch, few-shot sampler.
 DEFAULT_SEEDS = (0, 1234, 1234, 1234)
 
@@ -57,6 +58,10 @@ class RunConfig:
     dtype: str = "auto"
     device: str | None = None
     tp: int = 1
+    tp_backend: str = "deepspeed"
+    gpus_per_rank: int = 1
+    deepspeed: Path | None = None
+    gpu_mem: float | None = None
     timeout: float = 1800.0
 
     def validate(self) -> RunConfig:
@@ -73,6 +78,14 @@ class RunConfig:
             problems.append(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.tp < 1:
             problems.append(f"--tp {self.tp} must be at least 1")
+        if self.tp_backend not in TP_BACKENDS:
+            problems.append(f"--tp-backend {self.tp_backend!r} is not one of {', '.join(TP_BACKENDS)}")
+        if self.gpus_per_rank < 1:
+            problems.append(f"--gpus-per-rank {self.gpus_per_rank} must be at least 1")
+        if self.gpus_per_rank > 1 and self.tp > 1:
+            problems.append("--gpus-per-rank and --tp cannot be combined; pick one way to split the model")
+        if self.gpu_mem is not None and self.gpu_mem <= 0:
+            problems.append(f"--gpu-mem {self.gpu_mem} must be positive (GiB per GPU)")
         if self.timeout <= 0:
             problems.append(f"--timeout {self.timeout} must be positive")
         for path in self.include_path:
@@ -85,6 +98,7 @@ class RunConfig:
         data = dataclasses.asdict(self)
         data["output"] = str(self.output)
         data["include_path"] = [str(p) for p in self.include_path]
+        data["deepspeed"] = str(self.deepspeed) if self.deepspeed else None
         data["tasks"] = list(self.tasks)
         return data
 
@@ -113,3 +127,46 @@ def read_config_file(path: Path) -> dict:
 
 def _first_line(exc: Exception) -> str:
     return " ".join(str(exc).split())
+
+
+DEEPSPEED_DTYPES = {
+    "fp32": "float32",
+    "float32": "float32",
+    "fp16": "float16",
+    "float16": "float16",
+    "half": "float16",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+}
+
+
+def deepspeed_settings(path: Path, flags: dict) -> dict:
+    """tp and dtype from a DeepSpeed-Inference JSON config; a flag that contradicts it is an error."""
+    import json
+
+    if not path.is_file():
+        raise UsageError(f"--deepspeed {path}: no such file")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--deepspeed {path}: malformed JSON at line {exc.lineno}: {exc.msg}") from None
+    known = {"tensor_parallel", "dtype", "replace_with_kernel_inject"}
+    unknown = [k for k in data if k not in known]
+    if unknown:
+        raise UsageError(f"--deepspeed {path}: unsupported key(s) {unknown}{did_you_mean(unknown[0], known)}")
+    if data.get("replace_with_kernel_inject"):
+        raise UsageError(f"--deepspeed {path}: replace_with_kernel_inject is not supported; set it to false (AutoTP)")
+    out = {"tp_backend": "deepspeed"}
+    tp = (data.get("tensor_parallel") or {}).get("tp_size")
+    if tp is not None:
+        if flags.get("tp") not in (None, tp):
+            raise UsageError(f"--tp {flags['tp']} contradicts tensor_parallel.tp_size={tp} in {path}")
+        out["tp"] = int(tp)
+    if "dtype" in data:
+        dtype = DEEPSPEED_DTYPES.get(str(data["dtype"]).removeprefix("torch."))
+        if dtype is None:
+            raise UsageError(f"--deepspeed {path}: dtype {data['dtype']!r} is not one of {', '.join(DEEPSPEED_DTYPES)}")
+        if flags.get("dtype") not in (None, "auto", dtype):
+            raise UsageError(f"--dtype {flags['dtype']} contradicts dtype={data['dtype']} in {path}")
+        out["dtype"] = dtype
+    return out

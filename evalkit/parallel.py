@@ -8,8 +8,9 @@ Data is sharded by dp rank; tp rank 0 of each group carries results; global rank
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -50,6 +51,11 @@ class Topology:
     local_rank: int
     device: torch.device
     backend: str
+    # Process groups by axis name ("dp", "tp"), built once from a 2-D device mesh.
+    groups: dict[str, Any] = field(default_factory=dict)
+
+    def group(self, axis: str) -> Any:
+        return self.groups.get(axis)
 
     @property
     def dp_rank(self) -> int:
@@ -118,11 +124,14 @@ def pick_device(requested: str | None, local_rank: int) -> torch.device:
     return torch.device(name)
 
 
-def validate_layout(world_size: int, tp: int) -> ParallelDims:
-    dims = ParallelDims(world_size=world_size, tp=tp)
-    if dims.tp != 1:
-        raise UsageError(f"--tp {dims.tp}: tensor parallelism is not available in this version; use --tp 1")
-    return dims
+def build_groups(dims: ParallelDims, device_type: str) -> dict[str, Any]:
+    """One mesh of shape (dp, tp): TP groups are consecutive ranks, so a TP group shares a node."""
+    if dims.world_size == 1:
+        return {}
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device_type, (dims.dp, dims.tp), mesh_dim_names=("dp", "tp"))
+    return {"dp": mesh.get_group("dp"), "tp": mesh.get_group("tp")}
 
 
 def init_topology(tp: int, device: str | None, timeout_s: float) -> Topology:
@@ -149,8 +158,9 @@ def init_topology(tp: int, device: str | None, timeout_s: float) -> Topology:
         dist.all_reduce(check)
         if int(check.item()) != world_size:
             raise RuntimeError(f"startup all_reduce saw {int(check.item())} ranks, expected {world_size}")
-    dims = agreed(world_size, lambda: validate_layout(world_size, tp))
-    return Topology(dims=dims, rank=rank, local_rank=local_rank, device=dev, backend=backend)
+    dims = agreed(world_size, lambda: ParallelDims(world_size=world_size, tp=tp))
+    groups = build_groups(dims, dev.type)
+    return Topology(dims=dims, rank=rank, local_rank=local_rank, device=dev, backend=backend, groups=groups)
 
 
 def settle_before_exit() -> None:

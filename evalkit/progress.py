@@ -29,6 +29,8 @@ class WorldProgress:
             self._thread.start()
 
     def update(self, n: int) -> None:
+        if not self.topo.carries_results:
+            return  # the other ranks of a TP group run the same requests; count them once
         self.local += n
         if self.topo.is_main:
             if self.store is None:

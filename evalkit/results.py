@@ -83,7 +83,7 @@ def write_outputs(
         results[task] = {"name": task, "alias": task, "sample_len": len(samples), **scores}
         all_samples[task] = samples
         hashes[task] = task_hash(samples, len(samples[0]["filtered_resps"]))
-    carried = [s for s in rank_stats if s["requests"]]
+    carried = [s for s in rank_stats if s["tp_rank"] == 0]
     document = {
         "results": results,
         "group_subtasks": {p.config.task: [] for p in plans},

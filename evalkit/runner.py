@@ -24,6 +24,8 @@ from evalkit.errors import USAGE_EXIT_CODE, UsageError, say
 from evalkit.filters import FilterPipeline
 from evalkit.model_source import check_model_source
 from evalkit.models.hf import HFCausalLM
+from evalkit.models.placement import input_device, load_model, local_parameter_count
+from evalkit.planner import GIB, check_run_layout, read_shape
 from evalkit.parallel import Topology, init_topology, settle_before_exit, shutdown
 from evalkit.progress import WorldProgress
 from evalkit.results import write_outputs
@@ -57,7 +59,7 @@ def set_seeds(config: RunConfig) -> None:
     torch.manual_seed(config.seed.torch)
 
 
-def prepare(config: RunConfig) -> RunPlan:
+def prepare(config: RunConfig, topo: Topology) -> RunPlan:
     """Everything that can be checked before a model loads, identical on every rank."""
     model_path = check_model_source(config.model)
     if config.output.exists() and not config.output.is_dir():
@@ -68,12 +70,43 @@ def prepare(config: RunConfig) -> RunPlan:
         task_metrics(plan)
         FilterPipeline(task.filter_list)
         tasks.append(plan)
-    return RunPlan(model_path=model_path, tasks=tasks, requests=number_requests(tasks))
+    requests = number_requests(tasks)
+    check_run_layout(
+        model_path,
+        config.dtype,
+        config.tp,
+        topo.dims.world_size * config.gpus_per_rank,
+        gpu_memory_gib(config, topo),
+        max_len=_context_length(model_path),
+        batch=config.batch_size,
+    )
+    return RunPlan(model_path=model_path, tasks=tasks, requests=requests)
 
 
-def load_model(config: RunConfig, plan: RunPlan, topo: Topology) -> HFCausalLM:
+def gpu_memory_gib(config: RunConfig, topo: Topology) -> float | None:
+    """The per-GPU budget layouts are checked against: --gpu-mem, else the device's memory on CUDA."""
+    if config.gpu_mem is not None:
+        return config.gpu_mem
+    if topo.device.type == "cuda":
+        return torch.cuda.get_device_properties(topo.device).total_memory / GIB
+    return None
+
+
+def _context_length(model_path: str) -> int:
+    return read_shape(model_path).max_positions
+
+
+def load_backend(config: RunConfig, plan: RunPlan, topo: Topology) -> HFCausalLM:
     try:
-        return HFCausalLM(plan.model_path, dtype=config.dtype, device=topo.device, batch_size=config.batch_size)
+        model = load_model(plan.model_path, config.dtype, topo, config.tp_backend, config.gpus_per_rank)
+        return HFCausalLM(
+            plan.model_path,
+            model=model,
+            device=input_device(model, topo),
+            batch_size=config.batch_size,
+            tp_group=topo.group("tp") if topo.dims.tp > 1 else None,
+            num_parameters_local=local_parameter_count(model),
+        )
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot load model from {plan.model_path}: {' '.join(str(exc).split())[:300]}") from None
 
@@ -100,13 +133,19 @@ def evaluate(config: RunConfig, topo: Topology) -> None:
     quiet_libraries()
     set_seeds(config)
     world = topo.dims.world_size
-    plan = agreed(world, lambda: prepare(config))
-    backend = agreed(world, lambda: load_model(config, plan, topo))
+    plan = agreed(world, lambda: prepare(config, topo))
+    backend = agreed(world, lambda: load_backend(config, plan, topo))
     mine = [plan.requests[i] for i in shard_indices([r.cost for r in plan.requests], topo.dp_rank, topo.dims.dp)]
     progress = WorldProgress(topo, total=len(plan.requests))
     t0 = time.time()
     results = run_requests(backend, mine, progress)
-    rank_stats = {"rank": topo.rank, "requests": len(mine), "seconds": round(time.time() - t0, 3)}
+    rank_stats = {
+        "rank": topo.rank,
+        "dp_rank": topo.dp_rank,
+        "tp_rank": topo.tp_rank,
+        "requests": len(mine),
+        "seconds": round(time.time() - t0, 3),
+    }
     stats = all_gather(world, rank_stats)
     outputs = gather_results(topo, results, total=len(plan.requests))
     progress.close()

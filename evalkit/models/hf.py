@@ -8,7 +8,6 @@ predict every token exactly once.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,24 +18,37 @@ from evalkit.models.batching import run_batched
 from evalkit.models.protocol import Progress
 from evalkit.models.stopping import StopOnSequences, cut_at_stop
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
 DEFAULT_MAX_LENGTH = 2048
 DEFAULT_MAX_GEN_TOKS = 256
 TOKENIZER_UNSET = int(1e30)  # transformers' "no limit" model_max_length is ~1e30
 
 
 class HFCausalLM:
-    def __init__(self, path: str, *, dtype: str, device: torch.device, batch_size: int) -> None:
+    """Scoring and generation with a loaded model, wherever its weights were placed.
+
+    ``tp_group`` is set when the model is tensor-parallel: every rank of the group then runs the
+    same batches, and generation stops only when all of them would, so no rank waits alone in an
+    all-reduce.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        model: torch.nn.Module,
+        device: torch.device,
+        batch_size: int,
+        tp_group: Any = None,
+        num_parameters_local: int | None = None,
+    ) -> None:
         self.device = device
         self.batch_size = batch_size
+        self.tp_group = tp_group
+        self.num_parameters_local = num_parameters_local
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
-        # device_map is never used: under a launcher transformers could pick a layout by itself.
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(
-            path, dtype=DTYPES[dtype], use_safetensors=_has_safetensors(path) or None
-        ).to(device)
-        self.model.eval()
+        self.model = model.eval()
         self.path = path
         self.max_length = _max_length(self.model.config, self.tokenizer)
         bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
@@ -48,7 +60,7 @@ class HFCausalLM:
             "path": self.path,
             "class": type(self.model).__name__,
             "dtype": str(self.model.dtype).removeprefix("torch."),
-            "num_parameters": sum(p.numel() for p in self.model.parameters()),
+            "num_parameters_this_rank": self.num_parameters_local,
             "max_length": self.max_length,
         }
 
@@ -103,7 +115,8 @@ class HFCausalLM:
             span = logprobs[row, len(tokens) - len(cont) : len(tokens)]
             target = torch.tensor(cont, device=span.device)
             greedy = bool((span.argmax(dim=-1) == target).all())
-            results.append((float(span.gather(1, target[:, None]).sum()), greedy))
+            # Summed in float64: the total of hundreds of tokens stays exact to the float32 inputs.
+            results.append((float(span.gather(1, target[:, None]).double().sum()), greedy))
         return results
 
     def loglikelihood_rolling(self, texts: list[str], progress: Progress) -> list[float]:
@@ -166,7 +179,7 @@ class HFCausalLM:
             input_ids=ids,
             attention_mask=mask,
             max_length=width + max_gen_toks,
-            stopping_criteria=[StopOnSequences(self.tokenizer, until, width, len(contexts))],
+            stopping_criteria=[StopOnSequences(self.tokenizer, until, width, len(contexts), group=self.tp_group)],
             pad_token_id=self.tokenizer.pad_token_id,
             use_cache=True,
             **kwargs,
@@ -221,8 +234,3 @@ def _max_length(config: Any, tokenizer: Any) -> int:
     if limit is not None and limit < TOKENIZER_UNSET:
         return int(limit)
     return DEFAULT_MAX_LENGTH
-
-
-def _has_safetensors(path: str) -> bool:
-    folder = Path(path)
-    return folder.is_dir() and any(folder.glob("*.safetensors"))

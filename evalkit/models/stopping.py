@@ -6,15 +6,25 @@ changes the answer; stopping only saves steps.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.distributed as dist
 import transformers
 
 
 class StopOnSequences(transformers.StoppingCriteria):
-    def __init__(self, tokenizer, stops: list[str], prompt_len: int, batch_size: int) -> None:
+    """Stops a batch when every row has produced a stop sequence.
+
+    With a tensor-parallel ``group`` the decision is agreed across the group (a row counts as
+    done only when it is done on every rank), so all ranks take the same number of steps.
+    """
+
+    def __init__(self, tokenizer, stops: list[str], prompt_len: int, batch_size: int, group: Any = None) -> None:
         self.tokenizer = tokenizer
         self.stops = [s for s in stops if s]
         self.prompt_len = prompt_len
+        self.group = group
         self.done = torch.zeros(batch_size, dtype=torch.bool)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -22,6 +32,10 @@ class StopOnSequences(transformers.StoppingCriteria):
         for row, text in enumerate(texts):
             if not self.done[row]:
                 self.done[row] = any(stop in text for stop in self.stops)
+        if self.group is not None:
+            agreed = self.done.to(dtype=torch.int32, device=input_ids.device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self.group)
+            self.done = agreed.to("cpu", dtype=torch.bool)
         return self.done.all().expand(input_ids.shape[0]).to(input_ids.device)
 
 

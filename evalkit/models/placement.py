@@ -1,0 +1,113 @@
+"""Where a model's weights live on this rank.
+
+- replica: the whole model on this rank's device (data parallel).
+- deepspeed: DeepSpeed-Inference AutoTP shards across this rank's TP group (the default for tp > 1).
+- transformers: transformers' own tensor parallelism (``tp_plan="auto"``) over the same groups,
+  for model families AutoTP cannot shard.
+- gpus-per-rank K: one rank splits its model over its own K GPUs with ``device_map``; GPUs of
+  other ranks are never given to it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+
+from evalkit.errors import UsageError
+from evalkit.parallel import Topology
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
+
+
+def _from_pretrained(path: str, dtype: str, **kwargs) -> torch.nn.Module:
+    safetensors = any(Path(path).glob("*.safetensors")) if Path(path).is_dir() else False
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=DTYPES[dtype], use_safetensors=safetensors or None, **kwargs
+    )
+
+
+def rank_gpus(local_rank: int, gpus_per_rank: int, visible: int) -> list[int]:
+    """The GPUs that belong to one rank: [local_rank*K, (local_rank+1)*K) of this node."""
+    first = local_rank * gpus_per_rank
+    if first + gpus_per_rank > visible:
+        raise UsageError(
+            f"--gpus-per-rank {gpus_per_rank}: local rank {local_rank} needs GPUs {first}..{first + gpus_per_rank - 1} "
+            f"but this node has {visible}; start at most {visible // gpus_per_rank} processes per node"
+        )
+    return list(range(first, first + gpus_per_rank))
+
+
+def load_model(path: str, dtype: str, topo: Topology, tp_backend: str, gpus_per_rank: int) -> torch.nn.Module:
+    if topo.dims.tp > 1:
+        if tp_backend == "deepspeed":
+            return _deepspeed_autotp(path, dtype, topo)
+        return _transformers_tp(path, dtype, topo)
+    if gpus_per_rank > 1:
+        return _split_over_own_gpus(path, dtype, topo, gpus_per_rank)
+    # device_map is never passed here: under a launcher transformers could choose a layout itself.
+    return _from_pretrained(path, dtype).to(topo.device)
+
+
+def _deepspeed_autotp(path: str, dtype: str, topo: Topology) -> torch.nn.Module:
+    import deepspeed
+    import deepspeed.comm
+    from deepspeed.inference.engine import InferenceEngine
+
+    model = _from_pretrained(path, dtype)
+    deepspeed.init_distributed(dist_backend=topo.backend)
+    _use_torch_all_reduce_on_cpu(topo)
+    # DeepSpeed builds its TP group from ranks 0..tp-1 unless one is set here; with dp > 1 the
+    # other replicas would then fail, so hand it this rank's own TP group.
+    InferenceEngine.inference_mp_group = topo.group("tp")
+    engine = deepspeed.init_inference(
+        model,
+        tensor_parallel={"tp_size": topo.dims.tp},
+        dtype=model.dtype,
+        replace_with_kernel_inject=False,
+    )
+    _use_torch_all_reduce_on_cpu(topo)
+    return engine.module
+
+
+def _use_torch_all_reduce_on_cpu(topo: Topology) -> None:
+    """DeepSpeed's shared-memory CPU all-reduce crashes (SIGSEGV) here; the torch one is correct."""
+    if topo.device.type == "cpu":
+        import deepspeed.comm.comm as ds_comm
+
+        if ds_comm.cdb is not None:
+            ds_comm.cdb.shm_vector_kernel_level = 0
+
+
+def _transformers_tp(path: str, dtype: str, topo: Topology) -> torch.nn.Module:
+    config = transformers.DistributedConfig(tp_plan="auto", tp_size=topo.dims.tp, dp_replicate_size=topo.dims.dp)
+    return _from_pretrained(path, dtype, distributed_config=config)
+
+
+def _split_over_own_gpus(path: str, dtype: str, topo: Topology, gpus_per_rank: int) -> torch.nn.Module:
+    if topo.device.type != "cuda":
+        raise UsageError("--gpus-per-rank needs CUDA devices; use --tp for tensor parallelism on CPU")
+    mine = rank_gpus(topo.local_rank, gpus_per_rank, torch.cuda.device_count())
+    budget = {gpu: torch.cuda.get_device_properties(gpu).total_memory for gpu in mine}
+    model = _from_pretrained(path, dtype, device_map="auto", max_memory=budget)
+    stray = {str(p.device) for p in model.parameters() if p.device.type != "cuda" or p.device.index not in mine}
+    if stray:
+        raise UsageError(
+            f"the model does not fit on GPUs {mine} (parts landed on {sorted(stray)}); use more --gpus-per-rank or --tp"
+        )
+    return model
+
+
+def input_device(model: torch.nn.Module, topo: Topology) -> torch.device:
+    """Where input ids go: the embedding's device (the first GPU of a split model)."""
+    return model.get_input_embeddings().weight.device if topo.device.type == "cuda" else topo.device
+
+
+def local_parameter_count(model: torch.nn.Module) -> int:
+    """Parameters this rank holds (a TP shard counts only its own slice)."""
+    total = 0
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        total += local.numel()
+    return total
