@@ -106,6 +106,7 @@ def write_outputs(
         "git_hash": git_hash(),
         "date": time.time(),
         "total_evaluation_time_seconds": round(wall, 3),
+        "parameters_per_rank": {s["rank"]: s["parameters"] for s in rank_stats},
         "throughput": {
             "per_rank": [
                 {**s, "requests_per_second": round(s["requests"] / s["seconds"], 3) if s["seconds"] else None}

@@ -25,8 +25,8 @@ from evalkit.filters import FilterPipeline
 from evalkit.model_source import check_model_source
 from evalkit.models.hf import HFCausalLM
 from evalkit.models.placement import input_device, load_model, local_parameter_count
-from evalkit.planner import GIB, check_run_layout, read_shape
 from evalkit.parallel import Topology, init_topology, settle_before_exit, shutdown
+from evalkit.planner import GIB, check_run_layout, read_shape
 from evalkit.progress import WorldProgress
 from evalkit.results import write_outputs
 from evalkit.score import task_metrics
@@ -145,6 +145,7 @@ def evaluate(config: RunConfig, topo: Topology) -> None:
         "tp_rank": topo.tp_rank,
         "requests": len(mine),
         "seconds": round(time.time() - t0, 3),
+        "parameters": backend.num_parameters_local,
     }
     stats = all_gather(world, rank_stats)
     outputs = gather_results(topo, results, total=len(plan.requests))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from conftest import TASK_FIXTURES, TINY_MODEL, model_args, run_evalkit
 
 BROKEN = TASK_FIXTURES / "broken"
@@ -72,16 +73,21 @@ def test_bad_model(tmp_path, model, fragments):
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(
-    ("args", "fragments"),
+    ("nproc", "args", "fragments"),
     [
-        (["--tasks", "demo_mcc"], ["unknown task 'demo_mcc'"]),
-        (["--tasks", "demo_mc", "--tp", "3"], ["tp(3) does not divide world_size(2)"]),
-        (["--tasks", "demo_mc", "--tp", "2"], ["tensor parallelism is not available"]),
+        (2, ["--tasks", "demo_mcc"], ["unknown task 'demo_mcc'"]),
+        (2, ["--tasks", "demo_mc", "--tp", "3"], ["tp(3) does not divide world_size(2)"]),
+        (
+            4,
+            ["--tasks", "demo_mc", "--tp", "4"],
+            ["cannot shard", "tp(4) does not divide KV heads(2)", "suggests --tp"],
+        ),
+        (2, ["--tasks", "demo_mc", "--tp", "2", "--gpu-mem", "0.0005"], ["tp=2 x dp=1 does not fit", "GiB"]),
     ],
-    ids=["unknown-task", "tp-not-dividing", "tp-unavailable"],
+    ids=["unknown-task", "tp-not-dividing-world", "tp-not-dividing-heads", "too-big"],
 )
-def test_bad_input_ends_every_rank(tmp_path, args, fragments):
-    run = run_evalkit(model_args(*args), launcher="torchrun", nproc=2, output=tmp_path / "out", timeout=120)
+def test_bad_input_ends_every_rank(tmp_path, nproc, args, fragments):
+    run = run_evalkit(model_args(*args), launcher="torchrun", nproc=nproc, output=tmp_path / "out", timeout=180)
     assert run.returncode != 0
     assert "exitcode: 2" in run.stderr
-    assert_usage_error(run, *fragments, ranks=2)
+    assert_usage_error(run, *fragments, ranks=nproc)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+
 from conftest import REPO, model_args, run_evalkit
 
 pytestmark = pytest.mark.multiprocess

@@ -6,6 +6,7 @@ Real multi-process runs on CPU with gloo: torchrun at 2 and 4 ranks, accelerate 
 from __future__ import annotations
 
 import pytest
+
 from conftest import DEMO_TASKS, Run, model_args, run_evalkit
 
 pytestmark = pytest.mark.multiprocess

@@ -11,6 +11,7 @@ import json
 import math
 
 import pytest
+
 from conftest import DEMO_TASKS, REFERENCE, model_args, run_evalkit
 
 LOGLIKELIHOOD_TOLERANCE = 1e-4

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 
-from conftest import TINY_MODEL
-
 from evalkit.tinymodel import DEFAULT_TASKS_DIR, build_tiny_llama, corpus_from_tasks
+
+from conftest import TINY_MODEL
 
 
 def digest(path) -> str:
