@@ -6,10 +6,20 @@ TORCH_SPEC ?= torch==2.13.0
 # Reuse a CUDA-enabled torch that the system Python already has instead of downloading one.
 SYSTEM_CUDA_TORCH := $(shell python3 -c "import torch; print(int(bool(torch.version.cuda)))" 2>/dev/null)
 VENV_FLAGS := $(if $(filter 1,$(SYSTEM_CUDA_TORCH)),--system-site-packages,)
-NPROC ?= 2
+NPROC ?= $(NPROC_DEFAULT)
 DEMO := .demo
 
-.PHONY: install demo test test-fast bench lint style clean
+.PHONY: install demo test test-fast bench lint style clean eval-7b eval-13b eval-34b eval-70b
+
+# Per model size: make eval-34b MODEL=/models/yi-34b TASKS=arc_easy,gsm8k [NPROC=8] [OUT=...] [EVAL_FLAGS=...]
+# NPROC defaults to the GPUs on this machine (2 processes on a machine without GPUs).
+GPUS := $(shell nvidia-smi -L 2>/dev/null | wc -l)
+NPROC_DEFAULT := $(if $(filter 0,$(GPUS)),2,$(GPUS))
+MODEL ?=
+TASKS ?=
+OUT ?= results/$(notdir $(MODEL))
+EVAL_FLAGS ?=
+TP70 ?= 4
 
 install: $(VENV)/.installed
 
@@ -42,3 +52,21 @@ style: install
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache *.egg-info
+
+define run_eval
+	@test -n "$(MODEL)" -a -n "$(TASKS)" || { echo "usage: make $@ MODEL=/path/to/model TASKS=a,b [NPROC=N]" >&2; exit 2; }
+	$(VENV)/bin/torchrun --nproc_per_node=$(NPROC) -m evalkit --model $(MODEL) --tasks $(TASKS) \
+		--output $(OUT) --deepspeed $(1) $(EVAL_FLAGS)
+endef
+
+eval-7b: install   ## every GPU a full replica: dp = NPROC
+	$(call run_eval,configs/deepspeed/tp1.json)
+
+eval-13b: install  ## 26 GB in bf16: one replica per 40/80 GB GPU
+	$(call run_eval,configs/deepspeed/tp1.json)
+
+eval-34b: install  ## tp2 x dp(NPROC/2)
+	$(call run_eval,configs/deepspeed/tp2.json)
+
+eval-70b: install  ## tp4 x dp(NPROC/4); TP70=8 for tp8 on 40 GB GPUs with long contexts
+	$(call run_eval,configs/deepspeed/tp$(TP70).json)

@@ -86,17 +86,30 @@ def _transformers_tp(path: str, dtype: str, topo: Topology) -> torch.nn.Module:
 
 
 def _split_over_own_gpus(path: str, dtype: str, topo: Topology, gpus_per_rank: int) -> torch.nn.Module:
+    """An explicit device map over this rank's GPUs only, computed before any weight loads.
+
+    ``device_map="auto"`` is not passed to transformers: under a launcher it may pick tensor
+    parallelism by itself, and it would consider every visible GPU.
+    """
+    from accelerate import infer_auto_device_map, init_empty_weights
+
     if topo.device.type != "cuda":
         raise UsageError("--gpus-per-rank needs CUDA devices; use --tp for tensor parallelism on CPU")
     mine = rank_gpus(topo.local_rank, gpus_per_rank, torch.cuda.device_count())
     budget = {gpu: torch.cuda.get_device_properties(gpu).total_memory for gpu in mine}
-    model = _from_pretrained(path, dtype, device_map="auto", max_memory=budget)
-    stray = {str(p.device) for p in model.parameters() if p.device.type != "cuda" or p.device.index not in mine}
-    if stray:
+    config = transformers.AutoConfig.from_pretrained(path)
+    with init_empty_weights():
+        skeleton = transformers.AutoModelForCausalLM.from_config(config)
+    torch_dtype = DTYPES[dtype] if dtype != "auto" else getattr(config, "dtype", None) or torch.float32
+    device_map = infer_auto_device_map(
+        skeleton, max_memory=budget, dtype=torch_dtype, no_split_module_classes=skeleton._no_split_modules
+    )
+    outside = sorted({str(d) for d in device_map.values() if d not in mine})
+    if outside:
         raise UsageError(
-            f"the model does not fit on GPUs {mine} (parts landed on {sorted(stray)}); use more --gpus-per-rank or --tp"
+            f"the model does not fit on GPUs {mine} (it would need {outside}); use a larger --gpus-per-rank or --tp"
         )
-    return model
+    return _from_pretrained(path, dtype, device_map=device_map)
 
 
 def input_device(model: torch.nn.Module, topo: Topology) -> torch.device:
