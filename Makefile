@@ -42,6 +42,9 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not multiprocess"
 
+bench: install
+	$(PY) benchmarks/layouts.py
+
 lint: install
 	$(VENV)/bin/ruff check evalkit tests
 	$(VENV)/bin/ruff format --check evalkit tests
