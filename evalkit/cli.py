@@ -42,6 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-rank", type=int, help="split each rank's model over its own K GPUs (device_map)")
     p.add_argument("--gpu-mem", type=float, help="GiB per GPU to check the layout against (default: the device's)")
     p.add_argument("--timeout", type=float, help="seconds any collective may wait before the run fails (default 1800)")
+    p.add_argument("--resume", action="store_true", default=None, help="continue the run saved in --output")
+    p.add_argument(
+        "--stall-timeout", type=float, help="end the run when a rank finishes nothing for this long (default 300 s)"
+    )
+    p.add_argument("--flush-interval", type=float, help="seconds between forced writes of saved results (default 5)")
+    p.add_argument(
+        "--on-error", help="fail (default): a failing request ends the run; record: save the error, skip the doc"
+    )
+    p.add_argument("--trust-remote-code", action="store_true", default=None, help="allow the model's own Python code")
     return p
 
 

@@ -12,8 +12,6 @@ from typing import Any, TypeVar
 import torch.distributed as dist
 
 from evalkit.errors import UsageError
-from evalkit.parallel import Topology
-from evalkit.shard import merge_shards
 
 T = TypeVar("T")
 
@@ -44,12 +42,3 @@ def agreed(world_size: int, step: Callable[[], T]) -> T:
             message = f"{message} (found on rank {rank})"
         raise AgreedError(message)
     return result
-
-
-def gather_results(topo: Topology, mine: list[tuple[int, Any]], total: int) -> list[Any] | None:
-    """Every carrying rank's (index, result) pairs, merged in global order on rank 0."""
-    if not topo.distributed:
-        return merge_shards([mine], total)
-    parts: list[Any] | None = [None] * topo.dims.world_size if topo.is_main else None
-    dist.gather_object(mine if topo.carries_results else [], parts, dst=0)
-    return merge_shards(parts, total) if topo.is_main else None

@@ -63,6 +63,11 @@ class RunConfig:
     deepspeed: Path | None = None
     gpu_mem: float | None = None
     timeout: float = 1800.0
+    resume: bool = False
+    stall_timeout: float = 300.0
+    flush_interval: float = 5.0
+    on_error: str = "fail"
+    trust_remote_code: bool = False
 
     def validate(self) -> RunConfig:
         problems = []
@@ -86,6 +91,10 @@ class RunConfig:
             problems.append("--gpus-per-rank and --tp cannot be combined; pick one way to split the model")
         if self.gpu_mem is not None and self.gpu_mem <= 0:
             problems.append(f"--gpu-mem {self.gpu_mem} must be positive (GiB per GPU)")
+        if self.on_error not in ("fail", "record"):
+            problems.append(f"--on-error {self.on_error!r} must be fail or record")
+        if self.stall_timeout <= 0 or self.flush_interval <= 0:
+            problems.append("--stall-timeout and --flush-interval must be positive seconds")
         if self.timeout <= 0:
             problems.append(f"--timeout {self.timeout} must be positive")
         for path in self.include_path:

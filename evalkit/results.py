@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from evalkit.config import RunConfig
@@ -14,6 +15,13 @@ from evalkit.parallel import Topology
 from evalkit.report import format_table, git_hash, package_versions, write_json_atomic, write_jsonl_atomic
 from evalkit.score import aggregate, doc_metrics, filter_results, task_metrics
 from evalkit.tasks.build import DocPlan, TaskPlan
+
+
+@dataclass(frozen=True)
+class RequestError:
+    """A request whose model call failed (recorded with --on-error record): never scored."""
+
+    message: str
 
 
 def sha256(text: str) -> str:
@@ -35,30 +43,47 @@ def model_outputs(plan: TaskPlan, doc: DocPlan, outputs: list[Any]) -> dict[str,
     return {"response": raw[0] if len(raw) == 1 else raw}
 
 
-def score_task(plan: TaskPlan, outputs: list[Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def score_task(
+    plan: TaskPlan, outputs: list[Any], on_error: str = "fail"
+) -> tuple[dict[str, Any], list[dict[str, Any]], int]:
+    """Aggregates, one sample line per doc, and how many docs were left out because a request failed."""
     pipeline = FilterPipeline(plan.config.filter_list)
     metrics = task_metrics(plan)
-    per_doc, samples = [], []
+    per_doc, samples, failed = [], [], 0
     for doc in plan.docs:
-        filtered = filter_results(pipeline, doc, {r.index: outputs[r.index] for r in doc.requests})
-        values = {name: doc_metrics(plan, doc, results, metrics) for name, results in filtered.items()}
-        per_doc.append(values)
-        samples.append(
-            {
-                "doc_id": doc.doc_id,
-                "doc": doc.doc,
-                "prompt": doc.prompt,
-                "target": doc.target,
-                "arguments": [list(r.args) for r in doc.requests],
-                **model_outputs(plan, doc, outputs),
-                "filtered_resps": {name: results for name, results in filtered.items()},
-                "metrics": {f"{m},{f}": v for f, ms in values.items() for m, v in ms.items()},
-                "doc_hash": doc_hash(doc.doc),
-                "prompt_hash": sha256(doc.requests[0].args[0]),
-                "target_hash": sha256(str(doc.target)),
-            }
+        sample = {
+            "doc_id": doc.doc_id,
+            "doc": doc.doc,
+            "prompt": doc.prompt,
+            "target": doc.target,
+            "arguments": [list(r.args) for r in doc.requests],
+        }
+        errors = [outputs[r.index].message for r in doc.requests if isinstance(outputs[r.index], RequestError)]
+        if errors:
+            failed += 1
+            sample["error"] = errors[0]
+        else:
+            try:
+                filtered = filter_results(pipeline, doc, {r.index: outputs[r.index] for r in doc.requests})
+                values = {name: doc_metrics(plan, doc, results, metrics) for name, results in filtered.items()}
+            except Exception as exc:
+                if on_error != "record":
+                    raise
+                failed += 1
+                sample["error"] = f"scoring failed: {type(exc).__name__}: {exc}"
+                samples.append(sample)
+                continue
+            per_doc.append(values)
+            sample.update(model_outputs(plan, doc, outputs))
+            sample["filtered_resps"] = dict(filtered)
+            sample["metrics"] = {f"{m},{f}": v for f, ms in values.items() for m, v in ms.items()}
+        sample.update(
+            doc_hash=doc_hash(doc.doc), prompt_hash=sha256(doc.requests[0].args[0]), target_hash=sha256(str(doc.target))
         )
-    return aggregate(metrics, per_doc, list(pipeline.chains)), samples
+        samples.append(sample)
+    if not per_doc:
+        raise RuntimeError(f"task {plan.config.task}: every doc failed; see samples_{plan.config.task}.jsonl")
+    return aggregate(metrics, per_doc, list(pipeline.chains)), samples, failed
 
 
 def task_hash(samples: list[dict[str, Any]], n_filters: int) -> str:
@@ -75,12 +100,13 @@ def write_outputs(
     model: dict[str, Any],
     rank_stats: list[dict[str, Any]],
     wall: float,
+    resume: dict[str, int],
 ) -> None:
-    results, all_samples, hashes = {}, {}, {}
+    results, all_samples, hashes, failed = {}, {}, {}, {}
     for plan in plans:
-        scores, samples = score_task(plan, outputs)
+        scores, samples, failed[plan.config.task] = score_task(plan, outputs, config.on_error)
         task = plan.config.task
-        results[task] = {"name": task, "alias": task, "sample_len": len(samples), **scores}
+        results[task] = {"name": task, "alias": task, "sample_len": len(samples) - failed[task], **scores}
         all_samples[task] = samples
         hashes[task] = task_hash(samples, len(samples[0]["filtered_resps"]))
     carried = [s for s in rank_stats if s["tp_rank"] == 0]
@@ -91,7 +117,11 @@ def write_outputs(
         "versions": {p.config.task: p.config.metadata.get("version") for p in plans},
         "n-shot": {p.config.task: p.num_fewshot for p in plans},
         "higher_is_better": {p.config.task: {m.name: m.higher_is_better for m in task_metrics(p)} for p in plans},
-        "n-samples": {p.config.task: {"original": p.n_docs_total, "effective": len(p.docs)} for p in plans},
+        "n-samples": {
+            p.config.task: {"original": p.n_docs_total, "effective": len(p.docs) - failed[p.config.task]} for p in plans
+        },
+        "errors": {task: n for task, n in failed.items() if n},
+        "resume": resume,
         "config": config.to_json(),
         "model": model,
         "parallel": topo.describe(),

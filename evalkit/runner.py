@@ -8,31 +8,43 @@ the others (their collectives fail, and the launcher stops the group).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import secrets
+import signal
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from evalkit.collectives import AgreedError, agreed, all_gather, gather_results
+from evalkit.collectives import AgreedError, agreed, all_gather
 from evalkit.config import RunConfig
 from evalkit.errors import USAGE_EXIT_CODE, UsageError, say
+from evalkit.execute import Executor, StopFlag, StopRequested
 from evalkit.filters import FilterPipeline
+from evalkit.identity import model_fingerprint, request_key, task_config_hash
 from evalkit.model_source import check_model_source
 from evalkit.models.hf import HFCausalLM
 from evalkit.models.placement import input_device, load_model, local_parameter_count
+from evalkit.monitor import Monitor
+from evalkit.outdir import check_folder, check_writable, write_manifest
 from evalkit.parallel import Topology, init_topology, settle_before_exit, shutdown
 from evalkit.planner import GIB, check_run_layout, read_shape
-from evalkit.progress import WorldProgress
-from evalkit.results import write_outputs
+from evalkit.results import RequestError, write_outputs
 from evalkit.score import task_metrics
-from evalkit.shard import shard_indices
+from evalkit.shard import merge_shards, shard_indices
+from evalkit.shards import SHARD_DIR, ShardWriter, read_all, read_records, shard_files
 from evalkit.tasks.build import Request, TaskPlan, build_task, number_requests
 from evalkit.tasks.index import load_tasks
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -40,6 +52,17 @@ class RunPlan:
     model_path: str
     tasks: list[TaskPlan]
     requests: list[Request]
+    model: dict[str, Any]
+    task_hashes: dict[str, str]
+    keys: dict[int, str]
+
+
+class Stopped(Exception):
+    """The run stopped on a signal after saving its finished results."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum
 
 
 def quiet_libraries() -> None:
@@ -62,8 +85,7 @@ def set_seeds(config: RunConfig) -> None:
 def prepare(config: RunConfig, topo: Topology) -> RunPlan:
     """Everything that can be checked before a model loads, identical on every rank."""
     model_path = check_model_source(config.model)
-    if config.output.exists() and not config.output.is_dir():
-        raise UsageError(f"--output {config.output} is a file; pass a folder")
+    check_writable(config.output, topo.rank)
     tasks = []
     for task in load_tasks(list(config.tasks), list(config.include_path)):
         plan = build_task(task, num_fewshot=config.num_fewshot, limit=config.limit, fewshot_seed=config.seed.fewshot)
@@ -80,7 +102,13 @@ def prepare(config: RunConfig, topo: Topology) -> RunPlan:
         max_len=_context_length(model_path),
         batch=config.batch_size,
     )
-    return RunPlan(model_path=model_path, tasks=tasks, requests=requests)
+    model = model_fingerprint(model_path, config.dtype)
+    task_hashes = {p.config.task: task_config_hash(p, config.seed.fewshot) for p in tasks}
+    check_folder(config.output, resume=config.resume, model=model, tasks=task_hashes)
+    keys = {r.index: request_key(model["hash"], task_hashes[r.task], r) for r in requests}
+    return RunPlan(
+        model_path=model_path, tasks=tasks, requests=requests, model=model, task_hashes=task_hashes, keys=keys
+    )
 
 
 def gpu_memory_gib(config: RunConfig, topo: Topology) -> float | None:
@@ -98,7 +126,14 @@ def _context_length(model_path: str) -> int:
 
 def load_backend(config: RunConfig, plan: RunPlan, topo: Topology) -> HFCausalLM:
     try:
-        model = load_model(plan.model_path, config.dtype, topo, config.tp_backend, config.gpus_per_rank)
+        model = load_model(
+            plan.model_path,
+            config.dtype,
+            topo,
+            tp_backend=config.tp_backend,
+            gpus_per_rank=config.gpus_per_rank,
+            trust_remote_code=config.trust_remote_code,
+        )
         return HFCausalLM(
             plan.model_path,
             model=model,
@@ -106,26 +141,48 @@ def load_backend(config: RunConfig, plan: RunPlan, topo: Topology) -> HFCausalLM
             batch_size=config.batch_size,
             tp_group=topo.group("tp") if topo.dims.tp > 1 else None,
             num_parameters_local=local_parameter_count(model),
+            trust_remote_code=config.trust_remote_code,
         )
     except (OSError, ValueError) as exc:
+        if "custom code" in str(exc) or "trust_remote_code" in str(exc):
+            raise UsageError(
+                f"{plan.model_path} needs its own Python code to load; evalkit runs it only with "
+                f"--trust-remote-code (read that code first)"
+            ) from None
         raise UsageError(f"cannot load model from {plan.model_path}: {' '.join(str(exc).split())[:300]}") from None
 
 
-def run_requests(backend: HFCausalLM, requests: list[Request], progress: WorldProgress) -> list[tuple[int, Any]]:
-    """This rank's requests, grouped by kind, each result paired with its global index."""
-    out: list[tuple[int, Any]] = []
-    for kind in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
-        batch = [r for r in requests if r.kind == kind]
-        if not batch:
-            continue
-        if kind == "loglikelihood":
-            results = backend.loglikelihood([r.args for r in batch], progress.update)
-        elif kind == "loglikelihood_rolling":
-            results = backend.loglikelihood_rolling([r.args[0] for r in batch], progress.update)
-        else:
-            results = backend.generate_until([(r.args[0], r.args[1]) for r in batch], progress.update)
-        out += [(r.index, result) for r, result in zip(batch, results, strict=True)]
-    return out
+def finished_indices(output: Path, plan: RunPlan) -> list[int]:
+    """Global indices of requests whose results earlier runs saved (read by rank 0 only)."""
+    index_of = {key: index for index, key in plan.keys.items()}
+    return sorted({index_of[r["k"]] for r in read_all(output) if r.get("k") in index_of and "r" in r})
+
+
+def from_main(topo: Topology, make: Callable[[], T]) -> T:
+    """A value computed on rank 0 and handed to every rank."""
+    box = [make() if topo.is_main else None]
+    if topo.distributed:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def merge_results(output: Path, plan: RunPlan, launch: str, written: int) -> list[Any]:
+    """Rank 0 streams every shard into outputs by global index; this launch's count must match."""
+    index_of = {key: index for index, key in plan.keys.items()}
+    counted = {"now": 0}
+
+    def pairs() -> Iterator[tuple[int, Any]]:
+        for path in shard_files(output):
+            for record in read_records(path):
+                counted["now"] += path.name.startswith(launch)
+                index = index_of.get(record.get("k"))
+                if index is not None:
+                    yield index, record["r"] if "r" in record else RequestError(record["error"])
+
+    outputs = merge_shards([pairs()], len(plan.requests))
+    if counted["now"] != written:
+        raise AssertionError(f"ranks reported {written} results this run but the shards hold {counted['now']}")
+    return outputs
 
 
 def evaluate(config: RunConfig, topo: Topology) -> None:
@@ -134,24 +191,47 @@ def evaluate(config: RunConfig, topo: Topology) -> None:
     set_seeds(config)
     world = topo.dims.world_size
     plan = agreed(world, lambda: prepare(config, topo))
-    backend = agreed(world, lambda: load_backend(config, plan, topo))
-    mine = [plan.requests[i] for i in shard_indices([r.cost for r in plan.requests], topo.dp_rank, topo.dims.dp)]
-    progress = WorldProgress(topo, total=len(plan.requests))
-    t0 = time.time()
-    results = run_requests(backend, mine, progress)
-    rank_stats = {
-        "rank": topo.rank,
-        "dp_rank": topo.dp_rank,
-        "tp_rank": topo.tp_rank,
-        "requests": len(mine),
-        "seconds": round(time.time() - t0, 3),
-        "parameters": backend.num_parameters_local,
-    }
-    stats = all_gather(world, rank_stats)
-    outputs = gather_results(topo, results, total=len(plan.requests))
-    progress.close()
     if topo.is_main:
-        write_outputs(config, topo, plan.tasks, outputs, backend.describe(), stats, wall=time.time() - started)
+        write_manifest(config.output, model=plan.model, tasks=plan.task_hashes)
+    done = set(from_main(topo, lambda: finished_indices(config.output, plan)))
+    pending = [r for r in plan.requests if r.index not in done]
+    backend = agreed(world, lambda: load_backend(config, plan, topo))
+    mine = [pending[i] for i in shard_indices([r.cost for r in pending], topo.dp_rank, topo.dims.dp)]
+    launch = from_main(topo, lambda: time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3))
+    shard = config.output / SHARD_DIR / f"{launch}-rank{topo.rank:05d}.jsonl"
+    writer = ShardWriter(shard, interval=config.flush_interval) if topo.carries_results else None
+    monitor = Monitor(topo, total=len(pending), stall_timeout=config.stall_timeout)
+    stop = StopFlag()
+    stop.install()
+    executor = Executor(topo, backend, writer, monitor, plan.keys, stop, config.on_error)
+    t0 = time.time()
+    try:
+        with writer or contextlib.nullcontext():
+            executor.run(mine)
+    except StopRequested:
+        raise Stopped(stop.signal) from None
+    finally:
+        stop.restore()
+    monitor.idle()
+    stats = all_gather(
+        world,
+        {
+            "rank": topo.rank,
+            "dp_rank": topo.dp_rank,
+            "tp_rank": topo.tp_rank,
+            "requests": len(mine),
+            "seconds": round(time.time() - t0, 3),
+            "parameters": backend.num_parameters_local,
+            "written": writer.written if writer else 0,
+        },
+    )
+    monitor.close()
+    if topo.is_main:
+        outputs = merge_results(config.output, plan, launch, sum(s["written"] for s in stats))
+        resume = {"reused": len(done), "computed": len(pending)}
+        write_outputs(
+            config, topo, plan.tasks, outputs, backend.describe(), stats, wall=time.time() - started, resume=resume
+        )
 
 
 def run_guarded(config: RunConfig) -> int:
@@ -166,8 +246,11 @@ def run_guarded(config: RunConfig) -> int:
             settle_before_exit()
         shutdown()
         return USAGE_EXIT_CODE
+    except Stopped as stopped:
+        say(f"evalkit: rank {rank} stopped by {stopped}; finished results are saved, rerun with --resume to continue")
+        os._exit(stopped.exit_code)
     except KeyboardInterrupt:
-        say(f"evalkit: rank {rank} interrupted")
+        say(f"evalkit: rank {rank} interrupted; finished results are saved, rerun with --resume to continue")
         os._exit(130)
     except BaseException as exc:  # noqa: BLE001 - a crash must end this rank now, never wait on peers
         traceback.print_exc()

@@ -74,14 +74,17 @@ def run_evalkit(
     output: Path | None = None,
     script: str | None = None,
     timeout: float = 600,
+    env: dict[str, str] | None = None,
 ) -> Run:
     """Run evalkit as a user would (``-m evalkit`` or a wrapper script) and capture everything."""
     target = [script] if script else ["-m", "evalkit"]
     cmd = launcher_prefix(launcher, nproc) + target + args
     if output is not None:
         cmd += ["--output", str(output)]
+    extra = env or {}
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env.update(extra)
     start = time.monotonic()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     return Run(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - start, output)

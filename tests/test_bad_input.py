@@ -9,7 +9,7 @@ from conftest import TASK_FIXTURES, TINY_MODEL, model_args, run_evalkit
 BROKEN = TASK_FIXTURES / "broken"
 
 
-def assert_usage_error(run, *fragments: str, ranks: int = 1) -> None:
+def assert_usage_error(run, *fragments: str, ranks: int = 1, fresh_output: bool = True) -> None:
     errors = [line for line in run.stderr.splitlines() if line.startswith("evalkit: error:")]
     assert len(errors) == ranks, run.stderr[-3000:]
     for fragment in fragments:
@@ -20,7 +20,7 @@ def assert_usage_error(run, *fragments: str, ranks: int = 1) -> None:
         line for line in run.stderr.splitlines() if line.strip().startswith('File "') and "/evalkit/" in line
     ]
     assert not evalkit_frames, evalkit_frames
-    if run.output is not None:
+    if run.output is not None and fresh_output:
         assert not (run.output / "results.json").exists()
 
 

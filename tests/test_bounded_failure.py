@@ -14,13 +14,14 @@ BOUND_SECONDS = 60
 
 @pytest.mark.parametrize("crash_rank", ["0", "1"])
 def test_crashing_rank_ends_every_rank(tmp_path, monkeypatch, crash_rank):
-    monkeypatch.setenv("CRASH_RANK", crash_rank)
+    monkeypatch.setenv("FAULT", "raise")
+    monkeypatch.setenv("FAULT_RANK", crash_rank)
     run = run_evalkit(
         model_args("--tasks", "demo", "--batch-size", "2"),
         launcher="torchrun",
         nproc=2,
         output=tmp_path / "out",
-        script=str(REPO / "tests" / "crashing_entry.py"),
+        script=str(REPO / "tests" / "fault_entry.py"),
         timeout=BOUND_SECONDS * 3,
     )
     assert run.returncode != 0
@@ -45,12 +46,13 @@ def test_crash_without_torchrun_supervision_still_ends(tmp_path, monkeypatch):
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(free_port()),
         "WORLD_SIZE": "2",
-        "CRASH_RANK": "1",
+        "FAULT": "raise",
+        "FAULT_RANK": "1",
         "HF_HUB_OFFLINE": "1",
     }
     cmd = [
         sys.executable,
-        str(REPO / "tests" / "crashing_entry.py"),
+        str(REPO / "tests" / "fault_entry.py"),
         *model_args("--tasks", "demo", "--batch-size", "2", "--output", str(tmp_path / "out")),
     ]
     start = time.monotonic()

@@ -48,13 +48,15 @@ def run_batched(
     length: Callable[[T], int],
     cap: int,
     fn: Callable[[int, list[T]], list[Any]],
-    progress: Callable[[int], None],
+    progress: Callable[[list[tuple[int, Any]]], None],
     tiebreak: Callable[[T], Any] = lambda _: 0,
 ) -> list[Any]:
+    """Results in input order; ``progress`` gets each finished batch's (position, result) pairs."""
     out: list[Any] = [None] * len(items)
     for width, batch in width_batches(items, size, length, cap, tiebreak):
         results = fn(width, [item for _, item in batch])
-        for (position, _), result in zip(batch, results, strict=True):
+        finished = [(position, result) for (position, _), result in zip(batch, results, strict=True)]
+        for position, result in finished:
             out[position] = result
-        progress(len(batch))
+        progress(finished)
     return out

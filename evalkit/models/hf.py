@@ -40,12 +40,13 @@ class HFCausalLM:
         batch_size: int,
         tp_group: Any = None,
         num_parameters_local: int | None = None,
+        trust_remote_code: bool = False,
     ) -> None:
         self.device = device
         self.batch_size = batch_size
         self.tp_group = tp_group
         self.num_parameters_local = num_parameters_local
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         self.model = model.eval()
@@ -120,16 +121,18 @@ class HFCausalLM:
         return results
 
     def loglikelihood_rolling(self, texts: list[str], progress: Progress) -> list[float]:
-        windows, owners = [], []
-        for owner, text in enumerate(texts):
-            for window in rolling_windows(self.encode(text), self.prefix_token_id, self.max_length):
-                windows.append(window)
-                owners.append(owner)
-        scores = self.score_tokens(windows, progress=lambda n: None)
         totals = [0.0] * len(texts)
-        for owner, (logprob, _) in zip(owners, scores, strict=True):
-            totals[owner] += logprob
-        progress(len(texts))
+        # A few texts at a time, so finished texts are reported while the rest are still running.
+        for start in range(0, len(texts), self.batch_size):
+            windows, owners = [], []
+            for owner in range(start, min(start + self.batch_size, len(texts))):
+                for window in rolling_windows(self.encode(texts[owner]), self.prefix_token_id, self.max_length):
+                    windows.append(window)
+                    owners.append(owner)
+            scores = self.score_tokens(windows, progress=lambda finished: None)
+            for owner, (logprob, _) in zip(owners, scores, strict=True):
+                totals[owner] += logprob
+            progress([(owner, totals[owner]) for owner in sorted(set(owners))])
         return totals
 
     # -- generation ---------------------------------------------------------------------------
@@ -153,7 +156,7 @@ class HFCausalLM:
                 length=lambda c, cap=budget: min(len(self.encode(c)), cap),
                 cap=budget,
                 fn=lambda width, batch, kw=kwargs: self._generate_batch(width, batch, kw),
-                progress=progress,
+                progress=lambda finished, ids=members: progress([(ids[p], text) for p, text in finished]),
                 tiebreak=lambda c: c,
             )
             for i, text in zip(members, texts, strict=True):

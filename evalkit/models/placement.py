@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,10 +23,11 @@ from evalkit.parallel import Topology
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
 
 
-def _from_pretrained(path: str, dtype: str, **kwargs) -> torch.nn.Module:
+def _from_pretrained(path: str, dtype: str, trust_remote_code: bool, **kwargs) -> torch.nn.Module:
+    # safetensors whenever present, so a pickled .bin next to it is never unpickled.
     safetensors = any(Path(path).glob("*.safetensors")) if Path(path).is_dir() else False
     return transformers.AutoModelForCausalLM.from_pretrained(
-        path, dtype=DTYPES[dtype], use_safetensors=safetensors or None, **kwargs
+        path, dtype=DTYPES[dtype], use_safetensors=safetensors or None, trust_remote_code=trust_remote_code, **kwargs
     )
 
 
@@ -39,23 +42,26 @@ def rank_gpus(local_rank: int, gpus_per_rank: int, visible: int) -> list[int]:
     return list(range(first, first + gpus_per_rank))
 
 
-def load_model(path: str, dtype: str, topo: Topology, tp_backend: str, gpus_per_rank: int) -> torch.nn.Module:
+def load_model(
+    path: str, dtype: str, topo: Topology, *, tp_backend: str, gpus_per_rank: int, trust_remote_code: bool
+) -> torch.nn.Module:
+    load = functools.partial(_from_pretrained, path, dtype, trust_remote_code)
     if topo.dims.tp > 1:
         if tp_backend == "deepspeed":
-            return _deepspeed_autotp(path, dtype, topo)
-        return _transformers_tp(path, dtype, topo)
+            return _deepspeed_autotp(load, topo)
+        return _transformers_tp(load, topo)
     if gpus_per_rank > 1:
-        return _split_over_own_gpus(path, dtype, topo, gpus_per_rank)
+        return _split_over_own_gpus(load, path, dtype, topo, gpus_per_rank)
     # device_map is never passed here: under a launcher transformers could choose a layout itself.
-    return _from_pretrained(path, dtype).to(topo.device)
+    return load().to(topo.device)
 
 
-def _deepspeed_autotp(path: str, dtype: str, topo: Topology) -> torch.nn.Module:
+def _deepspeed_autotp(load: Callable[..., torch.nn.Module], topo: Topology) -> torch.nn.Module:
     import deepspeed
     import deepspeed.comm
     from deepspeed.inference.engine import InferenceEngine
 
-    model = _from_pretrained(path, dtype)
+    model = load()
     deepspeed.init_distributed(dist_backend=topo.backend)
     _use_torch_all_reduce_on_cpu(topo)
     # DeepSpeed builds its TP group from ranks 0..tp-1 unless one is set here; with dp > 1 the
@@ -80,12 +86,14 @@ def _use_torch_all_reduce_on_cpu(topo: Topology) -> None:
             ds_comm.cdb.shm_vector_kernel_level = 0
 
 
-def _transformers_tp(path: str, dtype: str, topo: Topology) -> torch.nn.Module:
+def _transformers_tp(load: Callable[..., torch.nn.Module], topo: Topology) -> torch.nn.Module:
     config = transformers.DistributedConfig(tp_plan="auto", tp_size=topo.dims.tp, dp_replicate_size=topo.dims.dp)
-    return _from_pretrained(path, dtype, distributed_config=config)
+    return load(distributed_config=config)
 
 
-def _split_over_own_gpus(path: str, dtype: str, topo: Topology, gpus_per_rank: int) -> torch.nn.Module:
+def _split_over_own_gpus(
+    load: Callable[..., torch.nn.Module], path: str, dtype: str, topo: Topology, gpus_per_rank: int
+) -> torch.nn.Module:
     """An explicit device map over this rank's GPUs only, computed before any weight loads.
 
     ``device_map="auto"`` is not passed to transformers: under a launcher it may pick tensor
@@ -109,7 +117,7 @@ def _split_over_own_gpus(path: str, dtype: str, topo: Topology, gpus_per_rank: i
         raise UsageError(
             f"the model does not fit on GPUs {mine} (it would need {outside}); use a larger --gpus-per-rank or --tp"
         )
-    return _from_pretrained(path, dtype, device_map=device_map)
+    return load(device_map=device_map)
 
 
 def input_device(model: torch.nn.Module, topo: Topology) -> torch.device:

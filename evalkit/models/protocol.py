@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
-Progress = Callable[[int], None]
+# Called after every batch with the (position in the input list, result) pairs it finished, so
+# results can be saved as they come and a run can stop between batches.
+Progress = Callable[[list[tuple[int, Any]]], None]
 
 
 class Backend(Protocol):

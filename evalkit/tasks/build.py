@@ -28,6 +28,7 @@ class Request:
     task: str
     doc_id: int
     instance: int
+    repeat: int
     kind: str
     args: tuple
 
@@ -188,10 +189,16 @@ def requests_for(plan: TaskPlan, doc: DocPlan, start: int) -> list[Request]:
         calls = [("generate_until", (doc.prompt, plan.generation_kwargs))]
     out = []
     for instance, (kind, args) in enumerate(calls):
-        for _ in range(task.repeats):
+        for repeat in range(task.repeats):
             out.append(
                 Request(
-                    index=start + len(out), task=task.task, doc_id=doc.doc_id, instance=instance, kind=kind, args=args
+                    index=start + len(out),
+                    task=task.task,
+                    doc_id=doc.doc_id,
+                    instance=instance,
+                    repeat=repeat,
+                    kind=kind,
+                    args=args,
                 )
             )
     return out

@@ -21,11 +21,11 @@ PACKAGED_BUILDERS = ("json", "csv", "parquet", "text", "arrow")
 def _resolve_file(name: str, task: TaskConfig) -> str:
     if "://" in name or Path(name).is_absolute():
         return name
-    beside_yaml = task.folder / name
-    if beside_yaml.exists():
-        return str(beside_yaml)
-    if Path(name).exists():
-        return str(Path(name).resolve())
+    for candidate in (task.folder / name, Path(name).resolve()):
+        if candidate.exists():
+            if candidate.is_file() and candidate.stat().st_size == 0:
+                raise UsageError(f"task {task.task}: data file {candidate} is empty; the task has no docs to evaluate")
+            return str(candidate)
     raise UsageError(f"task {task.task}: data file '{name}' not found (looked in {task.folder} and the working folder)")
 
 
@@ -53,7 +53,7 @@ def load_splits(task: TaskConfig) -> datasets.DatasetDict:
         return _load_from_hub(task, path, kwargs)
     try:
         return datasets.load_dataset(path, task.dataset_name, **kwargs)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, StopIteration) as exc:
         raise UsageError(f"task {task.task}: cannot load dataset {path!r}: {_one_line(exc)}") from None
 
 

@@ -1,0 +1,138 @@
+"""Running this rank's requests: results saved as each batch finishes, stops between batches.
+
+Results go to this rank's shard the moment a batch returns. SIGINT/SIGTERM ask the loop to stop
+after the current batch; the shard is flushed and the run can be resumed. With
+``on_error="record"`` a request whose model call fails is retried alone and, if it fails again,
+saved as an error (never as an empty answer) instead of ending the run.
+"""
+
+from __future__ import annotations
+
+import signal
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from evalkit.monitor import Monitor
+from evalkit.parallel import Topology
+from evalkit.shards import ShardWriter
+from evalkit.tasks.build import Request
+
+KINDS = ("loglikelihood", "loglikelihood_rolling", "generate_until")
+
+
+class StopRequested(Exception):
+    """SIGINT/SIGTERM arrived; the loop ends after the batch in flight."""
+
+
+class StopFlag:
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def call_backend(backend: Any, kind: str, requests: list[Request], on_batch: Callable) -> None:
+    if kind == "loglikelihood":
+        backend.loglikelihood([r.args for r in requests], on_batch)
+    elif kind == "loglikelihood_rolling":
+        backend.loglikelihood_rolling([r.args[0] for r in requests], on_batch)
+    else:
+        backend.generate_until([(r.args[0], r.args[1]) for r in requests], on_batch)
+
+
+class Executor:
+    def __init__(
+        self,
+        topo: Topology,
+        backend: Any,
+        writer: ShardWriter | None,
+        monitor: Monitor,
+        keys: dict[int, str],
+        stop: StopFlag,
+        on_error: str,
+    ) -> None:
+        self.topo = topo
+        self.backend = backend
+        self.writer = writer
+        self.monitor = monitor
+        self.keys = keys
+        self.stop = stop
+        self.on_error = on_error
+        self.errors = 0
+
+    def run(self, requests: list[Request]) -> None:
+        for kind in KINDS:
+            batch = [r for r in requests if r.kind == kind]
+            if batch:
+                self._run_kind(kind, batch)
+
+    def _run_kind(self, kind: str, requests: list[Request]) -> None:
+        finished: set[int] = set()
+        try:
+            call_backend(self.backend, kind, requests, lambda done: self._save(requests, done, finished))
+        except StopRequested:
+            raise
+        except Exception:
+            if self.on_error != "record":
+                raise
+            for request in [r for i, r in enumerate(requests) if i not in finished]:
+                self._run_alone(kind, request)
+
+    def _run_alone(self, kind: str, request: Request) -> None:
+        try:
+            call_backend(self.backend, kind, [request], lambda done: self._save([request], done, set()))
+        except StopRequested:
+            raise
+        except Exception as exc:  # noqa: BLE001 - recorded per request, excluded from metrics
+            self.errors += 1
+            message = f"{type(exc).__name__}: {exc}"
+            self._write(
+                [
+                    {
+                        "k": self.keys[request.index],
+                        "task": request.task,
+                        "doc_id": request.doc_id,
+                        "error": message,
+                        "trace": traceback.format_exc(limit=3),
+                    }
+                ]
+            )
+            self.monitor.finished([f"{request.task}:{request.doc_id}"], 1)
+
+    def _save(self, requests: list[Request], done: list[tuple[int, Any]], finished: set[int]) -> None:
+        records = []
+        for position, result in done:
+            request = requests[position]
+            finished.add(position)
+            records.append({"k": self.keys[request.index], "task": request.task, "doc_id": request.doc_id, "r": result})
+        self._write(records)
+        self.monitor.finished([f"{r['task']}:{r['doc_id']}" for r in records], len(records))
+        if self._should_stop():
+            raise StopRequested
+
+    def _write(self, records: list[dict[str, Any]]) -> None:
+        if self.writer is not None:
+            self.writer.add(records)
+
+    def _should_stop(self) -> bool:
+        """A stop must be taken by every rank of a TP group at the same batch, or the others hang."""
+        wanted = self.stop.signal is not None
+        if self.topo.dims.tp == 1:
+            return wanted
+        flag = torch.tensor([int(wanted)], device=self.topo.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.topo.group("tp"))
+        return bool(flag.item())

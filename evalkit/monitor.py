@@ -1,0 +1,91 @@
+"""Heartbeats, the world's progress bar, and the stall watchdog.
+
+Each rank publishes a heartbeat to the launcher's key-value store from a background thread:
+requests finished, whether it is still working, and the docs it last finished. Rank 0 sums the
+counts into one progress bar. Every rank watches every heartbeat: a rank that is still working
+but has finished nothing for ``stall_timeout`` seconds ends the run, with a message naming it
+and where it was, instead of leaving the others waiting at the final gather.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import torch.distributed as dist
+from tqdm import tqdm
+
+from evalkit.errors import say
+from evalkit.parallel import Topology
+
+POLL_SECONDS = 0.5
+
+
+class Monitor:
+    def __init__(self, topo: Topology, total: int, stall_timeout: float) -> None:
+        self.topo = topo
+        self.stall_timeout = stall_timeout
+        self.done = 0
+        self.working = True
+        self.last_docs: list[str] = []
+        self.store = dist.distributed_c10d._get_default_store() if topo.distributed else None
+        self.bar = tqdm(total=total, desc="requests (all ranks)", disable=not topo.is_main, dynamic_ncols=True)
+        self._seen: dict[int, tuple[int, float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def finished(self, docs: list[str], n: int) -> None:
+        """Called by the loop after each batch (main thread; only plain attribute writes here)."""
+        self.done += n
+        self.last_docs = docs[-4:]
+
+    def idle(self) -> None:
+        """This rank has finished its share and now only waits for the others."""
+        self.working = False
+
+    def _run(self) -> None:
+        while not self._stop.wait(POLL_SECONDS):
+            self._beat()
+
+    def _beat(self) -> None:
+        beats = self._exchange()
+        if self.topo.is_main:
+            carried = sum(b["done"] for r, b in beats.items() if r % self.topo.dims.tp == 0)
+            self.bar.n = min(self.bar.total, carried)
+            self.bar.refresh()
+        now = time.monotonic()
+        for rank, beat in beats.items():
+            count, since = self._seen.get(rank, (-1, now))
+            if beat["done"] != count:
+                self._seen[rank] = (beat["done"], now)
+            elif beat["working"] and now - since > self.stall_timeout:
+                self._end_stalled(rank, beat, now - since)
+
+    def _exchange(self) -> dict[int, dict]:
+        mine = {"done": self.done, "working": self.working, "docs": self.last_docs}
+        if self.store is None:
+            return {self.topo.rank: mine}
+        self.store.set(f"evalkit/heartbeat/{self.topo.rank}", json.dumps(mine))
+        keys = [f"evalkit/heartbeat/{r}" for r in range(self.topo.dims.world_size)]
+        beats = {}
+        for rank, key in enumerate(keys):
+            if self.store.check([key]):
+                beats[rank] = json.loads(self.store.get(key))
+        return beats
+
+    def _end_stalled(self, rank: int, beat: dict, seconds: float) -> None:
+        where = f"last finished {', '.join(beat['docs'])}" if beat["docs"] else "before finishing any request"
+        say(
+            f"evalkit: rank {rank} made no progress for {seconds:.0f} s ({beat['done']} requests done, {where}); "
+            f"ending the run (--stall-timeout {self.stall_timeout:g}); finished results are kept, rerun with --resume"
+        )
+        os._exit(1)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.bar.n = self.bar.total  # closed after the gather proved every request done
+        self.bar.close()

@@ -1,0 +1,68 @@
+"""The output folder's rules: one run per folder, resumed only by the same model and task configs.
+
+``run.json`` records what a folder holds (model fingerprint and each task's configuration hash).
+Without ``--resume`` a non-empty folder is refused; with it, a folder holding another model's or
+another task configuration's results is refused rather than mixed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from evalkit.errors import UsageError
+from evalkit.report import write_json_atomic
+
+MANIFEST = "run.json"
+
+
+def check_writable(output: Path, rank: int) -> None:
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"--output {output} is a file; pass a folder")
+    probe = output / f".evalkit-write-test-{rank}"
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(
+            f"cannot write to --output {output}: {exc.strerror or exc}; choose a writable folder"
+        ) from None
+
+
+def check_folder(output: Path, *, resume: bool, model: dict[str, Any], tasks: dict[str, str]) -> None:
+    """Refuse a folder this run must not write into; everything else is left untouched."""
+    entries = (
+        [p.name for p in output.iterdir() if not p.name.startswith(".evalkit-write-test")] if output.is_dir() else []
+    )
+    if not entries:
+        return
+    if not resume:
+        raise UsageError(
+            f"--output {output} already holds results ({', '.join(sorted(entries)[:4])}); pass --resume to "
+            f"continue that run, or choose an empty folder"
+        )
+    manifest_path = output / MANIFEST
+    if not manifest_path.is_file():
+        raise UsageError(f"--output {output} is not an evalkit output folder (no {MANIFEST}); choose an empty folder")
+    manifest = json.loads(manifest_path.read_text())
+    fresh = "start fresh with another --output, or delete the folder"
+    if manifest["model"]["hash"] != model["hash"]:
+        raise UsageError(
+            f"--output {output} holds results of a different model ({manifest['model']['path']}, "
+            f"{manifest['model']['dtype']}); {fresh}"
+        )
+    changed = sorted(t for t, h in tasks.items() if manifest["tasks"].get(t, h) != h)
+    if changed:
+        raise UsageError(
+            f"--output {output} holds results of a different configuration of task(s) {', '.join(changed)}; {fresh}"
+        )
+
+
+def write_manifest(output: Path, *, model: dict[str, Any], tasks: dict[str, str]) -> None:
+    path = output / MANIFEST
+    known = json.loads(path.read_text())["tasks"] if path.is_file() else {}
+    write_json_atomic(path, {"model": model, "tasks": {**known, **tasks}})
+    os.sync()

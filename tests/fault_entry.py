@@ -1,0 +1,52 @@
+"""evalkit's CLI with one real fault injected, for the failure and resume tests.
+
+FAULT picks what happens on rank FAULT_RANK (default 1) once it has finished FAULT_AFTER model
+batches (default 1): "raise" raises inside the forward, "kill" sends itself SIGKILL, "stall"
+sleeps far past any timeout. "slow" makes every batch on every rank take 0.25 s longer, so a
+test can signal a run mid-way. "poison" fails every loglikelihood call whose contexts contain
+FAULT_TEXT, on every rank. Everything else is the real evalkit run.
+"""
+
+import os
+import signal
+import sys
+import time
+
+from evalkit.cli import main
+from evalkit.models import hf
+
+FAULT = os.environ.get("FAULT", "")
+ON_THIS_RANK = os.environ.get("RANK", "0") == os.environ.get("FAULT_RANK", "1")
+AFTER = int(os.environ.get("FAULT_AFTER", "1"))
+
+original_score = hf.HFCausalLM._score_batch
+original_loglikelihood = hf.HFCausalLM.loglikelihood
+batches = []
+
+
+def faulty_score(self, width, batch):
+    if FAULT == "slow":
+        time.sleep(0.25)
+    elif ON_THIS_RANK and len(batches) >= AFTER:
+        rank = os.environ.get("RANK")
+        if FAULT == "raise":
+            raise RuntimeError(f"injected failure in the forward of rank {rank}")
+        if FAULT == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if FAULT == "stall":
+            time.sleep(3600)
+    batches.append(width)
+    return original_score(self, width, batch)
+
+
+def poisoned_loglikelihood(self, pairs, progress):
+    if any(os.environ["FAULT_TEXT"] in context for context, _ in pairs):
+        raise RuntimeError("injected failure for a poisoned doc")
+    return original_loglikelihood(self, pairs, progress)
+
+
+hf.HFCausalLM._score_batch = faulty_score
+if FAULT == "poison":
+    hf.HFCausalLM.loglikelihood = poisoned_loglikelihood
+
+sys.exit(main())
