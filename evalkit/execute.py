@@ -84,8 +84,8 @@ class Executor:
         finished: set[int] = set()
         try:
             call_backend(self.backend, kind, requests, lambda done: self._save(requests, done, finished))
-        except StopRequested:
-            raise
+        except (StopRequested, dist.DistError):
+            raise  # a stop or a broken process group is never one request's fault
         except Exception:
             if self.on_error != "record":
                 raise
@@ -95,7 +95,7 @@ class Executor:
     def _run_alone(self, kind: str, request: Request) -> None:
         try:
             call_backend(self.backend, kind, [request], lambda done: self._save([request], done, set()))
-        except StopRequested:
+        except (StopRequested, dist.DistError):
             raise
         except Exception as exc:  # noqa: BLE001 - recorded per request, excluded from metrics
             self.errors += 1

@@ -33,6 +33,7 @@ class Monitor:
         self.store = dist.distributed_c10d._get_default_store() if topo.distributed else None
         self.bar = tqdm(total=total, desc="requests (all ranks)", disable=not topo.is_main, dynamic_ncols=True)
         self._seen: dict[int, tuple[int, float]] = {}
+        self._everyone_seen = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -70,11 +71,12 @@ class Monitor:
             return {self.topo.rank: mine}
         self.store.set(f"evalkit/heartbeat/{self.topo.rank}", json.dumps(mine))
         keys = [f"evalkit/heartbeat/{r}" for r in range(self.topo.dims.world_size)]
-        beats = {}
-        for rank, key in enumerate(keys):
-            if self.store.check([key]):
-                beats[rank] = json.loads(self.store.get(key))
-        return beats
+        # One round trip once every rank has published (multi_get would wait for missing keys).
+        if not self._everyone_seen:
+            self._everyone_seen = self.store.check(keys)
+            if not self._everyone_seen:
+                return {self.topo.rank: mine}
+        return {rank: json.loads(value) for rank, value in enumerate(self.store.multi_get(keys))}
 
     def _end_stalled(self, rank: int, beat: dict, seconds: float) -> None:
         where = f"last finished {', '.join(beat['docs'])}" if beat["docs"] else "before finishing any request"
