@@ -7,17 +7,15 @@ dataclass does not know is an error naming the file and the closest known key.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from evalkit.errors import UsageError, did_you_mean, raise_all
+from evalkit.errors import UsageError, did_you_mean, one_line, raise_all
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 TP_BACKENDS = ("deepspeed", "transformers")
-# lm-eval's default seeds: python random, numpy, torch, few-shot sampler.
-DEFAULT_SEEDS = (0, 1234, 1234, 1234)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,10 +37,14 @@ class Seeds:
         if len(values) == 1:
             values = values * 4
         elif len(values) == 3:
-            values.append(DEFAULT_SEEDS[3])
+            values.append(DEFAULT_SEED.fewshot)
         if len(values) != 4:
             raise UsageError(f"--seed {text!r}: expected 1, 3 or 4 values, got {len(values)}")
         return cls(python=values[0], numpy=values[1], torch=values[2], fewshot=values[3])
+
+
+# lm-eval's default seeds: python random 0, numpy, torch and the few-shot sampler 1234.
+DEFAULT_SEED = Seeds(python=0, numpy=1234, torch=1234, fewshot=1234)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,7 +56,7 @@ class RunConfig:
     batch_size: int = 1
     limit: float | None = None
     num_fewshot: int | None = None
-    seed: Seeds = field(default_factory=lambda: Seeds.parse(",".join(map(str, DEFAULT_SEEDS))))
+    seed: Seeds = DEFAULT_SEED
     dtype: str = "auto"
     device: str | None = None
     tp: int = 1
@@ -122,20 +124,51 @@ def read_config_file(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise UsageError(f"--config {path}: malformed YAML: {_first_line(exc)}") from None
+        raise UsageError(f"--config {path}: malformed YAML: {one_line(exc)}") from None
     if not isinstance(data, dict):
         raise UsageError(f"--config {path}: expected a mapping of option names to values")
     problems = []
-    for key in data:
+    for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in FIELD_NAMES:
             problems.append(f"unknown key '{key}'{did_you_mean(name, FIELD_NAMES)}")
+        elif name in VALUE_TYPES and not _has_type(value, VALUE_TYPES[name]):
+            problems.append(f"'{key}' must be {VALUE_TYPES[name][1]}, got {value!r}")
     raise_all(problems, f"--config {path}")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    out = {str(k).replace("-", "_"): v for k, v in data.items()}
+    if isinstance(out.get("include_path"), str):
+        out["include_path"] = [out["include_path"]]
+    return out
 
 
-def _first_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())
+# The YAML type each option needs: flags arrive parsed, a config file's values are checked here.
+VALUE_TYPES = {
+    "batch_size": (int, "an integer"),
+    "tp": (int, "an integer"),
+    "gpus_per_rank": (int, "an integer"),
+    "num_fewshot": (int, "an integer"),
+    "limit": ((int, float), "a number"),
+    "gpu_mem": ((int, float), "a number"),
+    "timeout": ((int, float), "a number"),
+    "stall_timeout": ((int, float), "a number"),
+    "flush_interval": ((int, float), "a number"),
+    "resume": (bool, "true or false"),
+    "trust_remote_code": (bool, "true or false"),
+    "model": (str, "a path"),
+    "dtype": (str, "a dtype name"),
+    "device": (str, "a device name"),
+    "tp_backend": (str, "a backend name"),
+    "on_error": (str, "fail or record"),
+    "output": (str, "a path"),
+    "seed": ((int, str), "an integer or a comma-separated list"),
+    "tasks": ((str, list), "a task name or list"),
+    "include_path": ((str, list), "a folder or list of folders"),
+}
+
+
+def _has_type(value: object, spec: tuple) -> bool:
+    kinds = spec[0]
+    return isinstance(value, kinds) and not (isinstance(value, bool) and kinds in (int, (int, float), (int, str)))
 
 
 DEEPSPEED_DTYPES = {

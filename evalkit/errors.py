@@ -37,3 +37,8 @@ def say(line: str) -> None:
     """One line to stderr in a single write, so lines from several ranks never interleave."""
     sys.stderr.flush()
     os.write(sys.stderr.fileno(), (line.rstrip("\n") + "\n").encode())
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message with its whitespace and newlines folded, for one-line errors."""
+    return " ".join(str(exc).split())

@@ -89,8 +89,21 @@ class Executor:
         except Exception:
             if self.on_error != "record":
                 raise
-            for request in [r for i, r in enumerate(requests) if i not in finished]:
-                self._run_alone(kind, request)
+            self._isolate(kind, [r for i, r in enumerate(requests) if i not in finished])
+
+    def _isolate(self, kind: str, requests: list[Request]) -> None:
+        """After a failed call: the rest in batch-sized chunks, and only a failing chunk one by one."""
+        size = self.backend.batch_size
+        for start in range(0, len(requests), size):
+            chunk = requests[start : start + size]
+            finished: set[int] = set()
+            try:
+                call_backend(self.backend, kind, chunk, lambda done, c=chunk, f=finished: self._save(c, done, f))
+            except (StopRequested, dist.DistError):
+                raise
+            except Exception:
+                for request in [r for i, r in enumerate(chunk) if i not in finished]:
+                    self._run_alone(kind, request)
 
     def _run_alone(self, kind: str, request: Request) -> None:
         try:

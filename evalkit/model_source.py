@@ -23,20 +23,18 @@ def check_model_source(model: str) -> str:
 
 
 def _from_hub_cache(name: str) -> str:
-    """A hub id is usable only if it is already in the local cache or the hub answers."""
+    """A hub id is usable only when a complete copy is already in the local cache."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return snapshot_download(name, allow_patterns=["config.json"], local_files_only=True)
+        folder = snapshot_download(name, local_files_only=True)
     except (LocalEntryNotFoundError, OSError, ValueError):
-        pass
-    try:
-        snapshot_download(name, allow_patterns=["config.json"], etag_timeout=5)
-    except (HfHubHTTPError, OSError, ValueError) as exc:
+        folder = None
+    if folder is None or not (Path(folder) / "config.json").is_file():
         raise UsageError(
-            f"--model {name}: not a local folder, and the Hugging Face Hub is unreachable or does not have it "
-            f"({type(exc).__name__}); download it where the hub is reachable "
+            f"--model {name}: not a local folder and not in the Hugging Face cache, and evalkit does not "
+            f"download models; download it where the Hugging Face Hub is reachable "
             f"(huggingface-cli download {name} --local-dir DIR) and pass --model DIR"
-        ) from None
-    return name
+        )
+    return folder

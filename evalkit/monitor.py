@@ -13,6 +13,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 
 import torch.distributed as dist
 from tqdm import tqdm
@@ -24,8 +25,11 @@ POLL_SECONDS = 0.5
 
 
 class Monitor:
-    def __init__(self, topo: Topology, total: int, stall_timeout: float) -> None:
+    def __init__(
+        self, topo: Topology, total: int, stall_timeout: float, before_exit: Callable[[], None] = lambda: None
+    ) -> None:
         self.topo = topo
+        self.before_exit = before_exit
         self.stall_timeout = stall_timeout
         self.done = 0
         self.working = True
@@ -84,10 +88,11 @@ class Monitor:
             f"evalkit: rank {rank} made no progress for {seconds:.0f} s ({beat['done']} requests done, {where}); "
             f"ending the run (--stall-timeout {self.stall_timeout:g}); finished results are kept, rerun with --resume"
         )
+        self.before_exit()
         os._exit(1)
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
-        self.bar.n = self.bar.total  # closed after the gather proved every request done
+        self.bar.n = self.bar.total  # closed once every rank has reported its share finished
         self.bar.close()

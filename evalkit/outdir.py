@@ -47,14 +47,18 @@ def check_folder(output: Path, *, resume: bool, model: dict[str, Any], tasks: di
     manifest_path = output / MANIFEST
     if not manifest_path.is_file():
         raise UsageError(f"--output {output} is not an evalkit output folder (no {MANIFEST}); choose an empty folder")
-    manifest = json.loads(manifest_path.read_text())
     fresh = "start fresh with another --output, or delete the folder"
-    if manifest["model"]["hash"] != model["hash"]:
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        saved_model, saved_tasks = manifest["model"], dict(manifest["tasks"])
+        saved_hash, saved_path, saved_dtype = saved_model["hash"], saved_model["path"], saved_model["dtype"]
+    except (ValueError, KeyError, TypeError):
         raise UsageError(
-            f"--output {output} holds results of a different model ({manifest['model']['path']}, "
-            f"{manifest['model']['dtype']}); {fresh}"
-        )
-    changed = sorted(t for t, h in tasks.items() if manifest["tasks"].get(t, h) != h)
+            f"--output {output}: {MANIFEST} is damaged, so its results cannot be trusted; {fresh}"
+        ) from None
+    if saved_hash != model["hash"]:
+        raise UsageError(f"--output {output} holds results of a different model ({saved_path}, {saved_dtype}); {fresh}")
+    changed = sorted(t for t, h in tasks.items() if saved_tasks.get(t, h) != h)
     if changed:
         raise UsageError(
             f"--output {output} holds results of a different configuration of task(s) {', '.join(changed)}; {fresh}"

@@ -55,7 +55,7 @@ class Topology:
     groups: dict[str, Any] = field(default_factory=dict)
 
     def group(self, axis: str) -> Any:
-        return self.groups.get(axis)
+        return self.groups[axis]
 
     @property
     def dp_rank(self) -> int:
@@ -111,30 +111,47 @@ def read_launcher_env() -> tuple[int, int, int]:
     return world_size, rank, local_rank
 
 
-def pick_device(requested: str | None, local_rank: int) -> torch.device:
-    """The device for this rank: CUDA devices are indexed by LOCAL_RANK, never global rank."""
+def pick_device(requested: str | None, local_rank: int, world_size: int, gpus_per_rank: int) -> torch.device:
+    """The device for this rank: CUDA devices are indexed by LOCAL_RANK, never global rank.
+
+    With --gpus-per-rank K a rank owns GPUs [local_rank*K, (local_rank+1)*K) and works on the first.
+    """
     name = requested or ("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UsageError(f"--device {name} was asked for but no CUDA device is visible; use --device cpu")
+        if name != "cuda" and world_size > 1:
+            raise UsageError(
+                f"--device {name} would put every rank on one GPU; use --device cuda "
+                f"(each rank takes the GPU of its local rank)"
+            )
         if name == "cuda":
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
+            return torch.device("cuda", (local_rank * gpus_per_rank) % torch.cuda.device_count())
     if name not in ("cpu",) and not name.startswith("cuda"):
         raise UsageError(f"--device {name!r} is not supported; use cpu, cuda or cuda:N")
     return torch.device(name)
 
 
-def build_groups(dims: ParallelDims, device_type: str) -> dict[str, Any]:
-    """One mesh of shape (dp, tp): TP groups are consecutive ranks, so a TP group shares a node."""
+def build_groups(dims: ParallelDims, rank: int, timeout_s: float) -> dict[str, Any]:
+    """The (dp, tp) grid's groups by axis name; TP groups are consecutive ranks, so they share a node.
+
+    Every rank creates every group in the same order (a collective requirement), keeps its own,
+    and all of them carry the run's --timeout.
+    """
     if dims.world_size == 1:
         return {}
-    from torch.distributed.device_mesh import init_device_mesh
+    grid = [[d * dims.tp + t for t in range(dims.tp)] for d in range(dims.dp)]
+    slices = {"tp": grid, "dp": [list(column) for column in zip(*grid, strict=True)]}
+    mine = {}
+    for axis, groups in slices.items():
+        for ranks in groups:
+            group = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s))
+            if rank in ranks:
+                mine[axis] = group
+    return mine
 
-    mesh = init_device_mesh(device_type, (dims.dp, dims.tp), mesh_dim_names=("dp", "tp"))
-    return {"dp": mesh.get_group("dp"), "tp": mesh.get_group("tp")}
 
-
-def init_topology(tp: int, device: str | None, timeout_s: float) -> Topology:
+def init_topology(tp: int, device: str | None, timeout_s: float, gpus_per_rank: int = 1) -> Topology:
     """Build the process group once, prove it works, then agree on the layout on every rank.
 
     The group comes first so that a bad layout is reported by every rank together.
@@ -142,7 +159,7 @@ def init_topology(tp: int, device: str | None, timeout_s: float) -> Topology:
     from evalkit.collectives import agreed
 
     world_size, rank, local_rank = read_launcher_env()
-    dev = pick_device(device, local_rank)
+    dev = pick_device(device, local_rank, world_size, gpus_per_rank)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -159,7 +176,7 @@ def init_topology(tp: int, device: str | None, timeout_s: float) -> Topology:
         if int(check.item()) != world_size:
             raise RuntimeError(f"startup all_reduce saw {int(check.item())} ranks, expected {world_size}")
     dims = agreed(world_size, lambda: ParallelDims(world_size=world_size, tp=tp))
-    groups = build_groups(dims, dev.type)
+    groups = build_groups(dims, rank, timeout_s)
     return Topology(dims=dims, rank=rank, local_rank=local_rank, device=dev, backend=backend, groups=groups)
 
 

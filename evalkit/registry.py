@@ -6,7 +6,7 @@ up an unknown name is a user error that suggests the closest known name.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from evalkit.errors import UsageError, did_you_mean
@@ -34,9 +34,3 @@ class Registry(Generic[T]):
         except KeyError:
             known = ", ".join(sorted(self._items))
             raise UsageError(f"unknown {self.kind} '{name}'{did_you_mean(name, self._items)}; known: {known}") from None
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._items
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._items))

@@ -57,6 +57,9 @@ def score_task(
             "prompt": doc.prompt,
             "target": doc.target,
             "arguments": [list(r.args) for r in doc.requests],
+            "doc_hash": doc_hash(doc.doc),
+            "prompt_hash": sha256(doc.requests[0].args[0]),
+            "target_hash": sha256(str(doc.target)),
         }
         errors = [outputs[r.index].message for r in doc.requests if isinstance(outputs[r.index], RequestError)]
         if errors:
@@ -77,9 +80,6 @@ def score_task(
             sample.update(model_outputs(plan, doc, outputs))
             sample["filtered_resps"] = dict(filtered)
             sample["metrics"] = {f"{m},{f}": v for f, ms in values.items() for m, v in ms.items()}
-        sample.update(
-            doc_hash=doc_hash(doc.doc), prompt_hash=sha256(doc.requests[0].args[0]), target_hash=sha256(str(doc.target))
-        )
         samples.append(sample)
     if not per_doc:
         raise RuntimeError(f"task {plan.config.task}: every doc failed; see samples_{plan.config.task}.jsonl")
@@ -108,7 +108,7 @@ def write_outputs(
         task = plan.config.task
         results[task] = {"name": task, "alias": task, "sample_len": len(samples) - failed[task], **scores}
         all_samples[task] = samples
-        hashes[task] = task_hash(samples, len(samples[0]["filtered_resps"]))
+        hashes[task] = task_hash(samples, len(FilterPipeline(plan.config.filter_list).chains))
     carried = [s for s in rank_stats if s["tp_rank"] == 0]
     document = {
         "results": results,

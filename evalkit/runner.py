@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from evalkit.collectives import AgreedError, agreed, all_gather
 from evalkit.config import RunConfig
-from evalkit.errors import USAGE_EXIT_CODE, UsageError, say
+from evalkit.errors import USAGE_EXIT_CODE, UsageError, one_line, say
 from evalkit.execute import Executor, StopFlag, StopRequested
 from evalkit.filters import FilterPipeline
 from evalkit.identity import model_fingerprint, request_key, task_config_hash
@@ -39,9 +39,9 @@ from evalkit.parallel import Topology, init_topology, settle_before_exit, shutdo
 from evalkit.planner import GIB, check_run_layout, read_shape
 from evalkit.results import RequestError, write_outputs
 from evalkit.score import task_metrics
-from evalkit.shard import merge_shards, shard_indices
+from evalkit.sharding import merge_shards, shard_indices
 from evalkit.shards import SHARD_DIR, ShardWriter, read_all, read_records, shard_files
-from evalkit.tasks.build import Request, TaskPlan, build_task, number_requests
+from evalkit.tasks.build import DEFAULT_MAX_GEN_TOKS, Request, TaskPlan, build_task, number_requests
 from evalkit.tasks.index import load_tasks
 
 T = TypeVar("T")
@@ -93,15 +93,16 @@ def prepare(config: RunConfig, topo: Topology) -> RunPlan:
         FilterPipeline(task.filter_list)
         tasks.append(plan)
     requests = number_requests(tasks)
-    check_run_layout(
-        model_path,
-        config.dtype,
-        config.tp,
-        topo.dims.world_size * config.gpus_per_rank,
-        gpu_memory_gib(config, topo),
-        max_len=_context_length(model_path),
-        batch=config.batch_size,
-    )
+    if config.gpus_per_rank == 1:  # a split over own GPUs is checked by its device map instead
+        check_run_layout(
+            model_path,
+            config.dtype,
+            config.tp,
+            topo.dims.world_size,
+            gpu_memory_gib(config, topo),
+            max_len=longest_request_bound(requests, read_shape(model_path).max_positions),
+            batch=config.batch_size,
+        )
     model = model_fingerprint(model_path, config.dtype)
     task_hashes = {p.config.task: task_config_hash(p, config.seed.fewshot) for p in tasks}
     check_folder(config.output, resume=config.resume, model=model, tasks=task_hashes)
@@ -120,8 +121,20 @@ def gpu_memory_gib(config: RunConfig, topo: Topology) -> float | None:
     return None
 
 
-def _context_length(model_path: str) -> int:
-    return read_shape(model_path).max_positions
+def longest_request_bound(requests: list[Request], context: int) -> int:
+    """Tokens of the longest request, bounded from above without a tokenizer.
+
+    A token covers at least one UTF-8 byte (byte-level BPE, SentencePiece with byte fallback),
+    so bytes plus a few special tokens bound it; generation adds its max_gen_toks. Never more than
+    the model's context, since longer inputs are cut from the left.
+    """
+    longest = 0
+    for request in requests:
+        size = sum(len(a.encode()) for a in request.args if isinstance(a, str)) + 2
+        if request.kind == "generate_until":
+            size += int(request.args[1].get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
+        longest = max(longest, size)
+    return min(longest, context)
 
 
 def load_backend(config: RunConfig, plan: RunPlan, topo: Topology) -> HFCausalLM:
@@ -149,7 +162,7 @@ def load_backend(config: RunConfig, plan: RunPlan, topo: Topology) -> HFCausalLM
                 f"{plan.model_path} needs its own Python code to load; evalkit runs it only with "
                 f"--trust-remote-code (read that code first)"
             ) from None
-        raise UsageError(f"cannot load model from {plan.model_path}: {' '.join(str(exc).split())[:300]}") from None
+        raise UsageError(f"cannot load model from {plan.model_path}: {one_line(exc)[:300]}") from None
 
 
 def finished_indices(output: Path, plan: RunPlan) -> list[int]:
@@ -159,11 +172,19 @@ def finished_indices(output: Path, plan: RunPlan) -> list[int]:
 
 
 def from_main(topo: Topology, make: Callable[[], T]) -> T:
-    """A value computed on rank 0 and handed to every rank."""
-    box = [make() if topo.is_main else None]
+    """A value computed on rank 0 and handed to every rank; bad input found there ends every rank."""
+    box: list[Any] = [None]
+    if topo.is_main:
+        try:
+            box = [("ok", make())]
+        except UsageError as exc:
+            box = [("error", str(exc))]
     if topo.distributed:
         dist.broadcast_object_list(box, src=0)
-    return box[0]
+    status, value = box[0]
+    if status == "error":
+        raise AgreedError(value)
+    return value
 
 
 def merge_results(output: Path, plan: RunPlan, launch: str, written: int) -> list[Any]:
@@ -179,7 +200,7 @@ def merge_results(output: Path, plan: RunPlan, launch: str, written: int) -> lis
                 if index is not None:
                     yield index, record["r"] if "r" in record else RequestError(record["error"])
 
-    outputs = merge_shards([pairs()], len(plan.requests))
+    outputs = merge_shards([pairs()], len(plan.requests), replaceable=lambda r: isinstance(r, RequestError))
     if counted["now"] != written:
         raise AssertionError(f"ranks reported {written} results this run but the shards hold {counted['now']}")
     return outputs
@@ -191,16 +212,21 @@ def evaluate(config: RunConfig, topo: Topology) -> None:
     set_seeds(config)
     world = topo.dims.world_size
     plan = agreed(world, lambda: prepare(config, topo))
-    if topo.is_main:
-        write_manifest(config.output, model=plan.model, tasks=plan.task_hashes)
     done = set(from_main(topo, lambda: finished_indices(config.output, plan)))
     pending = [r for r in plan.requests if r.index not in done]
     backend = agreed(world, lambda: load_backend(config, plan, topo))
+    if topo.is_main:
+        write_manifest(config.output, model=plan.model, tasks=plan.task_hashes)
     mine = [pending[i] for i in shard_indices([r.cost for r in pending], topo.dp_rank, topo.dims.dp)]
     launch = from_main(topo, lambda: time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3))
     shard = config.output / SHARD_DIR / f"{launch}-rank{topo.rank:05d}.jsonl"
     writer = ShardWriter(shard, interval=config.flush_interval) if topo.carries_results else None
-    monitor = Monitor(topo, total=len(pending), stall_timeout=config.stall_timeout)
+    monitor = Monitor(
+        topo,
+        total=len(pending),
+        stall_timeout=config.stall_timeout,
+        before_exit=writer.sync if writer else lambda: None,
+    )
     stop = StopFlag()
     stop.install()
     executor = Executor(topo, backend, writer, monitor, plan.keys, stop, config.on_error)
@@ -238,7 +264,7 @@ def run_guarded(config: RunConfig) -> int:
     """Run on this rank; turn bad input into exit 2 and any crash into a prompt exit 1."""
     rank = os.environ.get("RANK", "0")
     try:
-        topo = init_topology(config.tp, config.device, config.timeout)
+        topo = init_topology(config.tp, config.device, config.timeout, config.gpus_per_rank)
         evaluate(config, topo)
     except UsageError as exc:
         say(f"evalkit: error: {exc}")

@@ -70,7 +70,7 @@ def doc_metrics(plan: TaskPlan, doc: DocPlan, results: list[Any], metrics: list[
     elif kind == "multiple_choice":
         values = _multiple_choice(doc, results)
     else:
-        values = {m.name: _generation_score(plan, doc, results[0], m) for m in metrics}
+        values = {m.name: _generation_score(doc, results[0], m) for m in metrics}
     return {name: value for name, value in values.items() if name in wanted}
 
 
@@ -98,7 +98,7 @@ def _multiple_choice(doc: DocPlan, results: list[tuple[float, bool]]) -> dict[st
     }
 
 
-def _generation_score(plan: TaskPlan, doc: DocPlan, answer: Any, metric: Metric) -> float:
+def _generation_score(doc: DocPlan, answer: Any, metric: Metric) -> float:
     gold = doc.target
     if doc.choices is not None:
         gold = doc.choices[gold]

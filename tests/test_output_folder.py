@@ -98,9 +98,10 @@ def test_failing_requests_fail_the_run_by_default(tmp_path):
 
 
 def test_recorded_errors_are_excluded_and_counted(tmp_path):
+    output = tmp_path / "out"
     run = run_evalkit(
         model_args("--tasks", "demo_mc", "--on-error", "record", "--batch-size", "4"),
-        output=tmp_path / "out",
+        output=output,
         script=FAULTS,
         env={"FAULT": "poison", "FAULT_TEXT": "Zoë"},
     )
@@ -114,3 +115,25 @@ def test_recorded_errors_are_excluded_and_counted(tmp_path):
     assert all("metrics" not in s for s in samples if "error" in s)
     scored = [s["metrics"]["acc,none"] for s in samples if "error" not in s]
     assert results["results"]["demo_mc"]["acc,none"] == sum(scored) / len(scored)
+
+    # Resuming without the fault redoes exactly the failed requests (2 docs x 4 choices) and scores them.
+    resumed = run_evalkit(model_args("--tasks", "demo_mc", "--resume"), output=output)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.results()["errors"] == {}
+    assert resumed.results()["resume"] == {"reused": 178 - 8, "computed": 8}
+    assert resumed.results()["n-samples"]["demo_mc"]["effective"] == 50
+
+
+def test_damaged_saved_state_is_refused(finished, tmp_path):
+    copy = tmp_path / "out"
+    shutil.copytree(finished, copy)
+    shard = next((copy / "shards").glob("*.jsonl"))
+    lines = shard.read_text().splitlines(keepends=True)
+    shard.write_text(lines[0] + "{not json\n" + "".join(lines[1:]))
+    run = run_evalkit(model_args("--tasks", "demo_mc", "--limit", "6", "--resume"), output=copy)
+    assert run.returncode == 2
+    assert_usage_error(run, "corrupt in the middle", fresh_output=False)
+    (copy / "run.json").write_text("{")
+    run = run_evalkit(model_args("--tasks", "demo_mc", "--limit", "6", "--resume"), output=copy)
+    assert run.returncode == 2
+    assert_usage_error(run, "run.json is damaged", fresh_output=False)

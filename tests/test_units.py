@@ -15,7 +15,7 @@ from evalkit.models.batching import padded_width, width_batches
 from evalkit.models.hf import rolling_windows
 from evalkit.parallel import ParallelDims
 from evalkit.registry import Registry
-from evalkit.shard import merge_shards, shard_indices
+from evalkit.sharding import merge_shards, shard_indices
 from evalkit.tasks.config import FilterChain, FilterStep
 
 
@@ -138,3 +138,17 @@ def test_width_depends_only_on_own_length():
         for width, batch in width_batches(lengths, size, length=lambda n: n, cap=4096):
             assert all(padded_width(n, 4096) == width for _, n in batch)
             assert len(batch) <= size
+
+
+def test_config_file_values_are_type_checked(tmp_path):
+    from evalkit.config import read_config_file
+
+    path = tmp_path / "run.yaml"
+    path.write_text("tp: '2'\nbatch_sizes: 4\ninclude_path: mytasks\n")
+    with pytest.raises(UsageError) as info:
+        read_config_file(path)
+    message = str(info.value)
+    assert "'tp' must be an integer, got '2'" in message
+    assert "unknown key 'batch_sizes' (did you mean 'batch_size'?)" in message
+    path.write_text("include_path: mytasks\nresume: true\n")
+    assert read_config_file(path) == {"include_path": ["mytasks"], "resume": True}

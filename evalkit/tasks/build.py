@@ -53,7 +53,6 @@ class TaskPlan:
     num_fewshot: int
     n_docs_total: int
     docs: list[DocPlan]
-    formatter: DocFormatter
     generation_kwargs: dict[str, Any] | None
 
 
@@ -133,7 +132,6 @@ def build_task(task: TaskConfig, *, num_fewshot: int | None, limit: float | None
         num_fewshot=shots,
         n_docs_total=len(eval_docs),
         docs=docs,
-        formatter=formatter,
         generation_kwargs=gen_kwargs,
     )
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import datasets
 
-from evalkit.errors import UsageError
+from evalkit.errors import UsageError, one_line
 from evalkit.tasks.config import TaskConfig
 from evalkit.tasks.yaml_loader import FunctionRef
 
@@ -53,8 +53,8 @@ def load_splits(task: TaskConfig) -> datasets.DatasetDict:
         return _load_from_hub(task, path, kwargs)
     try:
         return datasets.load_dataset(path, task.dataset_name, **kwargs)
-    except (FileNotFoundError, ValueError, StopIteration) as exc:
-        raise UsageError(f"task {task.task}: cannot load dataset {path!r}: {_one_line(exc)}") from None
+    except (FileNotFoundError, ValueError, StopIteration, datasets.exceptions.DatasetsError) as exc:
+        raise UsageError(f"task {task.task}: cannot load dataset {path!r}: {one_line(exc)[:300]}") from None
 
 
 def _load_from_hub(task: TaskConfig, path: str, kwargs: dict[str, Any]) -> datasets.DatasetDict:
@@ -63,7 +63,7 @@ def _load_from_hub(task: TaskConfig, path: str, kwargs: dict[str, Any]) -> datas
     except Exception as exc:  # noqa: BLE001 - every hub failure gets the same advice
         raise UsageError(
             f"task {task.task}: dataset '{path}' is not a local folder and could not be loaded from the "
-            f"Hugging Face Hub ({_one_line(exc)[:160]}); download it where the hub is reachable and point "
+            f"Hugging Face Hub ({one_line(exc)[:160]}); download it where the hub is reachable and point "
             f"dataset_path at the local copy (or use dataset_path: json with dataset_kwargs.data_files)"
         ) from None
 
@@ -77,7 +77,3 @@ def split_docs(task: TaskConfig, splits: datasets.DatasetDict, split: str) -> An
         fn = task.process_docs.resolve() if isinstance(task.process_docs, FunctionRef) else task.process_docs
         docs = fn(docs)
     return docs
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())

@@ -65,11 +65,12 @@ class TaskIndex:
         if name in self.tags:
             return [self.tasks[t] for t in sorted(self.tags[name])]
         known = list(self.tasks) + list(self.tags)
+        unreadable = ""
         if self.broken:
-            path, problem = next(iter(self.broken.items()))
-            raise UsageError(f"unknown task '{name}', and {len(self.broken)} task file(s) could not be read: {problem}")
+            unreadable = f"; also {len(self.broken)} task file(s) could not be read: {next(iter(self.broken.values()))}"
         raise UsageError(
             f"unknown task '{name}'{did_you_mean(name, known)}; add --include-path DIR for your own task YAMLs"
+            + unreadable
         )
 
 

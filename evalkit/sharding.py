@@ -6,7 +6,7 @@ all the long requests; merging checks that each global index arrived exactly onc
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 
@@ -29,15 +29,23 @@ def shard_indices(costs: Sequence[int], dp_rank: int, dp: int) -> list[int]:
     return sorted(mine)
 
 
-def merge_shards(parts: Iterable[Iterable[tuple[int, Any]]], total: int) -> list[Any]:
-    """Results in global order from every rank's (index, result) pairs; exactly once each."""
+def merge_shards(
+    parts: Iterable[Iterable[tuple[int, Any]]],
+    total: int,
+    replaceable: Callable[[Any], bool] = lambda _: False,
+) -> list[Any]:
+    """Results in global order from every rank's (index, result) pairs; exactly once each.
+
+    A result for which ``replaceable`` is true (a recorded failure that a later attempt redid)
+    may be superseded; any other index arriving twice is an error.
+    """
     merged: list[Any] = [None] * total
     seen = [False] * total
     for part in parts:
         for index, result in part:
             if not 0 <= index < total:
                 raise AssertionError(f"gathered result for index {index}, outside 0..{total - 1}")
-            if seen[index]:
+            if seen[index] and not replaceable(merged[index]):
                 raise AssertionError(f"gathered index {index} twice")
             seen[index] = True
             merged[index] = result
