@@ -8,7 +8,6 @@ another task configuration's results is refused rather than mixed.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -69,4 +68,3 @@ def write_manifest(output: Path, *, model: dict[str, Any], tasks: dict[str, str]
     path = output / MANIFEST
     known = json.loads(path.read_text())["tasks"] if path.is_file() else {}
     write_json_atomic(path, {"model": model, "tasks": {**known, **tasks}})
-    os.sync()

@@ -16,7 +16,10 @@ PACKAGES = ("torch", "transformers", "accelerate", "datasets", "tokenizers", "ji
 
 def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+    with tmp.open("w") as f:
+        f.write(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

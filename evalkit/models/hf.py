@@ -17,9 +17,9 @@ import transformers
 from evalkit.models.batching import run_batched
 from evalkit.models.protocol import Progress
 from evalkit.models.stopping import StopOnSequences, cut_at_stop
+from evalkit.tasks.build import DEFAULT_MAX_GEN_TOKS
 
 DEFAULT_MAX_LENGTH = 2048
-DEFAULT_MAX_GEN_TOKS = 256
 TOKENIZER_UNSET = int(1e30)  # transformers' "no limit" model_max_length is ~1e30
 
 
