@@ -22,7 +22,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="python -m evalkit",
-        description="Evaluate a language model on lm-eval-format tasks.",
+        description="Evaluate a language model on lm-evaluation-harness tasks. "
+        "Subcommands: 'tasks list', 'tasks validate NAME...', 'plan'.",
         argument_default=None,
     )
     p.add_argument("--config", type=Path, help="YAML file with any of the options below")
@@ -51,7 +52,46 @@ def build_parser() -> argparse.ArgumentParser:
         "--on-error", help="fail (default): a failing request ends the run; record: save the error, skip the doc"
     )
     p.add_argument("--trust-remote-code", action="store_true", default=None, help="allow the model's own Python code")
+    p.add_argument("--max-length", type=int, help="the model's context in tokens (lm-eval's max_length model argument)")
+    p.add_argument(
+        "--apply-chat-template", action="store_true", default=None, help="wrap prompts in the tokenizer's chat template"
+    )
+    p.add_argument(
+        "--fewshot-as-multiturn",
+        nargs="?",
+        const="true",
+        type=_boolean,
+        help="few-shot examples as chat turns (default: on with --apply-chat-template)",
+    )
+    p.add_argument("--system-instruction", help="a system message put before every prompt")
+    p.add_argument("--gen-kwargs", help="generation settings for generate_until tasks, e.g. temperature=0,max_gen_toks=64")
+    p.add_argument(
+        "--confirm-run-unsafe-code",
+        action="store_true",
+        default=None,
+        help="allow tasks that execute model-generated code (in a sandboxed subprocess)",
+    )
+    p.add_argument("--bootstrap-iters", type=int, help="bootstrap resamples for standard errors (default 100000)")
     return p
+
+
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value in ("true", "1", "yes")
+
+
+def parse_gen_kwargs(value: str | dict) -> dict:
+    """lm-eval's ``key=value,key=value`` form (numbers and booleans typed as lm-eval types them)."""
+    if isinstance(value, dict):
+        return dict(value)
+    from lm_eval.utils import simple_parse_args_string
+
+    try:
+        return simple_parse_args_string(value)
+    except (ValueError, IndexError) as exc:
+        raise UsageError(f"--gen-kwargs {value!r}: expected key=value pairs separated by commas ({exc})") from None
 
 
 def parse_config(argv: list[str] | None = None) -> RunConfig:
@@ -68,6 +108,8 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
     values["include_path"] = tuple(Path(p) for p in values.get("include_path", ()))
     values["output"] = Path(values["output"])
     values["model"] = str(values["model"])
+    if values.get("gen_kwargs") is not None:
+        values["gen_kwargs"] = parse_gen_kwargs(values["gen_kwargs"]) or None
     if values.get("deepspeed"):
         values["deepspeed"] = Path(values["deepspeed"])
         values.update(deepspeed_settings(values["deepspeed"], values))
@@ -90,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
             from evalkit.planner import main as plan_main
 
             return plan_main(argv[1:])
+        if argv[:1] == ["tasks"]:
+            from evalkit.tasks.commands import main as tasks_main
+
+            return tasks_main(argv[1:])
         config = parse_config(argv)
     except UsageError as exc:
         say(f"evalkit: error: {exc}")

@@ -70,6 +70,25 @@ class RunConfig:
     flush_interval: float = 5.0
     on_error: str = "fail"
     trust_remote_code: bool = False
+    max_length: int | None = None
+    apply_chat_template: bool = False
+    # None: lm-eval's default, on exactly when a chat template is applied.
+    fewshot_as_multiturn: bool | None = None
+    system_instruction: str | None = None
+    gen_kwargs: dict | None = None
+    confirm_run_unsafe_code: bool = False
+    bootstrap_iters: int = 100_000
+
+    def task_metadata(self, model_path: str) -> dict:
+        """What lm-eval hands its tasks as metadata: the model arguments (some tasks read the tokenizer)."""
+        metadata: dict = {"pretrained": model_path}
+        if self.max_length is not None:
+            metadata["max_length"] = self.max_length
+        return metadata
+
+    @property
+    def multiturn(self) -> bool:
+        return self.apply_chat_template if self.fewshot_as_multiturn is None else self.fewshot_as_multiturn
 
     def validate(self) -> RunConfig:
         problems = []
@@ -99,6 +118,12 @@ class RunConfig:
             problems.append("--stall-timeout and --flush-interval must be positive seconds")
         if self.timeout <= 0:
             problems.append(f"--timeout {self.timeout} must be positive")
+        if self.max_length is not None and self.max_length < 2:
+            problems.append(f"--max-length {self.max_length} must be at least 2 tokens")
+        if self.fewshot_as_multiturn and not self.apply_chat_template:
+            problems.append("--fewshot-as-multiturn needs --apply-chat-template (few-shot turns are chat turns)")
+        if self.bootstrap_iters < 0:
+            problems.append(f"--bootstrap-iters {self.bootstrap_iters} must be 0 (no stderr) or more")
         for path in self.include_path:
             if not path.is_dir():
                 problems.append(f"--include-path {path} is not a folder")
@@ -162,6 +187,13 @@ VALUE_TYPES = {
     "output": (str, "a path"),
     "seed": ((int, str), "an integer or a comma-separated list"),
     "tasks": ((str, list), "a task name or list"),
+    "max_length": (int, "an integer"),
+    "bootstrap_iters": (int, "an integer"),
+    "apply_chat_template": (bool, "true or false"),
+    "fewshot_as_multiturn": (bool, "true or false"),
+    "confirm_run_unsafe_code": (bool, "true or false"),
+    "system_instruction": (str, "a string"),
+    "gen_kwargs": ((str, dict), "key=value pairs or a mapping"),
     "include_path": ((str, list), "a folder or list of folders"),
 }
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from evalkit.monitor import Monitor
 from evalkit.parallel import Topology
 from evalkit.shards import ShardWriter
-from evalkit.tasks.build import Request
+from evalkit.tasks.requests import Request
 
 KINDS = ("loglikelihood", "loglikelihood_rolling", "generate_until")
 
@@ -51,7 +51,7 @@ def call_backend(backend: Any, kind: str, requests: list[Request], on_batch: Cal
     elif kind == "loglikelihood_rolling":
         backend.loglikelihood_rolling([r.args[0] for r in requests], on_batch)
     else:
-        backend.generate_until([(r.args[0], r.args[1]) for r in requests], on_batch)
+        backend.generate_until([(r.args[0], r.args[1] or {}) for r in requests], on_batch)
 
 
 class Executor:
@@ -61,7 +61,6 @@ class Executor:
         backend: Any,
         writer: ShardWriter | None,
         monitor: Monitor,
-        keys: dict[int, str],
         stop: StopFlag,
         on_error: str,
     ) -> None:
@@ -69,7 +68,6 @@ class Executor:
         self.backend = backend
         self.writer = writer
         self.monitor = monitor
-        self.keys = keys
         self.stop = stop
         self.on_error = on_error
         self.errors = 0
@@ -116,7 +114,7 @@ class Executor:
             self._write(
                 [
                     {
-                        "k": self.keys[request.index],
+                        "k": request.key,
                         "task": request.task,
                         "doc_id": request.doc_id,
                         "error": message,
@@ -131,7 +129,7 @@ class Executor:
         for position, result in done:
             request = requests[position]
             finished.add(position)
-            records.append({"k": self.keys[request.index], "task": request.task, "doc_id": request.doc_id, "r": result})
+            records.append({"k": request.key, "task": request.task, "doc_id": request.doc_id, "r": result})
         self._write(records)
         self.monitor.finished([f"{r['task']}:{r['doc_id']}" for r in records], len(records))
         if self._should_stop():

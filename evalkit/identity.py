@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from evalkit.tasks.build import Request, TaskPlan
+from evalkit.tasks.requests import Request, TaskPlan
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 EDGE_BYTES = 1 << 16
@@ -42,27 +42,15 @@ def model_fingerprint(path: str, dtype: str) -> dict[str, Any]:
     return {"path": identity["path"], "dtype": dtype, "hash": _sha(identity)}
 
 
-def task_config_hash(plan: TaskPlan, fewshot_seed: int) -> str:
-    """Everything about a task that can change its requests or their scoring."""
-    config = {
-        k: str(v) if not isinstance(v, (str, int, float, bool, type(None), list, dict, tuple)) else v
-        for k, v in vars(plan.config).items()
-        if k != "source"
-    }
-    return _sha([config, plan.num_fewshot, fewshot_seed, _function_sources(plan)])
+def task_config_hash(plan: TaskPlan, prompt_settings: dict[str, Any]) -> str:
+    """Everything about a task that can change its requests or their scoring.
 
-
-def _function_sources(plan: TaskPlan) -> dict[str, str]:
-    """The text of every ``!function`` module a task uses: editing one changes the task."""
-    from evalkit.tasks.yaml_loader import FunctionRef
-
-    sources = {}
-    for value in vars(plan.config).values():
-        if isinstance(value, FunctionRef):
-            module = value.folder / (value.spec.rpartition(".")[0].replace(".", "/") + ".py")
-            if module.is_file():
-                sources[value.spec] = module.read_text()
-    return sources
+    lm-eval's config dump carries the source code of every function the task uses; where the task
+    file lives is left out, so a moved checkout resumes its own runs.
+    """
+    config = dict(plan.task.dump_config())
+    config["metadata"] = {k: v for k, v in (config.get("metadata") or {}).items() if k != "config_source"}
+    return _sha([config, plan.num_fewshot, plan.limit, prompt_settings])
 
 
 def request_key(model_hash: str, task_hash: str, request: Request) -> str:

@@ -1,4 +1,4 @@
-"""Writing results: ``results.json`` in lm-eval's layout, per-doc samples, and a table.
+"""Writing result files atomically, and the provenance recorded with them.
 
 Files are written to a temporary name and renamed, so a folder never holds a half-written file.
 """
@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-PACKAGES = ("torch", "transformers", "accelerate", "datasets", "tokenizers", "jinja2", "pyyaml")
+PACKAGES = ("lm_eval", "torch", "transformers", "accelerate", "datasets", "tokenizers", "evaluate", "pyyaml")
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -53,40 +53,3 @@ def git_hash() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None
-
-
-def format_table(
-    results: dict[str, dict[str, Any]],
-    versions: dict[str, Any],
-    n_shot: dict[str, int],
-    higher_is_better: dict[str, dict[str, bool]],
-) -> str:
-    """A markdown table like lm-eval's: one row per task, filter and metric."""
-    header = ["Tasks", "Version", "Filter", "n-shot", "Metric", "", "Value", "", "Stderr"]
-    rows = []
-    for task, metrics in results.items():
-        first = True
-        for key, value in metrics.items():
-            if key in ("name", "alias", "sample_len") or "_stderr," in key:
-                continue
-            metric, _, filter_name = key.partition(",")
-            err = metrics.get(f"{metric}_stderr,{filter_name}", "N/A")
-            arrow = {True: "↑", False: "↓"}.get(higher_is_better.get(task, {}).get(metric), " ")
-            rows.append(
-                [
-                    task if first else "",
-                    str(versions.get(task, "")) if first else "",
-                    filter_name,
-                    str(n_shot.get(task, "")) if first else "",
-                    metric,
-                    arrow,
-                    f"{value:.4f}",
-                    "±",
-                    err if isinstance(err, str) else f"{err:.4f}",
-                ]
-            )
-            first = False
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda cells: "|" + "|".join(f" {c:<{w}} " for c, w in zip(cells, widths, strict=True)) + "|"  # noqa: E731
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(header), sep, *(line(r) for r in rows)])

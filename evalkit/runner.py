@@ -16,7 +16,7 @@ import signal
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,7 +28,6 @@ from evalkit.collectives import AgreedError, agreed, all_gather
 from evalkit.config import RunConfig
 from evalkit.errors import USAGE_EXIT_CODE, UsageError, one_line, say
 from evalkit.execute import Executor, StopFlag, StopRequested
-from evalkit.filters import FilterPipeline
 from evalkit.identity import model_fingerprint, request_key, task_config_hash
 from evalkit.model_source import check_model_source
 from evalkit.models.hf import HFCausalLM
@@ -37,24 +36,36 @@ from evalkit.monitor import Monitor
 from evalkit.outdir import check_folder, check_writable, write_manifest
 from evalkit.parallel import Topology, init_topology, settle_before_exit, shutdown
 from evalkit.planner import GIB, check_run_layout, read_shape
-from evalkit.results import RequestError, write_outputs
-from evalkit.score import task_metrics
+from evalkit.results import write_outputs
 from evalkit.sharding import merge_shards, shard_indices
 from evalkit.shards import SHARD_DIR, ShardWriter, read_all, read_records, shard_files
-from evalkit.tasks.build import DEFAULT_MAX_GEN_TOKS, Request, TaskPlan, build_task, number_requests
-from evalkit.tasks.index import load_tasks
+from evalkit.tasks.library import TaskLibrary
+from evalkit.tasks.requests import DEFAULT_MAX_GEN_TOKS, PromptOptions, Request, TaskPlan, build_plans, number_requests
+from evalkit.tasks.scoring import RequestError
 
 T = TypeVar("T")
 
 
 @dataclass
 class RunPlan:
+    """Everything rank 0 knows about the run: lm-eval's tasks and groups, and every request."""
+
     model_path: str
     tasks: list[TaskPlan]
+    groups: dict[str, Any]
     requests: list[Request]
     model: dict[str, Any]
     task_hashes: dict[str, str]
-    keys: dict[int, str]
+    done: set[int]
+
+
+@dataclass(frozen=True)
+class Work:
+    """What one rank is handed: its share of the pending requests, and facts about the whole run."""
+
+    requests: list[Request]
+    pending: int
+    launch: str
 
 
 class Stopped(Exception):
@@ -82,34 +93,106 @@ def set_seeds(config: RunConfig) -> None:
     torch.manual_seed(config.seed.torch)
 
 
-def prepare(config: RunConfig, topo: Topology) -> RunPlan:
-    """Everything that can be checked before a model loads, identical on every rank."""
+def prompt_options(config: RunConfig) -> PromptOptions:
+    return PromptOptions(
+        num_fewshot=config.num_fewshot,
+        limit=config.limit,
+        fewshot_seed=config.seed.fewshot,
+        gen_kwargs=config.gen_kwargs,
+        apply_chat_template=config.apply_chat_template,
+        fewshot_as_multiturn=config.multiturn,
+        system_instruction=config.system_instruction,
+    )
+
+
+def check_inputs(config: RunConfig, topo: Topology) -> str:
+    """What every rank checks for itself: the model folder and a writable output folder."""
     model_path = check_model_source(config.model)
     check_writable(config.output, topo.rank)
-    tasks = []
-    for task in load_tasks(list(config.tasks), list(config.include_path)):
-        plan = build_task(task, num_fewshot=config.num_fewshot, limit=config.limit, fewshot_seed=config.seed.fewshot)
-        task_metrics(plan)
-        FilterPipeline(task.filter_list)
-        tasks.append(plan)
+    return model_path
+
+
+def chat_template(config: RunConfig, model_path: str) -> Callable[..., str] | None:
+    """The tokenizer's chat template as lm-eval's HF model applies it, when asked for."""
+    if not config.apply_chat_template:
+        return None
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_path, trust_remote_code=config.trust_remote_code)
+    if not getattr(tokenizer, "chat_template", None):
+        raise UsageError(f"--apply-chat-template: the tokenizer in {model_path} has no chat template")
+
+    def apply(history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return tokenizer.apply_chat_template(
+            history,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=not add_generation_prompt,
+        )
+
+    return apply
+
+
+def load_task_plans(config: RunConfig, model_path: str) -> tuple[list[TaskPlan], dict[str, Any]]:
+    """lm-eval's tasks and groups for --tasks, with every prompt and request built (rank 0 only)."""
+    from evalkit.code_exec import install_code_eval
+
+    install_code_eval()
+    library = TaskLibrary(config.include_path, metadata=config.task_metadata(model_path))
+    loaded = library.load_checked(list(config.tasks))
+    unsafe = [name for name, task in loaded["tasks"].items() if getattr(task, "UNSAFE_CODE", False)]
+    if unsafe and not config.confirm_run_unsafe_code:
+        raise UsageError(
+            f"task(s) {', '.join(unsafe)} execute model-generated code; evalkit runs it only in a sandboxed "
+            f"subprocess and only with --confirm-run-unsafe-code"
+        )
+    plans = build_plans(loaded["tasks"], prompt_options(config), chat_template(config, model_path))
+    return plans, loaded.get("groups", {})
+
+
+def prepare(config: RunConfig, topo: Topology, model_path: str) -> RunPlan:
+    """Everything that can be checked before a model loads; rank 0 only."""
+    tasks, groups = load_task_plans(config, model_path)
     requests = number_requests(tasks)
     if config.gpus_per_rank == 1:  # a split over own GPUs is checked by its device map instead
+        context = config.max_length or read_shape(model_path).max_positions
         check_run_layout(
             model_path,
             config.dtype,
             config.tp,
             topo.dims.world_size,
             gpu_memory_gib(config, topo),
-            max_len=longest_request_bound(requests, read_shape(model_path).max_positions),
+            max_len=longest_request_bound(requests, context),
             batch=config.batch_size,
         )
     model = model_fingerprint(model_path, config.dtype)
-    task_hashes = {p.config.task: task_config_hash(p, config.seed.fewshot) for p in tasks}
+    settings = {
+        "seed": config.seed.fewshot,
+        "chat_template": config.apply_chat_template,
+        "multiturn": config.multiturn,
+        "system_instruction": config.system_instruction,
+        "gen_kwargs": config.gen_kwargs,
+    }
+    task_hashes = {p.name: task_config_hash(p, settings) for p in tasks}
     check_folder(config.output, resume=config.resume, model=model, tasks=task_hashes)
-    keys = {r.index: request_key(model["hash"], task_hashes[r.task], r) for r in requests}
-    return RunPlan(
-        model_path=model_path, tasks=tasks, requests=requests, model=model, task_hashes=task_hashes, keys=keys
+    requests = [replace(r, key=request_key(model["hash"], task_hashes[r.task], r)) for r in requests]
+    plan = RunPlan(
+        model_path=model_path,
+        tasks=tasks,
+        groups=groups,
+        requests=requests,
+        model=model,
+        task_hashes=task_hashes,
+        done=set(),
     )
+    plan.done = set(finished_indices(config.output, plan))
+    return plan
+
+
+def deal(plan: RunPlan, dp: int) -> list[list[Request]]:
+    """Each dp rank's share of the pending requests, balanced by cost."""
+    pending = [r for r in plan.requests if r.index not in plan.done]
+    return [[pending[i] for i in shard_indices([r.cost for r in pending], rank, dp)] for rank in range(dp)]
 
 
 def gpu_memory_gib(config: RunConfig, topo: Topology) -> float | None:
@@ -132,15 +215,15 @@ def longest_request_bound(requests: list[Request], context: int) -> int:
     for request in requests:
         size = sum(len(a.encode()) for a in request.args if isinstance(a, str)) + 2
         if request.kind == "generate_until":
-            size += int(request.args[1].get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
+            size += int((request.args[1] or {}).get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
         longest = max(longest, size)
     return min(longest, context)
 
 
-def load_backend(config: RunConfig, plan: RunPlan, topo: Topology) -> HFCausalLM:
+def load_backend(config: RunConfig, model_path: str, topo: Topology) -> HFCausalLM:
     try:
         model = load_model(
-            plan.model_path,
+            model_path,
             config.dtype,
             topo,
             tp_backend=config.tp_backend,
@@ -148,48 +231,58 @@ def load_backend(config: RunConfig, plan: RunPlan, topo: Topology) -> HFCausalLM
             trust_remote_code=config.trust_remote_code,
         )
         return HFCausalLM(
-            plan.model_path,
+            model_path,
             model=model,
             device=input_device(model, topo),
             batch_size=config.batch_size,
             tp_group=topo.group("tp") if topo.dims.tp > 1 else None,
             num_parameters_local=local_parameter_count(model),
             trust_remote_code=config.trust_remote_code,
+            max_length=config.max_length,
         )
     except (OSError, ValueError) as exc:
         if "custom code" in str(exc) or "trust_remote_code" in str(exc):
             raise UsageError(
-                f"{plan.model_path} needs its own Python code to load; evalkit runs it only with "
+                f"{model_path} needs its own Python code to load; evalkit runs it only with "
                 f"--trust-remote-code (read that code first)"
             ) from None
-        raise UsageError(f"cannot load model from {plan.model_path}: {one_line(exc)[:300]}") from None
+        raise UsageError(f"cannot load model from {model_path}: {one_line(exc)[:300]}") from None
 
 
 def finished_indices(output: Path, plan: RunPlan) -> list[int]:
     """Global indices of requests whose results earlier runs saved (read by rank 0 only)."""
-    index_of = {key: index for index, key in plan.keys.items()}
+    index_of = {r.key: r.index for r in plan.requests}
     return sorted({index_of[r["k"]] for r in read_all(output) if r.get("k") in index_of and "r" in r})
 
 
-def from_main(topo: Topology, make: Callable[[], T]) -> T:
-    """A value computed on rank 0 and handed to every rank; bad input found there ends every rank."""
-    box: list[Any] = [None]
+def hand_out(topo: Topology, make: Callable[[], list[Work]]) -> Work:
+    """Rank 0 plans the run and hands every rank its work; bad input found there ends every rank.
+
+    ``make`` returns one Work per dp rank; every rank of a TP group gets its group's share.
+    """
+    per_dp: list[Any] = []
+    status: list[Any] = [None]
     if topo.is_main:
         try:
-            box = [("ok", make())]
+            per_dp = make()
         except UsageError as exc:
-            box = [("error", str(exc))]
-    if topo.distributed:
-        dist.broadcast_object_list(box, src=0)
-    status, value = box[0]
-    if status == "error":
-        raise AgreedError(value)
-    return value
+            status = [str(exc)]
+    if not topo.distributed:
+        if status[0] is not None:
+            raise AgreedError(status[0])
+        return per_dp[0]
+    dist.broadcast_object_list(status, src=0)
+    if status[0] is not None:
+        raise AgreedError(status[0])
+    mine: list[Any] = [None]
+    scattered = [per_dp[rank // topo.dims.tp] for rank in range(topo.dims.world_size)] if topo.is_main else None
+    dist.scatter_object_list(mine, scattered, src=0)
+    return mine[0]
 
 
 def merge_results(output: Path, plan: RunPlan, launch: str, written: int) -> list[Any]:
     """Rank 0 streams every shard into outputs by global index; this launch's count must match."""
-    index_of = {key: index for index, key in plan.keys.items()}
+    index_of = {r.key: r.index for r in plan.requests}
     counted = {"now": 0}
 
     def pairs() -> Iterator[tuple[int, Any]]:
@@ -211,29 +304,34 @@ def evaluate(config: RunConfig, topo: Topology) -> None:
     quiet_libraries()
     set_seeds(config)
     world = topo.dims.world_size
-    plan = agreed(world, lambda: prepare(config, topo))
-    done = set(from_main(topo, lambda: finished_indices(config.output, plan)))
-    pending = [r for r in plan.requests if r.index not in done]
-    backend = agreed(world, lambda: load_backend(config, plan, topo))
+    model_path = agreed(world, lambda: check_inputs(config, topo))
+    box: dict[str, RunPlan] = {}
+
+    def plan_and_deal() -> list[Work]:
+        plan = box["plan"] = prepare(config, topo, model_path)
+        launch = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+        pending = len(plan.requests) - len(plan.done)
+        return [Work(requests=share, pending=pending, launch=launch) for share in deal(plan, topo.dims.dp)]
+
+    work = hand_out(topo, plan_and_deal)
+    backend = agreed(world, lambda: load_backend(config, model_path, topo))
     if topo.is_main:
-        write_manifest(config.output, model=plan.model, tasks=plan.task_hashes)
-    mine = [pending[i] for i in shard_indices([r.cost for r in pending], topo.dp_rank, topo.dims.dp)]
-    launch = from_main(topo, lambda: time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3))
-    shard = config.output / SHARD_DIR / f"{launch}-rank{topo.rank:05d}.jsonl"
+        write_manifest(config.output, model=box["plan"].model, tasks=box["plan"].task_hashes)
+    shard = config.output / SHARD_DIR / f"{work.launch}-rank{topo.rank:05d}.jsonl"
     writer = ShardWriter(shard, interval=config.flush_interval) if topo.carries_results else None
     monitor = Monitor(
         topo,
-        total=len(pending),
+        total=work.pending,
         stall_timeout=config.stall_timeout,
         before_exit=writer.sync if writer else lambda: None,
     )
     stop = StopFlag()
     stop.install()
-    executor = Executor(topo, backend, writer, monitor, plan.keys, stop, config.on_error)
+    executor = Executor(topo, backend, writer, monitor, stop, config.on_error)
     t0 = time.time()
     try:
         with writer or contextlib.nullcontext():
-            executor.run(mine)
+            executor.run(work.requests)
     except StopRequested:
         raise Stopped(stop.signal) from None
     finally:
@@ -245,7 +343,7 @@ def evaluate(config: RunConfig, topo: Topology) -> None:
             "rank": topo.rank,
             "dp_rank": topo.dp_rank,
             "tp_rank": topo.tp_rank,
-            "requests": len(mine),
+            "requests": len(work.requests),
             "seconds": round(time.time() - t0, 3),
             "parameters": backend.num_parameters_local,
             "written": writer.written if writer else 0,
@@ -253,11 +351,10 @@ def evaluate(config: RunConfig, topo: Topology) -> None:
     )
     monitor.close()
     if topo.is_main:
-        outputs = merge_results(config.output, plan, launch, sum(s["written"] for s in stats))
-        resume = {"reused": len(done), "computed": len(pending)}
-        write_outputs(
-            config, topo, plan.tasks, outputs, backend.describe(), stats, wall=time.time() - started, resume=resume
-        )
+        plan = box["plan"]
+        outputs = merge_results(config.output, plan, work.launch, sum(s["written"] for s in stats))
+        resume = {"reused": len(plan.done), "computed": work.pending}
+        write_outputs(config, topo, plan, outputs, backend.describe(), stats, wall=time.time() - started, resume=resume)
 
 
 def run_guarded(config: RunConfig) -> int:

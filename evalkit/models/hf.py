@@ -17,7 +17,7 @@ import transformers
 from evalkit.models.batching import run_batched
 from evalkit.models.protocol import Progress
 from evalkit.models.stopping import StopOnSequences, cut_at_stop
-from evalkit.tasks.build import DEFAULT_MAX_GEN_TOKS
+from evalkit.tasks.requests import DEFAULT_MAX_GEN_TOKS
 
 DEFAULT_MAX_LENGTH = 2048
 TOKENIZER_UNSET = int(1e30)  # transformers' "no limit" model_max_length is ~1e30
@@ -41,6 +41,7 @@ class HFCausalLM:
         tp_group: Any = None,
         num_parameters_local: int | None = None,
         trust_remote_code: bool = False,
+        max_length: int | None = None,
     ) -> None:
         self.device = device
         self.batch_size = batch_size
@@ -51,7 +52,8 @@ class HFCausalLM:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         self.model = model.eval()
         self.path = path
-        self.max_length = _max_length(self.model.config, self.tokenizer)
+        # --max-length wins, as lm-eval's max_length model argument does.
+        self.max_length = max_length or _max_length(self.model.config, self.tokenizer)
         bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
         self.prefix_token_id = bos if bos is not None else eos
         self.bos_text = self.tokenizer.decode(self.prefix_token_id)

@@ -1,0 +1,150 @@
+"""Rank 0's scoring, done by lm-eval itself on the gathered model outputs.
+
+The outputs of every request, merged by global index, become the ``resps`` of lm-eval's
+instances; then lm-eval's filters, ``process_results``, aggregations, standard errors and group
+consolidation run exactly as in its own evaluator at world size 1. Tasks that execute generated
+code (``unsafe_code``) are scored in a separate sandboxed process, never inside a rank.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from lm_eval.evaluator_utils import _process_results
+from lm_eval.utils import handle_non_serializable, hash_string, sanitize_list
+
+from evalkit.tasks.requests import TaskPlan
+
+
+@dataclass(frozen=True)
+class RequestError:
+    """A request whose model call failed (recorded with --on-error record): never scored."""
+
+    message: str
+
+
+@dataclass
+class Scored:
+    results: dict[str, Any]  # lm-eval's results dict: results, groups, group_subtasks, configs, ...
+    samples: dict[str, list[dict[str, Any]]]  # per task, lm-eval's sample rows (one per doc and filter)
+    failed: dict[str, int]  # per task, docs left out because a request failed
+
+
+# (task plan, [(doc_id, doc, filtered responses)]) -> one metrics dict per item
+ProcessBatch = Callable[[TaskPlan, list[tuple[int, Any, list[Any]]]], list[dict[str, Any]]]
+
+# What lm-eval's filters may see in place of a failed request's output; the doc is not scored.
+PLACEHOLDER = {"loglikelihood": (float("-inf"), False), "loglikelihood_rolling": float("-inf"), "generate_until": ""}
+
+
+def _as_response(kind: str, value: Any) -> Any:
+    """A result read back from a JSON shard, in the type lm-eval's metrics expect."""
+    return tuple(value) if kind == "loglikelihood" else value
+
+
+def attach_outputs(plan: TaskPlan, outputs: list[Any]) -> dict[int, str]:
+    """Give each instance its responses (one per repeat); return the failed docs' first error."""
+    errors: dict[int, str] = {}
+    for instance, indices in zip(plan.task.instances, plan.instance_requests, strict=True):
+        values = [outputs[i] for i in indices]
+        failures = [v.message for v in values if isinstance(v, RequestError)]
+        if failures:
+            errors.setdefault(instance.doc_id, failures[0])
+            values = [PLACEHOLDER[instance.request_type]] * len(values)
+        instance.resps = [_as_response(instance.request_type, v) for v in values]
+    return errors
+
+
+def in_process(plan: TaskPlan, items: list[tuple[int, Any, list[Any]]]) -> list[dict[str, Any]]:
+    return [plan.task.process_results(doc, results) for _, doc, results in items]
+
+
+def sample_row(example: dict[str, Any]) -> dict[str, Any]:
+    """lm-eval's samples JSONL row: arguments as gen_args_i/arg_j, responses and target as strings."""
+    row = dict(example)
+    row["arguments"] = {
+        f"gen_args_{i}": {f"arg_{j}": arg for j, arg in enumerate(args)} for i, args in enumerate(example["arguments"])
+    }
+    row["resps"] = sanitize_list(example["resps"])
+    row["filtered_resps"] = sanitize_list(example["filtered_resps"])
+    row["target"] = str(example["target"])
+    return json.loads(json.dumps(row, default=handle_non_serializable, ensure_ascii=False))
+
+
+def _doc_hash(doc: Any) -> str:
+    return hash_string(json.dumps(doc, indent=2, default=handle_non_serializable, ensure_ascii=False))
+
+
+def score_task(plan: TaskPlan, outputs: list[Any], process: ProcessBatch) -> tuple[dict, list[dict], int]:
+    """lm-eval's per-doc loop for one task: raw metric values, sample rows, failed doc count."""
+    task = plan.task
+    errors = attach_outputs(plan, outputs)
+    task.apply_filters()
+    by_doc: dict[int, list[Any]] = defaultdict(list)
+    for instance in task.instances:
+        by_doc[instance.doc_id].append(instance)
+    for instances in by_doc.values():
+        instances.sort(key=lambda x: x.idx)
+    docs = list(task.doc_iterator(rank=0, limit=plan.limit, world_size=1))
+    pending = []
+    for filter_key in task.instances[0].filtered_resps:
+        for doc_id, doc in docs:
+            if doc_id not in errors:
+                pending.append((filter_key, doc_id, doc, by_doc[doc_id]))
+    values = process(plan, [(doc_id, doc, [r.filtered_resps[key] for r in reqs]) for key, doc_id, doc, reqs in pending])
+    raw: dict[tuple[str, str], list[Any]] = defaultdict(list)
+    rows = []
+    for (filter_key, doc_id, doc, reqs), metrics in zip(pending, values, strict=True):
+        target = task.doc_to_target(doc)
+        example = {
+            "doc_id": doc_id,
+            "doc": doc,
+            "target": target,
+            "arguments": [r.args for r in reqs],
+            "resps": [r.resps for r in reqs],
+            "filtered_resps": [r.filtered_resps[filter_key] for r in reqs],
+            "filter": filter_key,
+            "metrics": list(metrics),
+            "doc_hash": _doc_hash(reqs[0].doc),
+            "prompt_hash": hash_string(reqs[0].arguments[0]),
+            "target_hash": hash_string(str(target)),
+            **metrics,
+        }
+        rows.append(sample_row(example))
+        for metric, value in metrics.items():
+            raw[(metric, filter_key)].append(value)
+    for doc_id, doc in docs:
+        if doc_id in errors:
+            rows.append(
+                {"doc_id": doc_id, "doc": json.loads(json.dumps(doc, default=handle_non_serializable)), "error": errors[doc_id]}
+            )
+    if not raw:
+        raise RuntimeError(f"task {plan.name}: every doc failed; see samples_{plan.name}.jsonl")
+    return raw, rows, len(errors)
+
+
+def score(
+    plans: list[TaskPlan],
+    groups: dict[str, Any],
+    outputs: list[Any],
+    *,
+    bootstrap_iters: int,
+    sandboxed: ProcessBatch | None = None,
+) -> Scored:
+    acc, samples, failed = {}, {}, {}
+    for plan in plans:
+        process = sandboxed if plan.unsafe and sandboxed is not None else in_process
+        raw, rows, failed[plan.name] = score_task(plan, outputs, process)
+        acc[plan.name] = {"task": plan.task, "raw_metrics": raw, "logged_samples": []}
+        samples[plan.name] = rows
+    results = _process_results(acc, groups, bootstrap_iters)._to_eval_results()
+    return Scored(results=dict(results), samples=samples, failed=failed)
+
+
+def task_hash(rows: list[dict[str, Any]]) -> str:
+    """lm-eval's task hash: every scored sample row's doc, prompt and target hashes, in order."""
+    return hash_string("".join(r["doc_hash"] + r["prompt_hash"] + r["target_hash"] for r in rows if "doc_hash" in r))
