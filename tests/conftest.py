@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+PACKAGE = REPO / "evalkit"
 TINY_MODEL = REPO / "tests" / "fixtures" / "tiny-llama"
 TASK_FIXTURES = REPO / "tests" / "fixtures" / "tasks"
 REFERENCE = REPO / "tests" / "reference" / "lmeval-0.4.13"
@@ -33,6 +34,37 @@ class Run:
 
     def samples(self, task: str) -> list[dict]:
         return [json.loads(line) for line in (self.output / f"samples_{task}.jsonl").read_text().splitlines()]
+
+    def docs(self, task: str) -> list[dict]:
+        """The task's sample rows folded to one record per doc, values parsed back from lm-eval's strings."""
+        return fold_samples(self.samples(task), self.results()["configs"][task]["output_type"])
+
+
+def parse_response(output_type: str, value):
+    if output_type in ("multiple_choice", "loglikelihood"):
+        ll, greedy = value
+        return [float(ll), greedy == "True" if isinstance(greedy, str) else greedy]
+    if output_type == "loglikelihood_rolling":
+        return float(value)
+    return value
+
+
+def fold_samples(rows: list[dict], output_type: str) -> list[dict]:
+    """lm-eval writes one row per (doc, filter); the same record shape as tests/reference files."""
+    docs: dict[int, dict] = {}
+    for row in rows:
+        record = docs.setdefault(row["doc_id"], {"doc_id": row["doc_id"], "filtered_resps": {}, "metrics": {}})
+        if "error" in row:
+            record["error"] = row["error"]
+            continue
+        arguments = row["arguments"]
+        record["arguments"] = [list(a.values()) for a in arguments.values()] if isinstance(arguments, dict) else arguments
+        record["resps"] = [[parse_response(output_type, r) for r in rs] for rs in row["resps"]]
+        record["filtered_resps"][row["filter"]] = [parse_response(output_type, r) for r in row["filtered_resps"]]
+        record["metrics"][row["filter"]] = {m: row[m] for m in row["metrics"]}
+        for key in ("doc_hash", "prompt_hash", "target_hash", "target"):
+            record[key] = row[key]
+    return [docs[k] for k in sorted(docs)]
 
 
 def free_port() -> int:
@@ -102,3 +134,23 @@ def reference_run(tmp_path_factory) -> Run:
     )
     assert run.returncode == 0, run.stderr[-3000:]
     return run
+
+
+def assert_same_docs(expected: list[dict], got: list[dict], tolerance: float) -> None:
+    """Two runs' per-doc records: identical requests, generations and metric keys; values within tolerance."""
+    assert len(got) == len(expected)
+    for want, have in zip(expected, got, strict=True):
+        assert have["doc_id"] == want["doc_id"]
+        assert have["arguments"] == want["arguments"]
+        assert have["prompt_hash"] == want["prompt_hash"]
+        for want_resps, have_resps in zip(want["resps"], have["resps"], strict=True):
+            for a, b in zip(want_resps, have_resps, strict=True):
+                if isinstance(a, list):
+                    assert abs(a[0] - b[0]) <= tolerance, (want["doc_id"], a, b)
+                elif isinstance(a, float):
+                    assert abs(a - b) <= tolerance, (want["doc_id"], a, b)
+                else:
+                    assert a == b, want["doc_id"]
+        if want["resps"] and isinstance(want["resps"][0][0], str):
+            assert have["filtered_resps"] == want["filtered_resps"]
+        assert have["metrics"].keys() == want["metrics"].keys()

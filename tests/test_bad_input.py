@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from conftest import TASK_FIXTURES, TINY_MODEL, model_args, run_evalkit
+from conftest import PACKAGE, TASK_FIXTURES, TINY_MODEL, model_args, run_evalkit
 
 BROKEN = TASK_FIXTURES / "broken"
+
+
+def evalkit_frames(stderr: str, package: Path = PACKAGE) -> list[str]:
+    """Traceback lines inside evalkit's own package (not its tests, not a venv in the same clone)."""
+    prefix = f'File "{package}/'
+    return [line for line in stderr.splitlines() if line.strip().startswith(prefix)]
+
+
+def test_frames_are_told_apart_in_a_clone_named_evalkit():
+    package = Path("/home/user/evalkit/evalkit")
+    stderr = "\n".join(
+        [
+            '  File "/home/user/evalkit/.venv/lib/python3.11/site-packages/torch/distributed/run.py", line 9',
+            '  File "/home/user/evalkit/tests/fault_entry.py", line 3',
+            '  File "/home/user/evalkit/evalkit/runner.py", line 7, in evaluate',
+        ]
+    )
+    assert evalkit_frames(stderr, package) == ['  File "/home/user/evalkit/evalkit/runner.py", line 7, in evaluate']
 
 
 def assert_usage_error(run, *fragments: str, ranks: int = 1, fresh_output: bool = True) -> None:
@@ -16,10 +36,7 @@ def assert_usage_error(run, *fragments: str, ranks: int = 1, fresh_output: bool 
         assert fragment in errors[0], errors[0]
     assert len(set(errors)) == 1, "every rank reports the same error"
     # torchrun prints its own traceback when a worker fails; none may come from evalkit's code.
-    evalkit_frames = [
-        line for line in run.stderr.splitlines() if line.strip().startswith('File "') and "/evalkit/" in line
-    ]
-    assert not evalkit_frames, evalkit_frames
+    assert not evalkit_frames(run.stderr), evalkit_frames(run.stderr)
     if run.output is not None and fresh_output:
         assert not (run.output / "results.json").exists()
 
@@ -30,7 +47,7 @@ def assert_usage_error(run, *fragments: str, ranks: int = 1, fresh_output: bool 
         (["--tasks", "demo_mcc"], ["unknown task 'demo_mcc'", "did you mean 'demo_mc'"]),
         (["--tasks", str(BROKEN / "malformed.yaml")], ["malformed YAML", "malformed.yaml", "line"]),
         (["--tasks", str(BROKEN / "unknown_key.yaml")], ["unknown key 'doc_to_txt'", "did you mean 'doc_to_text'"]),
-        (["--tasks", str(BROKEN / "missing_data.yaml")], ["data file 'data/does_not_exist.jsonl' not found"]),
+        (["--tasks", str(BROKEN / "missing_data.yaml")], ["data file", "does_not_exist.jsonl", "not found"]),
         (["--tasks", str(BROKEN / "missing_split.yaml")], ["split 'validation' does not exist", "test"]),
         (["--tasks", str(BROKEN / "missing_field.yaml")], ["difficulty", "doc fields are"]),
         (["--tasks", str(BROKEN / "hub_dataset.yaml")], ["some-org/some-benchmark", "Hub", "local copy"]),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import DEMO_TASKS, Run, model_args, run_evalkit
+from conftest import DEMO_TASKS, Run, assert_same_docs, model_args, run_evalkit
 
 pytestmark = pytest.mark.multiprocess
 
@@ -37,26 +37,15 @@ def test_topology_is_recorded(layout_run):
     assert parallel == {"world_size": nproc, "dp": nproc, "tp": 1, "backend": "gloo", "device": "cpu"}
     per_rank = run.results()["throughput"]["per_rank"]
     assert sorted(r["rank"] for r in per_rank) == list(range(nproc))
-    assert sum(r["requests"] for r in per_rank) == sum(len(s["arguments"]) for t in DEMO_TASKS for s in run.samples(t))
+    assert sum(r["requests"] for r in per_rank) == sum(len(d["arguments"]) for t in DEMO_TASKS for d in run.docs(t))
 
 
 @pytest.mark.parametrize("task", DEMO_TASKS)
 def test_same_samples_as_single_process(layout_run, reference_run, task):
     _, run = layout_run
-    expected, got = reference_run.samples(task), run.samples(task)
-    assert [s["doc_id"] for s in got] == list(range(len(expected))), "every doc exactly once, in order"
-    for want, have in zip(expected, got, strict=True):
-        assert have["prompt"] == want["prompt"]
-        assert have["arguments"] == want["arguments"]
-        for key in ("loglikelihoods", "loglikelihood"):
-            if key in want:
-                a, b = want[key], have[key]
-                a, b = (a, b) if isinstance(a, list) else ([a], [b])
-                assert max(abs(x - y) for x, y in zip(a, b, strict=True)) <= LOGLIKELIHOOD_TOLERANCE
-        if "response" in want:
-            assert have["response"] == want["response"]
-        assert have["filtered_resps"] == want["filtered_resps"] or "loglikelihoods" in want
-        assert have["metrics"].keys() == want["metrics"].keys()
+    expected, got = reference_run.docs(task), run.docs(task)
+    assert [d["doc_id"] for d in got] == list(range(len(expected))), "every doc exactly once, in order"
+    assert_same_docs(expected, got, LOGLIKELIHOOD_TOLERANCE)
 
 
 def test_same_metrics_as_single_process(layout_run, reference_run):

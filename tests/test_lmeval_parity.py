@@ -22,56 +22,59 @@ def reference(name: str) -> dict:
     return json.loads((REFERENCE / f"{name}.json").read_text())
 
 
-@pytest.mark.parametrize("task", DEMO_TASKS)
-def test_prompts_and_requests_are_byte_identical(reference_run, task):
-    ref = reference(task)
-    ours = reference_run.samples(task)
-    assert len(ours) == len(ref["docs"])
+def assert_same_outputs(ref: dict, ours: list[dict]) -> None:
+    """Per doc: the same requests byte for byte, loglikelihoods within tolerance, the same generations."""
+    assert [d["doc_id"] for d in ours] == [d["doc_id"] for d in ref["docs"]]
     for want, have in zip(ref["docs"], ours, strict=True):
-        assert have["doc_id"] == want["doc_id"]
         assert have["arguments"] == [list(a) for a in want["arguments"]]
         for key in ("doc_hash", "prompt_hash", "target_hash"):
             assert have[key] == want[key], key
-    assert reference_run.results()["task_hashes"][task] == ref["task_hash"]
+        for want_resps, have_resps in zip(want["resps"], have["resps"], strict=True):
+            for a, b in zip(want_resps, have_resps, strict=True):
+                if isinstance(a, list):  # (loglikelihood, is_greedy)
+                    assert b[1] == a[1]
+                    assert abs(a[0] - b[0]) <= LOGLIKELIHOOD_TOLERANCE
+                elif isinstance(a, float):  # rolling loglikelihood
+                    assert abs(a - b) <= ROLLING_TOLERANCE
+                else:
+                    assert b == a
+        if ref["output_type"] == "generate_until":
+            assert have["filtered_resps"] == want["filtered_resps"]
+
+
+def assert_same_metrics(ref: dict, ours: list[dict], results: dict) -> None:
+    for want, have in zip(ref["docs"], ours, strict=True):
+        assert have["metrics"].keys() == want["metrics"].keys()
+        for filter_name, values in want["metrics"].items():
+            assert have["metrics"][filter_name].keys() == values.keys()
+            for metric, value in values.items():
+                got = have["metrics"][filter_name][metric]
+                if isinstance(value, list):  # (loglikelihood, words or bytes)
+                    assert got[1] == value[1]
+                    assert abs(got[0] - value[0]) <= ROLLING_TOLERANCE
+                elif metric == "perplexity":
+                    assert abs(got - value) <= LOGLIKELIHOOD_TOLERANCE
+                else:
+                    assert got == value, (want["doc_id"], metric)
+    assert list(results) == list(ref["results"])
+    for key, value in ref["results"].items():
+        if isinstance(value, float) and ("perplexity" in key or "bits_per_byte" in key):
+            assert results[key] == pytest.approx(value, rel=1e-5), key
+        else:
+            assert results[key] == value, key
 
 
 @pytest.mark.parametrize("task", DEMO_TASKS)
-def test_model_outputs_match(reference_run, task):
+def test_prompts_and_outputs_match(reference_run, task):
     ref = reference(task)
-    for want, have in zip(ref["docs"], reference_run.samples(task), strict=True):
-        raw = [resp[0] for resp in want["resps"]]
-        if "loglikelihoods" in have:
-            assert have["is_greedy"] == [greedy for _, greedy in raw]
-            for (ll, _), ours in zip(raw, have["loglikelihoods"], strict=True):
-                assert abs(ll - ours) <= LOGLIKELIHOOD_TOLERANCE
-        elif "loglikelihood" in have:
-            assert abs(raw[0] - have["loglikelihood"]) <= ROLLING_TOLERANCE
-        else:
-            assert have["response"] == raw[0]
-            assert have["filtered_resps"] == {name: values for name, values in want["filtered_resps"].items()}
+    assert_same_outputs(ref, reference_run.docs(task))
+    assert reference_run.results()["task_hashes"][task] == ref["task_hash"]
 
 
 @pytest.mark.parametrize("task", DEMO_TASKS)
 def test_metrics_match(reference_run, task):
     ref = reference(task)
-    for want, have in zip(ref["docs"], reference_run.samples(task), strict=True):
-        expected = {f"{m},{f}": v for f, values in want["metrics"].items() for m, v in values.items()}
-        assert have["metrics"].keys() == expected.keys()
-        for key, value in expected.items():
-            if isinstance(value, list):  # (loglikelihood, words or bytes)
-                assert have["metrics"][key][1] == value[1]
-                assert abs(have["metrics"][key][0] - value[0]) <= ROLLING_TOLERANCE
-            elif key.startswith("perplexity"):
-                assert abs(have["metrics"][key] - value) <= LOGLIKELIHOOD_TOLERANCE
-            else:
-                assert have["metrics"][key] == value
-    ours = reference_run.results()["results"][task]
-    assert list(ours) == list(ref["results"])
-    for key, value in ref["results"].items():
-        if isinstance(value, float) and ("perplexity" in key or "bits_per_byte" in key):
-            assert ours[key] == pytest.approx(value, rel=1e-5), key
-        else:
-            assert ours[key] == value, key
+    assert_same_metrics(ref, reference_run.docs(task), reference_run.results()["results"][task])
     assert reference_run.results()["n-shot"][task] == ref["n-shot"]
 
 
@@ -85,9 +88,9 @@ def test_num_fewshot_override_follows_lm_eval(tmp_path):
         ref = reference(f"{task}.numfewshot1")
         assert run.results()["n-shot"][task] == ref["n-shot"]
         # The reference covers every doc; this run stops at --limit.
-        for want, have in zip(ref["docs"], run.samples(task), strict=False):
+        for want, have in zip(ref["docs"], run.docs(task), strict=False):
             assert have["arguments"] == [list(a) for a in want["arguments"]]
             assert all(
-                math.isclose(a[0][0], b, abs_tol=LOGLIKELIHOOD_TOLERANCE)
-                for a, b in zip(want["resps"], have["loglikelihoods"], strict=True)
+                math.isclose(a[0][0], b[0][0], abs_tol=LOGLIKELIHOOD_TOLERANCE)
+                for a, b in zip(want["resps"], have["resps"], strict=True)
             )

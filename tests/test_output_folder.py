@@ -113,7 +113,7 @@ def test_recorded_errors_are_excluded_and_counted(tmp_path):
     failed = [s["doc_id"] for s in samples if "error" in s]
     assert failed == [3, 33]
     assert all("metrics" not in s for s in samples if "error" in s)
-    scored = [s["metrics"]["acc,none"] for s in samples if "error" not in s]
+    scored = [s["acc"] for s in samples if "error" not in s]
     assert results["results"]["demo_mc"]["acc,none"] == sum(scored) / len(scored)
 
     # Resuming without the fault redoes exactly the failed requests (2 docs x 4 choices) and scores them.

@@ -36,8 +36,8 @@ def assert_same_as_uninterrupted(run, reference_run):
     assert run.results()["results"] == reference_run.results()["results"]
     assert run.results()["task_hashes"] == reference_run.results()["task_hashes"]
     for task in DEMO_TASKS:
-        for want, have in zip(reference_run.samples(task), run.samples(task), strict=True):
-            for key in ("loglikelihoods", "loglikelihood", "response", "filtered_resps", "metrics"):
+        for want, have in zip(reference_run.docs(task), run.docs(task), strict=True):
+            for key in ("arguments", "resps", "filtered_resps", "metrics"):
                 assert have.get(key) == want.get(key), (task, want["doc_id"], key)
 
 

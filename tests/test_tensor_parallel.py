@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import Run, model_args, run_evalkit
+from conftest import Run, assert_same_docs, model_args, run_evalkit
 
 pytestmark = pytest.mark.multiprocess
 
@@ -66,18 +66,7 @@ def test_each_rank_holds_only_its_shard(tp_run, single_process):
 @pytest.mark.parametrize("task", TASKS.split(","))
 def test_same_outputs_as_one_process(tp_run, single_process, task):
     _, run = tp_run
-    for want, have in zip(single_process.samples(task), run.samples(task), strict=True):
-        assert have["prompt"] == want["prompt"]
-        if "loglikelihoods" in want:
-            assert (
-                max(abs(a - b) for a, b in zip(want["loglikelihoods"], have["loglikelihoods"], strict=True))
-                <= TOLERANCE
-            )
-        elif "loglikelihood" in want:
-            assert abs(want["loglikelihood"] - have["loglikelihood"]) <= TOLERANCE
-        else:
-            assert have["response"] == want["response"]
-            assert have["filtered_resps"] == want["filtered_resps"]
+    assert_same_docs(single_process.docs(task), run.docs(task), TOLERANCE)
     ours, theirs = run.results()["results"][task], single_process.results()["results"][task]
     assert ours.keys() == theirs.keys()
     for key, value in theirs.items():

@@ -1,22 +1,17 @@
-"""Pure pieces, no process group: layout validation, sharding, merging, seeds, registry, metrics."""
+"""Pure pieces, no process group: layout validation, sharding, merging, seeds, batching, config."""
 
 from __future__ import annotations
 
-import math
 import random
 
 import pytest
 
 from evalkit.config import Seeds
 from evalkit.errors import UsageError
-from evalkit.filters import FilterPipeline
-from evalkit.metrics import bootstrap_stderr, exact_match, mean_stderr, perplexity
 from evalkit.models.batching import padded_width, width_batches
 from evalkit.models.hf import rolling_windows
 from evalkit.parallel import ParallelDims
-from evalkit.registry import Registry
 from evalkit.sharding import merge_shards, shard_indices
-from evalkit.tasks.config import FilterChain, FilterStep
 
 
 def test_parallel_dims_names_every_factor():
@@ -47,76 +42,6 @@ def test_seed_forms_match_lm_eval():
     assert Seeds.parse("0,1,2") == Seeds(python=0, numpy=1, torch=2, fewshot=1234)
     with pytest.raises(UsageError):
         Seeds.parse("a,b")
-
-
-def test_registry_suggests_the_closest_name():
-    reg: Registry[int] = Registry("metric")
-    reg.register("exact_match")(1)
-    with pytest.raises(UsageError, match="did you mean 'exact_match'"):
-        reg.get("exact_mach")
-    with pytest.raises(ValueError, match="twice"):
-        reg.register("exact_match")(2)
-
-
-def _python_bootstrap(values, iters):
-    """lm-eval's bootstrap written the slow, obvious way: chunk i draws with random.Random(i)."""
-    stats = []
-    for i in range(iters // 1000):
-        rnd = random.Random(i)
-        stats += [perplexity(rnd.choices(values, k=len(values))) for _ in range(1000)]
-    mu = sum(stats) / len(stats)
-    return math.sqrt(sum((x - mu) ** 2 for x in stats) / (len(stats) - 1))
-
-
-def test_vectorised_bootstrap_equals_the_reference_algorithm():
-    rnd = random.Random(3)
-    values = [rnd.uniform(-9, -1) for _ in range(23)]
-    expected = _python_bootstrap(values, 3000)
-    assert expected > 0
-    assert bootstrap_stderr(perplexity, values, 3000) == expected
-
-
-def test_mean_stderr_uses_sample_deviation():
-    assert mean_stderr([0.0, 1.0]) == pytest.approx(0.5)
-
-
-def test_exact_match_normalisations():
-    assert exact_match("The answer is 42.", "42", regexes_to_ignore=[r"(?s).*is ", r"\.$"]) == 1.0
-    assert exact_match("ABC", "abc", ignore_case=True) == 1.0
-    assert exact_match("a,b!", "ab", ignore_punctuation=True) == 1.0
-    assert exact_match("a", "b") == 0.0
-
-
-def test_filters_chain_like_lm_eval():
-    pipeline = FilterPipeline(
-        [
-            FilterChain(
-                name="strict", steps=(FilterStep(function="regex", kwargs={}), FilterStep(function="take_first"))
-            ),
-            FilterChain(
-                name="flex",
-                steps=(
-                    FilterStep(
-                        function="regex", kwargs={"regex_pattern": r"(-?[$0-9.,]{2,})|(-?[0-9]+)", "group_select": -1}
-                    ),
-                    FilterStep(function="take_first"),
-                ),
-            ),
-            FilterChain(
-                name="ws",
-                steps=(
-                    FilterStep(function="lowercase"),
-                    FilterStep(function="remove_whitespace"),
-                    FilterStep(function="take_first"),
-                ),
-            ),
-        ]
-    )
-    out = pipeline.apply(["  So 3 then 12 #### 15 "])
-    assert out == {"strict": "15", "flex": "15", "ws": "so 3 then 12 #### 15"}
-    assert pipeline.apply(["no digits"])["strict"] == "[invalid]"
-    with pytest.raises(UsageError, match="did you mean 'take_first'"):
-        FilterPipeline([FilterChain(name="x", steps=(FilterStep(function="take_frist"),))])
 
 
 def test_rolling_windows_score_every_token_once():

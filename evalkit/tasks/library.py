@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import lm_eval.tasks
+import yaml
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._factory import TaskFactory
 from lm_eval.tasks._index import Entry, Kind, TaskIndex
 from lm_eval.tasks._yaml_loader import load_yaml
 
-from evalkit.errors import UsageError, did_you_mean
+from evalkit.errors import UsageError, did_you_mean, one_line
 from evalkit.tasks.problems import TaskLoadError, explain
 
 BUNDLED = Path(__file__).resolve().parent.parent / "bundled_tasks"
@@ -189,5 +190,10 @@ class TaskLibrary(TaskManager):
             return self.load(list(names))
         except TaskLoadError as exc:
             raise UsageError(explain(exc)) from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" {mark.name} at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or one_line(exc)
+            raise UsageError(f"malformed YAML in{where}: {problem}") from None
         except (KeyError, ValueError, TypeError) as exc:
             raise UsageError(f"cannot load tasks {', '.join(names)}: {exc}") from None

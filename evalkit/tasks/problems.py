@@ -8,11 +8,13 @@ turned into one line naming the task (and its group) and the fix.
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
-from evalkit.errors import one_line
+from evalkit.errors import did_you_mean, one_line
 
 # Import names whose PyPI distribution is called something else.
 PIP_NAMES = {
@@ -71,12 +73,49 @@ def missing_package(exc: BaseException) -> str | None:
     return None
 
 
+def _frame_value(exc: BaseException, name: str, accept: Callable[[Any], bool]) -> Any:
+    """A local variable of the innermost frame that has one, to word an error (e.g. the doc being read)."""
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        value = tb.tb_frame.f_locals.get(name)
+        if value is not None and accept(value):
+            found = value
+        tb = tb.tb_next
+    return found
+
+
+def _task_config_fields() -> list[str]:
+    from lm_eval.config.task import TaskConfig
+
+    return [f.name for f in dataclasses.fields(TaskConfig)]
+
+
 def reason(exc: BaseException, dataset: str | None = None) -> str:
     """What is wrong and how to fix it, for one task."""
     package = missing_package(exc)
     if package:
         return f"needs the Python package '{package}', which is not installed (pip install {package})"
     text = one_line(exc)
+    unknown = re.search(r"TaskConfig.__init__\(\) got an unexpected keyword argument '([^']+)'", text)
+    if unknown:
+        return f"unknown key '{unknown.group(1)}'{did_you_mean(unknown.group(1), _task_config_fields())}"
+    if isinstance(exc, KeyError):
+        task = _frame_value(exc, "self", lambda v: hasattr(v, "dataset") and hasattr(v.dataset, "keys"))
+        if task is not None and exc.args and exc.args[0] not in task.dataset:
+            return f"split '{exc.args[0]}' does not exist; the dataset has: {', '.join(task.dataset)}"
+    if type(exc).__name__ == "UndefinedError":
+        doc = _frame_value(exc, "doc", lambda v: isinstance(v, dict))
+        fields = f"; doc fields are: {', '.join(doc)}" if doc else ""
+        return f"a template uses a field the doc lacks ({text}){fields}"
+    missing_file = re.match(r"Unable to find '([^']+)'", text)
+    if isinstance(exc, FileNotFoundError) and missing_file:
+        return (
+            f"data file '{missing_file.group(1)}' not found (relative data_files are looked up in the working "
+            f"folder, then beside the task's YAML)"
+        )
+    if isinstance(exc, StopIteration) or "Expected at least one" in text:
+        return "the dataset is empty (an empty data file?); the task has no docs to evaluate"
     metric = re.search(r"Couldn't find a module script at \S+\. Module '([^']+)' doesn't exist on the Hugging Face Hub", text)
     if metric:
         name = metric.group(1)
@@ -89,9 +128,10 @@ def reason(exc: BaseException, dataset: str | None = None) -> str:
         path, _, config = (dataset or "<dataset_path>").partition(":")
         where = f"'{path}'" + (f" (config '{config}')" if config else "")
         return (
-            f"dataset {where} is not available offline: it is not a local folder of that name under the working "
-            f"folder and not in the Hugging Face datasets cache; download it where the hub is reachable and put it "
-            f"in ./{path}/ (or set dataset_kwargs.data_files)"
+            f"dataset {where} is not available offline: there is no local copy in ./{path}/ (where load_dataset "
+            f"looks from the working folder) or in the Hugging Face datasets cache, and the Hugging Face Hub is not "
+            f"reachable; download it where the hub is reachable and put the local copy in ./{path}/ "
+            f"(or point dataset_kwargs.data_files at local files)"
         )
     return f"{type(exc).__name__}: {text[:300]}"
 
