@@ -9,6 +9,7 @@ the others (their collectives fail, and the launcher stops the group).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import secrets
@@ -83,6 +84,8 @@ def quiet_libraries() -> None:
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
+    # lm-eval warns about defaults it fills in (aggregations, higher_is_better) on every run.
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 

@@ -121,6 +121,26 @@ def build_tiny_llama(out_dir: Path, corpus: list[str], *, seed: int = 0) -> Path
     return out_dir
 
 
+# A minimal chat format of evalkit's own: a role header line per turn, each turn closed by </s>.
+CHAT_TEMPLATE = (
+    "<s>{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def with_chat_template(model_dir: Path, out_dir: Path) -> Path:
+    """A copy of a model folder whose tokenizer has a chat template, for instruct-style runs."""
+    import shutil
+
+    out_dir = Path(out_dir)
+    shutil.copytree(model_dir, out_dir, dirs_exist_ok=True)
+    config_path = out_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = CHAT_TEMPLATE
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return out_dir
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m evalkit.tinymodel", description=__doc__.split("\n")[0])
     parser.add_argument("out_dir", type=Path)

@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-from conftest import DEMO_TASKS, REFERENCE, model_args, run_evalkit
+from conftest import DEMO_TASKS, REFERENCE, TINY_MODEL, model_args, run_evalkit
 
 LOGLIKELIHOOD_TOLERANCE = 1e-4
 ROLLING_TOLERANCE = 1e-3
@@ -94,3 +94,19 @@ def test_num_fewshot_override_follows_lm_eval(tmp_path):
                 math.isclose(a[0][0], b[0][0], abs_tol=LOGLIKELIHOOD_TOLERANCE)
                 for a, b in zip(want["resps"], have["resps"], strict=True)
             )
+
+
+def test_instruct_prompts_follow_lm_eval(tmp_path):
+    """--apply-chat-template, --fewshot-as-multiturn, --system-instruction and --gen-kwargs as lm-eval means them."""
+    from evalkit.tinymodel import with_chat_template
+
+    chat_model = with_chat_template(TINY_MODEL, tmp_path / "tiny-chat")
+    args = ["--model", str(chat_model), "--device", "cpu", "--tasks", "demo_mc_fewshot,demo_gen", "--limit", "12"]
+    args += ["--apply-chat-template", "--fewshot-as-multiturn", "--system-instruction", "You are a careful assistant."]
+    run = run_evalkit([*args, "--gen-kwargs", "max_gen_toks=16", "--batch-size", "4"], output=tmp_path / "out")
+    assert run.returncode == 0, run.stderr[-2000:]
+    for task in ("demo_mc_fewshot", "demo_gen"):
+        ref = reference(f"{task}.chat")
+        assert "<|system|>\nYou are a careful assistant." in ref["docs"][0]["arguments"][0][0]
+        assert_same_outputs(ref, run.docs(task))
+        assert_same_metrics(ref, run.docs(task), run.results()["results"][task])

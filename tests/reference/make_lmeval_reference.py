@@ -98,7 +98,9 @@ def sanitize(value: Any) -> Any:
     return value
 
 
-def run_lm_eval(lm_eval: str, tasks: list[str], extra: list[str], label: str) -> tuple[list[str], Path, float]:
+def run_lm_eval(
+    lm_eval: str, tasks: list[str], extra: list[str], label: str, model_dir: Path = MODEL_DIR
+) -> tuple[list[str], Path, float]:
     """Run the lm_eval CLI; return (recorded argv, output folder, wall seconds)."""
     out = Path(tempfile.mkdtemp(prefix=f"lmeval-ref-{label}-"))
     argv = [
@@ -106,7 +108,7 @@ def run_lm_eval(lm_eval: str, tasks: list[str], extra: list[str], label: str) ->
         "--model",
         "hf",
         "--model_args",
-        f"pretrained={MODEL_DIR},dtype=float32",
+        f"pretrained={model_dir},dtype=float32",
         "--device",
         "cpu",
         "--tasks",
@@ -284,6 +286,33 @@ def write(refs: dict[str, dict], suffix: str = "") -> None:
         print(f"wrote {path.relative_to(REPO)} ({path.stat().st_size // 1024} KiB)")
 
 
+# An instruct-style run: the tiny model with evalkit's chat template, few-shot turns as chat turns,
+# a system instruction and generation settings from the command line.
+CHAT_TASKS = ["demo_mc_fewshot", "demo_gen"]
+CHAT_FLAGS = [
+    "--apply_chat_template",
+    "--fewshot_as_multiturn",
+    "true",
+    "--system_instruction",
+    "You are a careful assistant.",
+    "--gen_kwargs",
+    "max_gen_toks=16",
+    "--limit",
+    "12",
+    "--seed",
+    "1234",
+]
+
+
+def make_chat_reference(lm_eval: str) -> dict[str, dict]:
+    sys.path.insert(0, str(REPO))
+    from evalkit.tinymodel import with_chat_template
+
+    chat_model = with_chat_template(MODEL_DIR, Path(tempfile.mkdtemp(prefix="lmeval-chat-model-")) / "tiny-chat")
+    argv, results, _ = run_lm_eval(lm_eval, CHAT_TASKS, CHAT_FLAGS, "chat", model_dir=chat_model)
+    return build_references(argv, results, CHAT_TASKS)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -291,6 +320,7 @@ def main() -> None:
         default=os.environ.get("LMEVAL_BIN", "/tmp/lmeval/bin/lm_eval"),
         help="lm_eval executable of the separate lm-eval 0.4.13 venv",
     )
+    parser.add_argument("--only", choices=["all", "chat"], default="all", help="which reference runs to make")
     args = parser.parse_args()
     python = str(Path(args.lm_eval).with_name("python"))
     if not (MODEL_DIR / "model.safetensors").exists():
@@ -303,6 +333,11 @@ def main() -> None:
     ).stdout.strip()
     if version != LM_EVAL_VERSION:
         sys.exit(f"expected lm-eval {LM_EVAL_VERSION}, found {version}")
+
+    chat_refs = make_chat_reference(args.lm_eval)
+    write(chat_refs, ".chat")
+    if args.only == "chat":
+        return
 
     argv, results, secs = run_lm_eval(args.lm_eval, TASKS, ["--seed", "1234"], "main")
     refs = build_references(argv, results, TASKS)
