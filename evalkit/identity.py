@@ -7,6 +7,7 @@ any number of processes finds every result it already has.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,21 @@ def task_config_hash(plan: TaskPlan, prompt_settings: dict[str, Any]) -> str:
     """
     config = dict(plan.task.dump_config())
     config["metadata"] = {k: v for k, v in (config.get("metadata") or {}).items() if k != "config_source"}
-    return _sha([config, plan.num_fewshot, plan.limit, prompt_settings])
+    return _sha([_stable(config), plan.num_fewshot, plan.limit, prompt_settings])
+
+
+def _stable(value: Any) -> Any:
+    """A config value with nested callables (which lm-eval's dump leaves as objects) named by their source."""
+    if isinstance(value, dict):
+        return {str(k): _stable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_stable(v) for v in value]
+    if callable(value):
+        try:
+            return inspect.getsource(value)
+        except (OSError, TypeError):
+            return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value).__name__)}"
+    return value
 
 
 def request_key(model_hash: str, task_hash: str, request: Request) -> str:

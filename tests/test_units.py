@@ -77,3 +77,12 @@ def test_config_file_values_are_type_checked(tmp_path):
     assert "unknown key 'batch_sizes' (did you mean 'batch_size'?)" in message
     path.write_text("include_path: mytasks\nresume: true\n")
     assert read_config_file(path) == {"include_path": ["mytasks"], "resume": True}
+
+
+def test_task_hash_names_nested_functions_by_source():
+    """lm-eval's config dump leaves functions inside fewshot_config as objects; their repr has an address."""
+    from evalkit.identity import _stable
+
+    stable = _stable({"fewshot_config": {"process_docs": test_seed_forms_match_lm_eval}, "n": [1, 2]})
+    assert "def test_seed_forms_match_lm_eval" in stable["fewshot_config"]["process_docs"]
+    assert "0x" not in str(stable) and stable["n"] == [1, 2]
