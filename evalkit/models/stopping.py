@@ -24,11 +24,18 @@ class StopOnSequences(transformers.StoppingCriteria):
         self.tokenizer = tokenizer
         self.stops = [s for s in stops if s]
         self.prompt_len = prompt_len
+        # A stop sequence that just appeared lies in the newest tokens: a token carries at least one
+        # byte and a character at most 4, so decoding this many is enough, instead of the whole
+        # continuation at every step (quadratic in its length). A window starting mid-character can
+        # only add a replacement character, which never completes a stop, and the text is cut at the
+        # first stop after decoding anyway, so the answer never depends on when generation stopped.
+        self.window = 4 * max((len(s) for s in self.stops), default=0) + 4
         self.group = group
         self.done = torch.zeros(batch_size, dtype=torch.bool)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len :])
+        start = max(self.prompt_len, input_ids.shape[1] - self.window)
+        texts = self.tokenizer.batch_decode(input_ids[:, start:])
         for row, text in enumerate(texts):
             if not self.done[row]:
                 self.done[row] = any(stop in text for stop in self.stops)

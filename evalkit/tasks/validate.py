@@ -19,12 +19,14 @@ the same way ``download`` does, and lm-eval's log output is silenced. All of thi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib.util
 import io
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import warnings
@@ -65,28 +67,60 @@ def _checked(cls: type) -> type:
     """``cls`` with data loading replaced by the sentinel and the post-download checks added.
 
     The ``__init__`` keeps the original's signature (lm-eval's factory inspects it to decide whether
-    to pass ``config``)."""
+    to pass ``config``). A failure names the task (a task defined inline in a group is built here
+    directly, not through the factory's ``_build_task``)."""
     original = cls.__init__
 
     @functools.wraps(original)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         try:
-            original(self, *args, **kwargs)
-        except _ReachedData:
-            pass
-        except Exception as exc:
-            # lm-eval does not stop at an unknown metric (it logs and stores None) but may fail
-            # a little later on it (looking up its default aggregation); name the metric.
-            problem = _metric_problem(self)
-            if problem:
-                raise _Problem(problem) from exc
+            try:
+                original(self, *args, **kwargs)
+            except _ReachedData:
+                pass
+            except Exception as exc:
+                # lm-eval does not stop at an unknown metric (it logs and stores None) but may fail
+                # a little later on it (looking up its default aggregation); name the metric.
+                problem = _metric_problem(self)
+                if problem:
+                    raise _Problem(problem) from exc
+                raise
+            _check_after_download(self)
+        except TaskLoadError:
             raise
-        _check_after_download(self)
+        except Exception as exc:
+            config = kwargs.get("config")
+            if isinstance(config, dict) and isinstance(config.get("task"), str):
+                raise TaskLoadError(config["task"], exc, dataset=_dataset(config)) from exc
+            raise
 
     return type(cls.__name__, (cls,), {"__init__": __init__, "download": _stop, "__module__": cls.__module__})
 
 
+def _dataset(config: dict[str, Any]) -> str | None:
+    path, name = config.get("dataset_path"), config.get("dataset_name")
+    return f"{path}:{name}" if path and name else path
+
+
 # ---------------------------------------------------------------- checks on the half-built task
+
+# The metrics each output type computes itself in ConfigurableTask.process_results; only
+# generate_until calls the metric function lm-eval looked up.
+_COMPUTED = {
+    "loglikelihood": {"perplexity", "acc"},
+    "loglikelihood_rolling": {"word_perplexity", "byte_perplexity", "bits_per_byte"},
+    "multiple_choice": {
+        "acc",
+        "f1",
+        "mcc",
+        "acc_norm",
+        "acc_bytes",
+        "exact_match",
+        "brier_score",
+        "likelihood",
+        "acc_mutual_info",
+    },
+}
 
 
 def _metric_problem(task: Any) -> str | None:
@@ -98,6 +132,7 @@ def _metric_problem(task: Any) -> str | None:
 
     fns = getattr(task, "_metric_fn_list", {})
     aggregations = getattr(task, "_aggregation_list", {})
+    output_type = getattr(config, "output_type", None)
     for item in metric_list:
         if not isinstance(item, dict) or "metric" not in item:
             return "an entry of metric_list has no 'metric' key"
@@ -113,7 +148,11 @@ def _metric_problem(task: Any) -> str | None:
                     f"give its metric_list entry an 'aggregation:' (e.g. mean)"
                 )
             return None
-        if fns[name] is None and getattr(config, "process_results", None) is None:
+        # lm-eval stores None for a name neither its registry nor `evaluate` resolves. That breaks
+        # generate_until (which calls the function); the other output types compute their metrics
+        # by name (e.g. `f1` with `hf_evaluate: true` on a multiple_choice task works offline).
+        computed = name in _COMPUTED.get(output_type, ())
+        if fns[name] is None and not computed and getattr(config, "process_results", None) is None:
             return _unknown_metric(name, metric_registry.keys(), bool(item.get("hf_evaluate")))
         aggregation = item.get("aggregation")
         if isinstance(aggregation, str) and aggregations.get(name) is None:
@@ -145,12 +184,14 @@ def _unknown_metric(name: str, known: Any, hf_evaluate: bool) -> str:
 
 def _check_after_download(task: Any) -> None:
     """What ``ConfigurableTask.__init__`` does after the download, without the data."""
-    config = task.config
+    config = getattr(task, "_config", None)
+    if config is None:  # a plain Task subclass downloads before it has a config: nothing to check
+        return
     problem = _metric_problem(task)
     if problem:
         raise _Problem(problem)
     _check_filters(getattr(config, "filter_list", None))
-    _check_fewshot(getattr(task, "fewshot_cfg", None), getattr(config, "fewshot_config", None))
+    _check_fewshot(getattr(config, "fewshot_config", None))
     _check_prompt(getattr(config, "use_prompt", None))
     for key in ("doc_to_text", "doc_to_target", "doc_to_choice", "description", "gen_prefix"):
         value = getattr(config, key, None)
@@ -186,7 +227,7 @@ def _check_filters(filter_list: Any) -> None:
                 )
             components.append([function, {k: v for k, v in step.items() if k != "function"}])
         ensemble = build_filter_ensemble(name, components)
-        for (function, _), step in zip(components, ensemble.filters):
+        for (function, _), step in zip(components, ensemble.filters, strict=True):
             if isinstance(step.func, type):  # a Filter class: its constructor checks its arguments
                 try:
                     step()
@@ -194,8 +235,8 @@ def _check_filters(filter_list: Any) -> None:
                     raise _Problem(f"filter '{name}': {function}: {type(exc).__name__}: {one_line(exc)}") from exc
 
 
-def _check_fewshot(fewshot: Any, raw: Any) -> None:
-    if fewshot is None:
+def _check_fewshot(fewshot: Any) -> None:
+    if fewshot is None or isinstance(fewshot, dict):  # TaskConfig turns a dict into a FewshotConfig
         return
     from lm_eval.api import samplers
 
@@ -209,7 +250,7 @@ def _check_fewshot(fewshot: Any, raw: Any) -> None:
     elif not (isinstance(sampler, type) and issubclass(sampler, samplers.ContextSampler)):
         raise _Problem(f"fewshot_config.sampler must be a sampler name or a ContextSampler class, got {sampler!r}")
     samples = getattr(fewshot, "samples", None)
-    if raw is not None and samples is not None and not (isinstance(samples, list) or callable(samples)):
+    if samples is not None and not (isinstance(samples, list) or callable(samples)):
         raise _Problem("fewshot_config.samples must be a list of documents or a function returning one")
     indices = getattr(fewshot, "fewshot_indices", None)
     if indices is not None and not (isinstance(indices, list) and all(isinstance(i, int) for i in indices)):
@@ -247,6 +288,8 @@ def _reason(exc: BaseException, dataset: str | None = None) -> str:
     for err in _chain(exc):
         if isinstance(err, _Problem):
             return one_line(err)
+        if isinstance(err, _ReachedData):  # not from ``download``: from a module being imported
+            return "its code loads a dataset when it is imported, so it cannot be checked without the data"
         # "No module named 'transformers.data.metrics'": the package is there, the module is not
         if isinstance(err, ModuleNotFoundError) and err.name and "." in err.name:
             top = err.name.split(".")[0]
@@ -255,6 +298,14 @@ def _reason(exc: BaseException, dataset: str | None = None) -> str:
                     f"needs the module '{err.name}', which the installed '{top}' does not have "
                     f"(the task was written for another version of {top})"
                 )
+    if isinstance(exc, SystemExit):
+        return f"the task's code exits when imported: {one_line(exc) or 'sys.exit()'}"
+    unknown = re.search(r"FewshotConfig.__init__\(\) got an unexpected keyword argument '([^']+)'", one_line(exc))
+    if unknown:
+        from lm_eval.config.task import FewshotConfig
+
+        known = [f.name for f in dataclasses.fields(FewshotConfig)]
+        return f"fewshot_config: unknown key '{unknown.group(1)}'{did_you_mean(unknown.group(1), known)}"
     return reason(exc, dataset)
 
 
@@ -287,12 +338,10 @@ def _explain(err: TaskLoadError, requested: str, index: dict[str, Entry]) -> str
     if err.task == requested and not err.groups:
         return line
 
-    def label(name: str) -> str:
-        entry = index.get(name)
-        is_group = (entry is not None and entry.kind is Kind.GROUP) or (entry is None and name in err.groups)
-        return f"group '{name}'" if is_group else f"task '{name}'"
-
-    chain = [label(g) for g in err.groups] + [label(err.task)]
+    # the failure is in a task, or in a group itself (its YAML, or its own keys)
+    entry = index.get(err.task) if isinstance(err.task, str) else None
+    last = "group" if entry is not None and entry.kind is Kind.GROUP else "task"
+    chain = [f"group '{g}'" for g in err.groups] + [f"{last} '{err.task}'"]
     return f"{' > '.join(chain)}: {line}"
 
 
@@ -306,6 +355,13 @@ def _freeze(value: Any) -> str:
         return repr(value)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Built:
+    """A task that validated, as a group holds it."""
+
+    task_name: str
+
+
 class _ValidatingFactory(_Factory):
     """The library's factory (lm-eval's, naming the failing task) with ``class:`` tasks swapped
     for their checked subclass and each (task or group, overrides) built once per validation."""
@@ -313,7 +369,6 @@ class _ValidatingFactory(_Factory):
     def __init__(self, meta: dict[str, Any] | None) -> None:
         super().__init__(meta=meta)
         self._built: dict[tuple[str, ...], Any] = {}
-        self._yaml: dict[Path, Any] = {}
 
     def _load_full_config(self, entry: Entry, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         cfg = super()._load_full_config(entry, overrides)
@@ -337,9 +392,31 @@ class _ValidatingFactory(_Factory):
         return hit
 
     def _build_task(self, entry: Entry, overrides: dict[str, Any] | None) -> Any:
+        name = (overrides or {}).get("task") or entry.name
+        if not isinstance(name, str):
+            # lm-eval takes `- group: X` with a `task:` list in a group's task list for a reference
+            # to X with overrides when X is already a name; when X is a task it builds that task
+            # with `task: [list]` and fails much later (unhashable type: 'list').
+            raise TaskLoadError(
+                entry.name,
+                _Problem(
+                    f"a group's task list defines a group '{entry.name}' with its own task list, but "
+                    f"'{entry.name}' is already a task, so lm-eval builds that task instead; rename the group"
+                ),
+            )
         rest = {k: v for k, v in (overrides or {}).items() if not (k == "task" and v == entry.name)}
         key = ("task", entry.name, str(entry.yaml_path), _freeze(rest))
-        return self._memo(key, lambda: super(_ValidatingFactory, self)._build_task(entry, overrides))
+
+        def build() -> Any:
+            try:
+                super(_ValidatingFactory, self)._build_task(entry, overrides)
+            except SystemExit as exc:  # a task's utils.py that calls sys.exit() when imported
+                raise TaskLoadError(name, exc) from exc
+            # the half-built task is not kept (the whole library's would take a gigabyte and
+            # more); a group only needs its members' names
+            return _Built(name)
+
+        return self._memo(key, build)
 
     def _build_group(self, group_name: str, raw_cfg: dict[str, Any], overrides: Any, registry: Any) -> Any:
         key = ("group", group_name, _freeze(raw_cfg), _freeze(overrides or {}))
@@ -352,7 +429,7 @@ class _ValidatingFactory(_Factory):
             return super().build(entry, overrides=overrides, registry=registry)
         except TaskLoadError:
             raise
-        except Exception as exc:  # noqa: BLE001 - e.g. a group YAML that does not load
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - e.g. a group YAML that does not load
             raise TaskLoadError(entry.name, exc) from exc
 
 
@@ -417,6 +494,7 @@ def validate(library: TaskLibrary, names: list[str]) -> dict[str, str | None]:
     """
     library.check_names(names)
     _install_code_eval()
+    _evaluate_failure.cache_clear()  # an evaluate metric may have been made available since
     results: dict[str, str | None] = {}
     index = library.task_index
     with _LOCK, _scope():
@@ -431,6 +509,13 @@ def _validate_one(factory: _ValidatingFactory, index: dict[str, Entry], name: st
         entry = index.get(name) or TaskIndex.entry_from_path(Path(name))
         if entry is None:
             return f"{name} has neither a 'task' nor a 'group' key"
+        if not isinstance(entry.name, str):
+            # lm-eval 0.4.13 names an entry read from a path `task or group`: for a group file
+            # that is its task list, and loading it fails later (unhashable type: 'list')
+            return (
+                "lm-eval cannot load a group from its YAML path (it takes the group's task list for its "
+                "name); add the YAML's folder with --include-path and use the group's name"
+            )
         factory.build(entry, overrides=None, registry=index)
     except TaskLoadError as exc:
         return _one_line(_explain(exc, name, index))
