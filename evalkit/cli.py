@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="few-shot examples as chat turns (default: on with --apply-chat-template)",
     )
     p.add_argument("--system-instruction", help="a system message put before every prompt")
-    p.add_argument("--gen-kwargs", help="generation settings for generate_until tasks, e.g. temperature=0,max_gen_toks=64")
+    p.add_argument(
+        "--gen-kwargs", help="generation settings for generate_until tasks, e.g. temperature=0,max_gen_toks=64"
+    )
     p.add_argument(
         "--confirm-run-unsafe-code",
         action="store_true",

@@ -516,7 +516,9 @@ def _outcome(watch: _Watch, returncode: int, timeout: float) -> Outcome:
     if "result" in merged:
         result = str(merged["result"])
         return Outcome(result == "passed", result, uid, net)
-    if watch.timed_out:
+    # The CPU-time limit is the same deadline as the wall clock's for a busy program; whichever
+    # fires first, the program ran out of time.
+    if watch.timed_out or returncode == -signal.SIGXCPU:
         return Outcome(False, "timed out", uid, net)
     return Outcome(False, f"failed: {_describe_exit(returncode)}", uid, net)
 

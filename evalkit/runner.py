@@ -138,9 +138,9 @@ def chat_template(config: RunConfig, model_path: str) -> Callable[..., str] | No
 
 def load_task_plans(config: RunConfig, model_path: str) -> tuple[list[TaskPlan], dict[str, Any]]:
     """lm-eval's tasks and groups for --tasks, with every prompt and request built (rank 0 only)."""
-    from evalkit.code_exec import install_code_eval
+    from evalkit.compat import install_compat
 
-    install_code_eval()
+    install_compat()
     library = TaskLibrary(config.include_path, metadata=config.task_metadata(model_path))
     loaded = library.load_checked(list(config.tasks))
     unsafe = [name for name, task in loaded["tasks"].items() if getattr(task, "UNSAFE_CODE", False)]

@@ -171,10 +171,10 @@ def _jsonable(value: Any) -> Any:
 
 def score(request: SandboxRequest) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """In the scoring process: rebuild the task and run its ``process_results`` on every item."""
-    from evalkit.code_exec import install_code_eval
+    from evalkit.compat import install_compat
     from evalkit.tasks.library import TaskLibrary
 
-    install_code_eval()
+    install_compat()
     library = TaskLibrary(request.include_path, request.metadata)
     tasks = library.load_checked(list(request.task_specs))["tasks"]
     if request.task not in tasks:

@@ -60,7 +60,9 @@ def fold_samples(rows: list[dict], output_type: str) -> list[dict]:
             record["error"] = row["error"]
             continue
         arguments = row["arguments"]
-        record["arguments"] = [list(a.values()) for a in arguments.values()] if isinstance(arguments, dict) else arguments
+        record["arguments"] = (
+            [list(a.values()) for a in arguments.values()] if isinstance(arguments, dict) else arguments
+        )
         record["resps"] = [[parse_response(output_type, r) for r in rs] for rs in row["resps"]]
         record["filtered_resps"][row["filter"]] = [parse_response(output_type, r) for r in row["filtered_resps"]]
         record["metrics"][row["filter"]] = {m: row[m] for m in row["metrics"]}
@@ -118,7 +120,13 @@ def run_evalkit(
         cmd += ["--output", str(output)]
     extra = env or {}
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_EVALUATE_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+    )
     env.update(extra)
     start = time.monotonic()
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -24,7 +24,6 @@ from conftest import (
 )
 
 
-
 def reference(name: str) -> dict:
     return json.loads((REFERENCE / f"{name}.json").read_text())
 

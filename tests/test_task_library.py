@@ -120,7 +120,11 @@ def test_five_shot_groups_match_lm_eval(five_shot):
     assert_groups_match(five_shot, "B")
 
 
-LAYOUTS = [("torchrun", 2, ["--batch-size", "8"]), ("torchrun", 4, ["--batch-size", "3"]), ("torchrun", 2, ["--tp", "2"])]
+LAYOUTS = [
+    ("torchrun", 2, ["--batch-size", "8"]),
+    ("torchrun", 4, ["--batch-size", "3"]),
+    ("torchrun", 2, ["--tp", "2"]),
+]
 
 
 @pytest.mark.multiprocess

@@ -63,9 +63,7 @@ def index_fingerprint(roots: Iterable[Path]) -> str:
 
 
 def _to_json(index: dict[str, Entry]) -> dict[str, Any]:
-    return {
-        name: [e.kind.name, str(e.yaml_path) if e.yaml_path else None, sorted(e.tags)] for name, e in index.items()
-    }
+    return {name: [e.kind.name, str(e.yaml_path) if e.yaml_path else None, sorted(e.tags)] for name, e in index.items()}
 
 
 def _from_json(data: dict[str, Any]) -> dict[str, Entry]:

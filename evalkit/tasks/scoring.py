@@ -120,7 +120,11 @@ def score_task(plan: TaskPlan, outputs: list[Any], process: ProcessBatch) -> tup
     for doc_id, doc in docs:
         if doc_id in errors:
             rows.append(
-                {"doc_id": doc_id, "doc": json.loads(json.dumps(doc, default=handle_non_serializable)), "error": errors[doc_id]}
+                {
+                    "doc_id": doc_id,
+                    "doc": json.loads(json.dumps(doc, default=handle_non_serializable)),
+                    "error": errors[doc_id],
+                }
             )
     if not raw:
         raise RuntimeError(f"task {plan.name}: every doc failed; see samples_{plan.name}.jsonl")

@@ -26,7 +26,6 @@ import io
 import json
 import logging
 import os
-import re
 import sys
 import threading
 import warnings
@@ -38,6 +37,7 @@ import lm_eval.tasks._factory as lm_factory
 from lm_eval.api.task import ConfigurableTask, Task
 from lm_eval.tasks._index import Entry, Kind, TaskIndex
 
+from evalkit.compat import install_compat
 from evalkit.errors import did_you_mean, one_line
 from evalkit.tasks.library import TaskLibrary, _Factory
 from evalkit.tasks.problems import TaskLoadError, reason
@@ -282,7 +282,7 @@ def _template_error(text: str) -> str | None:
 
 
 def _reason(exc: BaseException, dataset: str | None = None) -> str:
-    """``problems.reason``, plus cases it does not word yet (to be moved into problems.py)."""
+    """``problems.reason``, plus validation's own findings."""
     if isinstance(exc, _Problem):
         return one_line(exc)
     for err in _chain(exc):
@@ -290,22 +290,6 @@ def _reason(exc: BaseException, dataset: str | None = None) -> str:
             return one_line(err)
         if isinstance(err, _ReachedData):  # not from ``download``: from a module being imported
             return "its code loads a dataset when it is imported, so it cannot be checked without the data"
-        # "No module named 'transformers.data.metrics'": the package is there, the module is not
-        if isinstance(err, ModuleNotFoundError) and err.name and "." in err.name:
-            top = err.name.split(".")[0]
-            if top not in ("lm_eval", "evalkit") and _importable(top):
-                return (
-                    f"needs the module '{err.name}', which the installed '{top}' does not have "
-                    f"(the task was written for another version of {top})"
-                )
-    if isinstance(exc, SystemExit):
-        return f"the task's code exits when imported: {one_line(exc) or 'sys.exit()'}"
-    unknown = re.search(r"FewshotConfig.__init__\(\) got an unexpected keyword argument '([^']+)'", one_line(exc))
-    if unknown:
-        from lm_eval.config.task import FewshotConfig
-
-        known = [f.name for f in dataclasses.fields(FewshotConfig)]
-        return f"fewshot_config: unknown key '{unknown.group(1)}'{did_you_mean(unknown.group(1), known)}"
     return reason(exc, dataset)
 
 
@@ -315,14 +299,6 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         seen.add(id(exc))
         yield exc
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-
-
-@functools.cache
-def _importable(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
 
 
 def kind_of(library: TaskLibrary, name: str) -> str:
@@ -475,15 +451,6 @@ def _scope() -> Iterator[None]:
             )
 
 
-def _install_code_eval() -> None:
-    """The offline ``code_eval`` metric (humaneval, mbpp load it when their utils are imported)."""
-    try:
-        from evalkit.code_exec import install_code_eval  # type: ignore[import-not-found]
-    except ImportError:
-        return
-    install_code_eval()
-
-
 # ---------------------------------------------------------------- the API
 
 
@@ -493,7 +460,7 @@ def validate(library: TaskLibrary, names: list[str]) -> dict[str, str | None]:
     Unknown names raise ``UsageError`` (with a did-you-mean) before anything is built.
     """
     library.check_names(names)
-    _install_code_eval()
+    install_compat()
     _evaluate_failure.cache_clear()  # an evaluate metric may have been made available since
     results: dict[str, str | None] = {}
     index = library.task_index
