@@ -3,7 +3,7 @@
 lm-eval's ``unsafe_code`` tasks (humaneval, mbpp and their variants) call
 ``evaluate.load("code_eval")`` when their ``utils.py`` is imported and ``.compute(...)`` when a doc is
 scored. The ``evaluate`` package does not ship that metric (it fetches it from the hub), so offline
-the import itself fails. :func:`install_code_eval` makes ``evaluate.load("code_eval")`` return
+the import itself fails. :func:`evalkit.compat.install_compat` makes ``evaluate.load("code_eval")`` return
 :class:`CodeEval`, evalkit's own implementation with the same behaviour:
 
 * ``compute(predictions=list[list[str]], references=list[str], k=[1, 10, 100], num_workers=4,
@@ -78,7 +78,6 @@ from __future__ import annotations
 
 import ast
 import functools
-import importlib.abc
 import logging
 import math
 import os
@@ -572,7 +571,7 @@ def code_eval(
 
 
 class CodeEval:
-    """What ``evaluate.load("code_eval")`` returns once :func:`install_code_eval` ran."""
+    """What ``evaluate.load("code_eval")`` returns once :func:`evalkit.compat.install_compat` ran."""
 
     name = "code_eval"
     description = "pass@k of generated programs, run in evalkit's sandbox (evalkit.code_exec)"
@@ -593,72 +592,3 @@ class CodeEval:
 
     def __repr__(self) -> str:
         return "CodeEval(evalkit sandbox)"
-
-
-_install_lock = threading.Lock()
-
-
-def _patch(evaluate: Any) -> None:
-    """Wrap ``evaluate.load`` (once) so that the name ``code_eval`` gives :class:`CodeEval`."""
-    with _install_lock:
-        current = evaluate.load
-        if getattr(current, "_evalkit_code_eval", False):
-            return
-
-        @functools.wraps(current)
-        def load(path: Any, *args: Any, **kwargs: Any) -> Any:
-            if path == "code_eval":
-                return CodeEval()
-            return current(path, *args, **kwargs)
-
-        load._evalkit_code_eval = True  # type: ignore[attr-defined]
-        evaluate.load = load
-
-
-class _PatchWhenImported(importlib.abc.MetaPathFinder):
-    """Patches ``evaluate`` right after it is first imported (importing it costs seconds: it pulls
-    in transformers' pipelines), so a run without code tasks never pays for it."""
-
-    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
-        if name != "evaluate":
-            return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(name, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
-        loader = spec.loader
-        if loader is None or not hasattr(loader, "exec_module"):
-            return spec
-        run = loader.exec_module
-
-        def exec_module(module: Any) -> None:
-            run(module)
-            _patch(module)
-
-        loader.exec_module = exec_module  # this loader instance belongs to this spec only
-        return spec
-
-
-def install_code_eval() -> None:
-    """Make ``evaluate.load("code_eval")`` return :class:`CodeEval`; any other name is untouched.
-
-    Idempotent and cheap: when ``evaluate`` is not imported yet, the patch is applied as soon as
-    something imports it (lm-eval's humaneval/mbpp ``utils.py`` do, when such a task loads). It
-    replaces the ``evaluate.load`` attribute, which is what those utils call
-    (``import evaluate as hf_evaluate; hf_evaluate.load("code_eval")``); code that took its own
-    reference (``from evaluate import load``) before the patch keeps the hub loader.
-    """
-    module = sys.modules.get("evaluate")
-    if module is not None:
-        _patch(module)
-        return
-    with _install_lock:
-        if not any(isinstance(f, _PatchWhenImported) for f in sys.meta_path):
-            sys.meta_path.insert(0, _PatchWhenImported())
-    module = sys.modules.get("evaluate")  # imported by another thread meanwhile
-    if module is not None:
-        _patch(module)

@@ -1,6 +1,7 @@
 """Stand-ins that let unchanged lm-eval tasks load and score offline with today's libraries.
 
-:func:`install_compat` (idempotent, cheap: it imports nothing heavy) puts three things in place.
+:func:`install_compat` (idempotent, cheap: it imports nothing heavy) puts these in place; ``code_eval``
+(evalkit.code_exec, always evalkit's own, sandboxed) is served by the same ``evaluate.load`` wrapper.
 
 ``transformers.data.metrics.squad_metrics``
     transformers 5 removed this module; about fifty lm-eval tasks (catalan_bench, galician_bench,
@@ -328,7 +329,8 @@ def _load_rouge(failure: BaseException, module_type: str | None, init_kwargs: di
 
 
 def _patch_evaluate(evaluate: Any) -> None:
-    """Wrap ``evaluate.load`` (once) so that ``rouge`` falls back to :class:`Rouge`."""
+    """Wrap ``evaluate.load`` (once): ``code_eval`` is always evalkit's sandboxed implementation
+    (evalkit.code_exec), ``rouge`` falls back to :class:`Rouge`, every other name is untouched."""
     with _LOCK:
         current = evaluate.load
         if getattr(current, "_evalkit_compat", False):
@@ -336,6 +338,10 @@ def _patch_evaluate(evaluate: Any) -> None:
 
         @functools.wraps(current)
         def load(path: Any, *args: Any, **kwargs: Any) -> Any:
+            if path == "code_eval":
+                from evalkit.code_exec import CodeEval
+
+                return CodeEval()
             if path not in _ROUGE_NAMES:
                 return current(path, *args, **kwargs)
             try:
@@ -351,9 +357,8 @@ def _patch_evaluate(evaluate: Any) -> None:
 class _PatchEvaluateWhenImported(importlib.abc.MetaPathFinder):
     """Patches ``evaluate`` right after its first import (which costs seconds, so it is not forced).
 
-    It asks the other finders for the real spec and wraps that spec's loader. Another finder doing
-    the same (``evalkit.code_exec``'s) asks this one in turn; the guard makes the inner call answer
-    None, so both wrap the one real spec instead of asking each other forever."""
+    It asks the other finders for the real spec and wraps that spec's loader; the guard makes a
+    finder that asks this one in turn get None, instead of the two asking each other forever."""
 
     _busy = threading.local()
 
@@ -385,7 +390,7 @@ class _PatchEvaluateWhenImported(importlib.abc.MetaPathFinder):
         return spec
 
 
-def _install_rouge() -> None:
+def _install_evaluate_stand_ins() -> None:
     module = sys.modules.get("evaluate")
     if module is None:
         with _LOCK:
@@ -419,11 +424,8 @@ def _evaluate_offline() -> None:
 
 
 def install_compat() -> None:
-    """Put the stand-ins described in the module doc in place, and evalkit's offline code_eval
-    (evalkit.code_exec). Idempotent and cheap; every process that loads lm-eval tasks calls it."""
-    from evalkit.code_exec import install_code_eval
-
+    """Put the stand-ins described in the module doc in place. Idempotent and cheap; every process
+    that loads lm-eval tasks (ranks' rank 0, the sandbox, ``tasks validate``) calls it."""
     _evaluate_offline()
     _install_squad_metrics()
-    _install_rouge()
-    install_code_eval()
+    _install_evaluate_stand_ins()

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from evalkit.code_exec import CodeEval, Limits, code_eval, estimate_pass_at_k, install_code_eval, run_program
+from evalkit.code_exec import CodeEval, Limits, code_eval, estimate_pass_at_k, run_program
+from evalkit.compat import install_compat
 from evalkit.sandbox import SandboxError, SandboxRequest, score_in_sandbox
 
 WRONG_BODY = "    return None\n"
@@ -68,7 +69,7 @@ def test_canonical_solutions_pass_through_evaluate_load(problems):
 
     problems = problems[::4]
 
-    install_code_eval()
+    install_compat()
     metric = evaluate.load("code_eval")
     assert isinstance(metric, CodeEval)
     pass_at_k, results = metric.compute(
@@ -83,7 +84,7 @@ def test_canonical_solutions_pass_through_evaluate_load(problems):
 
 
 def test_wrong_solution_fails(problems):
-    install_code_eval()
+    install_compat()
     import evaluate
 
     p = problems[0]
@@ -221,7 +222,7 @@ def test_root_runs_programs_as_nobody(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_install_code_eval_is_idempotent_and_leaves_other_names(monkeypatch):
+def test_install_compat_serves_code_eval_and_leaves_other_names(monkeypatch):
     import evaluate
 
     calls = []
@@ -231,9 +232,9 @@ def test_install_code_eval_is_idempotent_and_leaves_other_names(monkeypatch):
         return "hub module"
 
     monkeypatch.setattr(evaluate, "load", fake_load)
-    install_code_eval()
+    install_compat()
     installed = evaluate.load
-    install_code_eval()
+    install_compat()
     assert evaluate.load is installed
     assert isinstance(evaluate.load("code_eval"), CodeEval)
     assert evaluate.load("accuracy", config_name="x") == "hub module"
@@ -243,7 +244,7 @@ def test_install_code_eval_is_idempotent_and_leaves_other_names(monkeypatch):
 
 def test_lm_eval_import_time_self_test_runs():
     """humaneval/mbpp utils run this at import time: it must work offline and report a failure."""
-    install_code_eval()
+    install_compat()
     import evaluate
 
     pass_at_k, _ = evaluate.load("code_eval").compute(
@@ -280,7 +281,7 @@ def humaneval(problems, tmp_path_factory):
         mp.setenv("HF_DATASETS_CACHE", str(root / "hf-datasets-cache"))
         from evalkit.tasks.library import TaskLibrary
 
-        install_code_eval()
+        install_compat()
         task = TaskLibrary([], {}).load_checked(["humaneval"])["tasks"]["humaneval"]
         task.build_all_requests(rank=0, world_size=1)
         yield root, task
