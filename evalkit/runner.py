@@ -1,7 +1,8 @@
 """The evaluation loop every rank runs.
 
-prepare (all ranks, global order) -> load model -> this rank's shard -> model calls in batches
--> gather to rank 0 -> rank 0 scores and writes. Bad input ends every rank with one line and
+check inputs (every rank) -> rank 0 builds every request with lm-eval (global order) and hands
+each rank its share -> load model -> model calls in batches, results streamed to shards -> rank 0
+merges the shards and scores with lm-eval. Bad input ends every rank with one line and
 exit code 2; any other exception ends the failing rank at once with its message, which ends
 the others (their collectives fail, and the launcher stops the group).
 """
@@ -19,7 +20,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,8 +44,6 @@ from evalkit.shards import SHARD_DIR, ShardWriter, read_all, read_records, shard
 from evalkit.tasks.library import TaskLibrary
 from evalkit.tasks.requests import DEFAULT_MAX_GEN_TOKS, PromptOptions, Request, TaskPlan, build_plans, number_requests
 from evalkit.tasks.scoring import RequestError
-
-T = TypeVar("T")
 
 
 @dataclass
