@@ -51,6 +51,15 @@ def assert_usage_error(run, *fragments: str, ranks: int = 1, fresh_output: bool 
         (["--tasks", str(BROKEN / "missing_split.yaml")], ["split 'validation' does not exist", "test"]),
         (["--tasks", str(BROKEN / "missing_field.yaml")], ["difficulty", "doc fields are"]),
         (["--tasks", str(BROKEN / "hub_dataset.yaml")], ["some-org/some-benchmark", "Hub", "local copy"]),
+        (
+            ["--tasks", "broken_group", "--include-path", str(BROKEN)],
+            ["group 'broken_group' > task 'broken_missing_package'", "pip install"],
+        ),
+        (
+            ["--tasks", str(BROKEN / "missing_package.yaml")],
+            ["needs the Python package 'evalkit-test-package-that-does-not-exist'", "not installed"],
+        ),
+        (["--tasks", str(BROKEN / "unsafe.yaml")], ["broken_unsafe", "--confirm-run-unsafe-code"]),
         (["--tasks", "demo_mc", "--tp", "2"], ["tp(2) does not divide world_size(1)"]),
         (["--tasks", "demo_mc", "--batch-size", "0"], ["--batch-size 0 must be at least 1"]),
         (["--tasks", "demo_mc", "--bogus"], ["unrecognized arguments: --bogus"]),
@@ -63,6 +72,9 @@ def assert_usage_error(run, *fragments: str, ranks: int = 1, fresh_output: bool 
         "missing-split",
         "missing-field",
         "hub-dataset",
+        "group-with-invalid-member",
+        "missing-package",
+        "unsafe-code-without-flag",
         "tp-not-dividing",
         "batch-size",
         "unknown-flag",
@@ -93,6 +105,9 @@ def test_bad_model(tmp_path, model, fragments):
     ("nproc", "args", "fragments"),
     [
         (2, ["--tasks", "demo_mcc"], ["unknown task 'demo_mcc'"]),
+        (2, ["--tasks", "broken_group", "--include-path", str(BROKEN)], ["group 'broken_group' >", "pip install"]),
+        (2, ["--tasks", str(BROKEN / "unsafe.yaml")], ["--confirm-run-unsafe-code"]),
+        (2, ["--tasks", str(BROKEN / "hub_dataset.yaml")], ["some-org/some-benchmark", "not available offline"]),
         (2, ["--tasks", "demo_mc", "--tp", "3"], ["tp(3) does not divide world_size(2)"]),
         (
             4,
@@ -101,7 +116,15 @@ def test_bad_model(tmp_path, model, fragments):
         ),
         (2, ["--tasks", "demo_mc", "--tp", "2", "--gpu-mem", "0.0005"], ["tp=2 x dp=1 does not fit", "GiB"]),
     ],
-    ids=["unknown-task", "tp-not-dividing-world", "tp-not-dividing-heads", "too-big"],
+    ids=[
+        "unknown-task",
+        "group-with-invalid-member",
+        "unsafe-code",
+        "hub-dataset",
+        "tp-not-dividing-world",
+        "tp-not-dividing-heads",
+        "too-big",
+    ],
 )
 def test_bad_input_ends_every_rank(tmp_path, nproc, args, fragments):
     run = run_evalkit(model_args(*args), launcher="torchrun", nproc=nproc, output=tmp_path / "out", timeout=180)
