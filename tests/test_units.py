@@ -86,3 +86,16 @@ def test_task_hash_names_nested_functions_by_source():
     stable = _stable({"fewshot_config": {"process_docs": test_seed_forms_match_lm_eval}, "n": [1, 2]})
     assert "def test_seed_forms_match_lm_eval" in stable["fewshot_config"]["process_docs"]
     assert "0x" not in str(stable) and stable["n"] == [1, 2]
+
+
+def test_lm_eval_templates_compile_once_and_render_the_same():
+    import lm_eval.utils
+
+    from evalkit.tasks.library import compile_templates_once
+
+    template = "Question: {{question}}\\nAnswer:"
+    before = lm_eval.utils.apply_template(template, {"question": "2+2?"})
+    compile_templates_once()
+    compile_templates_once()
+    assert lm_eval.utils.env.from_string(template) is lm_eval.utils.env.from_string(template)
+    assert lm_eval.utils.apply_template(template, {"question": "2+2?"}) == before == "Question: 2+2?\\nAnswer:"
