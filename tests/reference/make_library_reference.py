@@ -49,6 +49,9 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
 from library_data import LIBRARY_TASKS, write_hub_data  # noqa: E402
 
+# lm-eval's sample rows folded per doc exactly as for the demo references (this folder is on sys.path).
+from make_lmeval_reference import collect_docs  # noqa: E402
+
 MODEL_DIR = REPO / "tests" / "fixtures" / "tiny-llama"
 OUT_DIR = REPO / "tests" / "reference" / "lmeval-0.4.13-library"
 LM_EVAL_VERSION = "0.4.13"
@@ -140,46 +143,6 @@ def run_lm_eval(
     ]
     recorded[0] = "python"
     return recorded, out / "results", elapsed, log
-
-
-def _ll_pair(x: Any) -> list:
-    """lm-eval logs (loglikelihood, is_greedy) as strings; parse them back."""
-    ll, greedy = x
-    return [float(ll), greedy if isinstance(greedy, bool) else str(greedy) == "True"]
-
-
-def _parse_resp(output_type: str, resp: Any) -> Any:
-    if output_type == "generate_until":
-        return resp
-    if output_type == "loglikelihood_rolling":
-        return float(resp)
-    return _ll_pair(resp)
-
-
-def collect_docs(samples_file: Path, output_type: str) -> list[dict]:
-    """Fold lm-eval's one-row-per-(doc, filter) samples into one record per doc_id."""
-    docs: dict[int, dict] = {}
-    for line in samples_file.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        rec = docs.get(row["doc_id"])
-        if rec is None:
-            args = [
-                list(a.values())
-                for _, a in sorted(row["arguments"].items(), key=lambda kv: int(kv[0].rsplit("_", 1)[1]))
-            ]
-            rec = docs[row["doc_id"]] = {
-                "doc_id": row["doc_id"],
-                "arguments": args,
-                "resps": [[_parse_resp(output_type, r) for r in rs] for rs in row["resps"]],
-                "filtered_resps": {},
-                "metrics": {},
-                **{k: row[k] for k in ("doc_hash", "prompt_hash", "target_hash") if k in row},
-                "target": row["target"],
-            }
-        # one filtered response per request (per choice for multiple_choice)
-        rec["filtered_resps"][row["filter"]] = [_parse_resp(output_type, r) for r in row["filtered_resps"]]
-        rec["metrics"][row["filter"]] = {m: row[m] for m in row["metrics"]}
-    return [docs[k] for k in sorted(docs)]
 
 
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d:\d\d:\d\d:\d\d (\w+)\s+\[([^\]]+)\] (.*)$")
