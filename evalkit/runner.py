@@ -10,6 +10,7 @@ the others (their collectives fail, and the launcher stops the group).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -57,6 +58,11 @@ class RunPlan:
     model: dict[str, Any]
     task_hashes: dict[str, str]
     done: set[int]
+
+    @functools.cached_property
+    def index_of(self) -> dict[str, int]:
+        """Global index of each request, by its content key (how saved results are found)."""
+        return {r.key: r.index for r in self.requests}
 
 
 @dataclass(frozen=True)
@@ -187,14 +193,15 @@ def prepare(config: RunConfig, topo: Topology, model_path: str) -> RunPlan:
         task_hashes=task_hashes,
         done=set(),
     )
-    plan.done = set(finished_indices(config.output, plan))
+    plan.done = finished_indices(config.output, plan.index_of)
     return plan
 
 
 def deal(plan: RunPlan, dp: int) -> list[list[Request]]:
     """Each dp rank's share of the pending requests, balanced by cost."""
     pending = [r for r in plan.requests if r.index not in plan.done]
-    return [[pending[i] for i in shard_indices([r.cost for r in pending], rank, dp)] for rank in range(dp)]
+    costs = [r.cost for r in pending]
+    return [[pending[i] for i in shard_indices(costs, rank, dp)] for rank in range(dp)]
 
 
 def gpu_memory_gib(config: RunConfig, topo: Topology) -> float | None:
@@ -251,10 +258,9 @@ def load_backend(config: RunConfig, model_path: str, topo: Topology) -> HFCausal
         raise UsageError(f"cannot load model from {model_path}: {one_line(exc)[:300]}") from None
 
 
-def finished_indices(output: Path, plan: RunPlan) -> list[int]:
+def finished_indices(output: Path, index_of: dict[str, int]) -> set[int]:
     """Global indices of requests whose results earlier runs saved (read by rank 0 only)."""
-    index_of = {r.key: r.index for r in plan.requests}
-    return sorted({index_of[r["k"]] for r in read_all(output) if r.get("k") in index_of and "r" in r})
+    return {index_of[r["k"]] for r in read_all(output) if r.get("k") in index_of and "r" in r}
 
 
 def hand_out(topo: Topology, make: Callable[[], list[Work]]) -> Work:
@@ -284,7 +290,7 @@ def hand_out(topo: Topology, make: Callable[[], list[Work]]) -> Work:
 
 def merge_results(output: Path, plan: RunPlan, launch: str, written: int) -> list[Any]:
     """Rank 0 streams every shard into outputs by global index; this launch's count must match."""
-    index_of = {r.key: r.index for r in plan.requests}
+    index_of = plan.index_of
     counted = {"now": 0}
 
     def pairs() -> Iterator[tuple[int, Any]]:

@@ -29,7 +29,7 @@ from lm_eval.tasks._index import Entry, Kind, TaskIndex
 from lm_eval.tasks._yaml_loader import load_yaml
 
 from evalkit.errors import UsageError, did_you_mean, one_line
-from evalkit.tasks.problems import TaskLoadError, explain
+from evalkit.tasks.problems import TaskLoadError, dataset_label, explain
 
 BUNDLED = Path(__file__).resolve().parent.parent / "bundled_tasks"
 LM_EVAL_TASKS = Path(lm_eval.tasks.__file__).parent
@@ -131,8 +131,7 @@ def _dataset_of(entry: Entry, overrides: dict[str, Any] | None) -> str | None:
         cfg = {**load_yaml(entry.yaml_path, resolve_func=False), **(overrides or {})} if entry.yaml_path else {}
     except Exception:  # noqa: BLE001 - only used to word an error
         return None
-    path, name = cfg.get("dataset_path"), cfg.get("dataset_name")
-    return f"{path}:{name}" if path and name else path
+    return dataset_label(cfg)
 
 
 def _beside(files: Any, folder: Path) -> Any:

@@ -64,7 +64,8 @@ class TaskLoadError(Exception):
         return explain(self)
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
+def causes(exc: BaseException) -> Iterator[BaseException]:
+    """The exception and what caused it, outermost first."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -135,7 +136,7 @@ def missing_package(exc: BaseException) -> str | None:
     """The name of the package whose import failed because it is not installed, if that is what happened.
 
     A missing submodule of an installed package is not a missing package (see :func:`reason`)."""
-    for err in _chain(exc):
+    for err in causes(exc):
         if isinstance(err, ModuleNotFoundError) and err.name:
             top = err.name.split(".")[0]
             if top in ("lm_eval", "evalkit") or ("." in err.name and _installed(top)):
@@ -149,7 +150,7 @@ _CANNOT_IMPORT = re.compile(r"cannot import name '([^']+)' from '([^']+)'")
 
 def _import_problem(exc: BaseException) -> str | None:
     """A package that is not installed, or an installed one without what the task imports."""
-    for err in _chain(exc):
+    for err in causes(exc):
         if not isinstance(err, ImportError):
             continue
         if isinstance(err, ModuleNotFoundError) and err.name:
@@ -178,7 +179,7 @@ def _import_problem(exc: BaseException) -> str | None:
 
 
 def _system_exit(exc: BaseException) -> SystemExit | None:
-    for err in _chain(exc):
+    for err in causes(exc):
         if isinstance(err, SystemExit):
             return err
     return None
@@ -198,7 +199,7 @@ _ALREADY_REGISTERED = re.compile(r"'(\w+)' alias '([^']+)' already registered")
 
 def _registered_twice(exc: BaseException) -> str | None:
     """lm-eval's registries are per process: two task folders registering one name collide."""
-    for err in _chain(exc):
+    for err in causes(exc):
         found = _ALREADY_REGISTERED.search(one_line(err))
         if not found:
             continue
@@ -296,6 +297,12 @@ def reason(exc: BaseException, dataset: str | None = None) -> str:
             f"(or point dataset_kwargs.data_files at local files)"
         )
     return f"{type(exc).__name__}: {text[:300]}"
+
+
+def dataset_label(config: dict[str, Any]) -> str | None:
+    """ "path" or "path:config" of a task config's dataset, the form ``TaskLoadError.dataset`` takes."""
+    path, name = config.get("dataset_path"), config.get("dataset_name")
+    return f"{path}:{name}" if path and name else path
 
 
 def explain(err: TaskLoadError) -> str:

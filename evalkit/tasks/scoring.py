@@ -89,7 +89,9 @@ def score_task(plan: TaskPlan, outputs: list[Any], process: ProcessBatch) -> tup
         by_doc[instance.doc_id].append(instance)
     for instances in by_doc.values():
         instances.sort(key=lambda x: x.idx)
-    docs = list(task.doc_iterator(rank=0, limit=plan.limit, world_size=1))
+    # The docs the requests were built from (lm-eval's evaluator reads them again through
+    # doc_iterator, which re-runs process_docs over the whole split).
+    docs = [(doc_id, by_doc[doc_id][0].doc) for doc_id in sorted(by_doc)]
     pending = []
     for filter_key in task.instances[0].filtered_resps:
         for doc_id, doc in docs:

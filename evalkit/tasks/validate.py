@@ -40,7 +40,7 @@ from lm_eval.tasks._index import Entry, Kind, TaskIndex
 from evalkit.compat import install_compat
 from evalkit.errors import did_you_mean, one_line
 from evalkit.tasks.library import TaskLibrary, _Factory
-from evalkit.tasks.problems import TaskLoadError, reason
+from evalkit.tasks.problems import TaskLoadError, causes, dataset_label, reason
 
 __all__ = ["validate", "kind_of"]
 
@@ -91,15 +91,10 @@ def _checked(cls: type) -> type:
         except Exception as exc:
             config = kwargs.get("config")
             if isinstance(config, dict) and isinstance(config.get("task"), str):
-                raise TaskLoadError(config["task"], exc, dataset=_dataset(config)) from exc
+                raise TaskLoadError(config["task"], exc, dataset=dataset_label(config)) from exc
             raise
 
     return type(cls.__name__, (cls,), {"__init__": __init__, "download": _stop, "__module__": cls.__module__})
-
-
-def _dataset(config: dict[str, Any]) -> str | None:
-    path, name = config.get("dataset_path"), config.get("dataset_name")
-    return f"{path}:{name}" if path and name else path
 
 
 # ---------------------------------------------------------------- checks on the half-built task
@@ -285,20 +280,12 @@ def _reason(exc: BaseException, dataset: str | None = None) -> str:
     """``problems.reason``, plus validation's own findings."""
     if isinstance(exc, _Problem):
         return one_line(exc)
-    for err in _chain(exc):
+    for err in causes(exc):
         if isinstance(err, _Problem):
             return one_line(err)
         if isinstance(err, _ReachedData):  # not from ``download``: from a module being imported
             return "its code loads a dataset when it is imported, so it cannot be checked without the data"
     return reason(exc, dataset)
-
-
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
 
 
 def kind_of(library: TaskLibrary, name: str) -> str:
