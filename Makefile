@@ -9,7 +9,7 @@ VENV_FLAGS := $(if $(filter 1,$(SYSTEM_CUDA_TORCH)),--system-site-packages,)
 NPROC ?= $(NPROC_DEFAULT)
 DEMO := .demo
 
-.PHONY: install demo test test-fast bench lint style clean eval-7b eval-13b eval-34b eval-70b
+.PHONY: install demo demo-vlm test test-fast bench lint style clean eval-7b eval-13b eval-34b eval-70b
 
 # Per model size: make eval-34b MODEL=/models/yi-34b TASKS=arc_easy,gsm8k [NPROC=8] [OUT=...] [EVAL_FLAGS=...]
 # NPROC defaults to the GPUs on this machine (2 processes on a machine without GPUs).
@@ -35,6 +35,15 @@ demo: install
 	rm -rf $(DEMO)/results
 	$(VENV)/bin/torchrun --nproc_per_node=$(NPROC) -m evalkit \
 		--model $(DEMO)/tiny-llama --tasks demo --output $(DEMO)/results --batch-size 4 --device cpu
+
+# A tiny LLaVA built from a config evaluates the bundled image task (PIL-drawn shapes, colours,
+# counts, positions; lmms-eval task format) on 2 processes. VLM_FAMILY=qwen2_vl or internvl for the others.
+VLM_FAMILY ?= llava
+demo-vlm: install
+	$(PY) -m evalkit.tinyvlm $(VLM_FAMILY) $(DEMO)/tiny-$(VLM_FAMILY)
+	rm -rf $(DEMO)/results-vlm
+	$(VENV)/bin/torchrun --nproc_per_node=$(NPROC) -m evalkit \
+		--model $(DEMO)/tiny-$(VLM_FAMILY) --tasks vlm_demo --output $(DEMO)/results-vlm --batch-size 4 --device cpu
 
 test: install
 	$(PY) -m pytest -q

@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", type=Path, help="YAML file with any of the options below")
     p.add_argument("--model", help="local model folder (a transformers checkpoint)")
+    p.add_argument(
+        "--backend", help="hf (causal LM), hf-vlm (vision-language model) or auto (default: from the model's config)"
+    )
     p.add_argument("--tasks", help="comma-separated task names, tags or YAML paths")
     p.add_argument("--include-path", action="append", type=Path, help="extra folder of task YAMLs (repeatable)")
     p.add_argument("--output", type=Path, help="folder for results.json and samples_<task>.jsonl")

@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from evalkit.errors import UsageError, did_you_mean, one_line, raise_all
+from evalkit.models import registry
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 TP_BACKENDS = ("deepspeed", "transformers")
@@ -53,6 +54,7 @@ class RunConfig:
     tasks: tuple[str, ...]
     output: Path
     include_path: tuple[Path, ...] = ()
+    backend: str = "auto"
     batch_size: int = 1
     limit: float | None = None
     num_fewshot: int | None = None
@@ -94,6 +96,9 @@ class RunConfig:
         problems = []
         if not self.tasks:
             problems.append("no tasks given; pass --tasks name1,name2")
+        backend_problem = registry.check_name(self.backend)
+        if backend_problem:
+            problems.append(backend_problem)
         if self.batch_size < 1:
             problems.append(f"--batch-size {self.batch_size} must be at least 1")
         if self.limit is not None and (self.limit <= 0 or (self.limit > 1 and self.limit != int(self.limit))):
@@ -180,6 +185,7 @@ VALUE_TYPES = {
     "resume": (bool, "true or false"),
     "trust_remote_code": (bool, "true or false"),
     "model": (str, "a path"),
+    "backend": (str, "a backend name"),
     "dtype": (str, "a dtype name"),
     "device": (str, "a device name"),
     "tp_backend": (str, "a backend name"),

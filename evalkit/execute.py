@@ -16,10 +16,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from evalkit.models.protocol import Backend, GenerationInput, ImageInput, Progress
 from evalkit.monitor import Monitor
 from evalkit.parallel import Topology
 from evalkit.shards import ShardWriter
-from evalkit.tasks.requests import Request
+from evalkit.tasks.requests import Request, Visuals
 
 KINDS = ("loglikelihood", "loglikelihood_rolling", "generate_until")
 
@@ -45,27 +46,40 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def call_backend(backend: Any, kind: str, requests: list[Request], on_batch: Callable) -> None:
+# A request's images, loaded lazily on this rank (``evalkit.tasks.images.VisualSource.images``).
+ImagesOf = Callable[[Visuals], ImageInput]
+
+
+def no_images(visuals: Visuals) -> ImageInput:
+    raise ValueError(f"task '{visuals.task}' gives images, but this run has no image source")
+
+
+def call_backend(backend: Backend, kind: str, requests: list[Request], on_batch: Progress, images: ImagesOf) -> None:
     if kind == "loglikelihood":
-        backend.loglikelihood([r.args for r in requests], on_batch)
+        backend.loglikelihood([(r.args[0], r.args[1]) for r in requests], on_batch)
     elif kind == "loglikelihood_rolling":
         backend.loglikelihood_rolling([r.args[0] for r in requests], on_batch)
     else:
-        backend.generate_until([(r.args[0], r.args[1] or {}) for r in requests], on_batch)
+        inputs = [
+            GenerationInput(r.args[0], r.args[1] or {}, images(r.visuals) if r.visuals else None) for r in requests
+        ]
+        backend.generate_until(inputs, on_batch)
 
 
 class Executor:
     def __init__(
         self,
         topo: Topology,
-        backend: Any,
+        backend: Backend,
         writer: ShardWriter | None,
         monitor: Monitor,
         stop: StopFlag,
         on_error: str,
+        images: ImagesOf = no_images,
     ) -> None:
         self.topo = topo
         self.backend = backend
+        self.images = images
         self.writer = writer
         self.monitor = monitor
         self.stop = stop
@@ -81,7 +95,7 @@ class Executor:
     def _run_kind(self, kind: str, requests: list[Request]) -> None:
         finished: set[int] = set()
         try:
-            call_backend(self.backend, kind, requests, lambda done: self._save(requests, done, finished))
+            call_backend(self.backend, kind, requests, lambda done: self._save(requests, done, finished), self.images)
         except (StopRequested, dist.DistError):
             raise  # a stop or a broken process group is never one request's fault
         except Exception:
@@ -96,7 +110,9 @@ class Executor:
             chunk = requests[start : start + size]
             finished: set[int] = set()
             try:
-                call_backend(self.backend, kind, chunk, lambda done, c=chunk, f=finished: self._save(c, done, f))
+                call_backend(
+                    self.backend, kind, chunk, lambda done, c=chunk, f=finished: self._save(c, done, f), self.images
+                )
             except (StopRequested, dist.DistError):
                 raise
             except Exception:
@@ -105,7 +121,7 @@ class Executor:
 
     def _run_alone(self, kind: str, request: Request) -> None:
         try:
-            call_backend(self.backend, kind, [request], lambda done: self._save([request], done, set()))
+            call_backend(self.backend, kind, [request], lambda done: self._save([request], done, set()), self.images)
         except (StopRequested, dist.DistError):
             raise
         except Exception as exc:  # noqa: BLE001 - recorded per request, excluded from metrics
@@ -142,8 +158,9 @@ class Executor:
     def _should_stop(self) -> bool:
         """A stop must be taken by every rank of a TP group at the same batch, or the others hang."""
         wanted = self.stop.signal is not None
-        if self.topo.dims.tp == 1:
+        group = self.topo.stop_group
+        if group is None:
             return wanted
         flag = torch.tensor([int(wanted)], device=self.topo.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.topo.group("tp"))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         return bool(flag.item())

@@ -69,4 +69,8 @@ def _stable(value: Any) -> Any:
 
 
 def request_key(model_hash: str, task_hash: str, request: Request) -> str:
-    return _sha([model_hash, task_hash, request.doc_id, request.instance, request.repeat, request.args])
+    """What one result depends on: the model, the task, the request's text and its images' content."""
+    parts = [model_hash, task_hash, request.doc_id, request.instance, request.repeat, request.args]
+    if request.visuals is not None:
+        parts.append(list(request.visuals.digests))
+    return _sha(parts)

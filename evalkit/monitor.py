@@ -58,7 +58,7 @@ class Monitor:
     def _beat(self) -> None:
         beats = self._exchange()
         if self.topo.is_main:
-            carried = sum(b["done"] for r, b in beats.items() if r % self.topo.dims.tp == 0)
+            carried = sum(b["done"] for r, b in beats.items() if self.topo.layout.carries_results(r))
             self.bar.n = min(self.bar.total, carried)
             self.bar.refresh()
         now = time.monotonic()
@@ -74,7 +74,7 @@ class Monitor:
         if self.store is None:
             return {self.topo.rank: mine}
         self.store.set(f"evalkit/heartbeat/{self.topo.rank}", json.dumps(mine))
-        keys = [f"evalkit/heartbeat/{r}" for r in range(self.topo.dims.world_size)]
+        keys = [f"evalkit/heartbeat/{r}" for r in range(self.topo.layout.world_size)]
         # One round trip once every rank has published (multi_get would wait for missing keys).
         if not self._everyone_seen:
             self._everyone_seen = self.store.check(keys)

@@ -1,15 +1,17 @@
 """The parallel layout: one validated value, and the process group built from it once.
 
-The layout comes only from our flags (``--tp``) and the launcher's RANK / LOCAL_RANK /
-WORLD_SIZE. Ranks of one tensor-parallel group are consecutive, so a TP group shares a node.
-Data is sharded by dp rank; tp rank 0 of each group carries results; global rank 0 scores.
+The layout comes only from our flags (``--tp``, ``--tp-backend``, ``--gpus-per-rank``) and the
+launcher's RANK / LOCAL_RANK / WORLD_SIZE. Ranks of one tensor-parallel group are consecutive,
+so a TP group shares a node. Data is sharded by dp rank; tp rank 0 of each group carries
+results; global rank 0 scores.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
+from enum import Enum
 from typing import Any
 
 import torch
@@ -18,10 +20,27 @@ import torch.distributed as dist
 from evalkit.errors import UsageError
 
 
+class Placement(str, Enum):
+    """Where one model replica's weights live."""
+
+    REPLICA = "replica"  # the whole model on this rank's device (data parallel)
+    DEEPSPEED_TP = "deepspeed"  # DeepSpeed-Inference AutoTP across the rank's TP group
+    TRANSFORMERS_TP = "transformers"  # transformers' own tensor parallelism across the TP group
+    SPLIT = "split"  # one rank splits its model over its own K GPUs (device_map)
+
+
 @dataclass(frozen=True, kw_only=True)
-class ParallelDims:
+class Layout:
+    """The whole parallel layout, validated once: every layout question is answered here.
+
+    Ranks of one TP group are consecutive (a group shares a node); data is sharded by dp rank;
+    tp rank 0 of each group carries results; global rank 0 scores.
+    """
+
     world_size: int
-    tp: int
+    tp: int = 1
+    placement: Placement = Placement.REPLICA
+    gpus_per_rank: int = 1
 
     def __post_init__(self) -> None:
         problems = []
@@ -34,36 +53,81 @@ class ParallelDims:
                 f"tp({self.tp}) does not divide world_size({self.world_size}); "
                 f"pick --tp from {_divisors(self.world_size)} or change the process count"
             )
+        if self.gpus_per_rank < 1:
+            problems.append(f"gpus_per_rank({self.gpus_per_rank}) must be at least 1")
+        if self.tp > 1 and self.placement not in TP_PLACEMENTS:
+            problems.append(f"tp({self.tp}) needs a tensor-parallel placement, not {self.placement.value}")
+        if self.tp == 1 and self.placement in TP_PLACEMENTS:
+            problems.append(f"placement {self.placement.value} needs tp > 1")
+        if (self.gpus_per_rank > 1) != (self.placement is Placement.SPLIT):
+            problems.append("--gpus-per-rank K > 1 is the split placement and cannot be combined with --tp")
         if problems:
             raise UsageError("bad parallel layout: " + "; ".join(problems))
+
+    @classmethod
+    def from_flags(cls, world_size: int, tp: int, tp_backend: str, gpus_per_rank: int) -> Layout:
+        if tp > 1:
+            placement = Placement(tp_backend)
+        elif gpus_per_rank > 1:
+            placement = Placement.SPLIT
+        else:
+            placement = Placement.REPLICA
+        return cls(world_size=world_size, tp=tp, placement=placement, gpus_per_rank=gpus_per_rank)
 
     @property
     def dp(self) -> int:
         return self.world_size // self.tp
 
+    @property
+    def tensor_parallel(self) -> bool:
+        return self.tp > 1
+
+    def dp_rank(self, rank: int) -> int:
+        return rank // self.tp
+
+    def tp_rank(self, rank: int) -> int:
+        return rank % self.tp
+
+    def carries_results(self, rank: int) -> bool:
+        """One rank per replica writes results: the first of its TP group."""
+        return self.tp_rank(rank) == 0
+
+    def tp_ranks(self, dp_rank: int) -> list[int]:
+        return list(range(dp_rank * self.tp, (dp_rank + 1) * self.tp))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "world_size": self.world_size,
+            "dp": self.dp,
+            "tp": self.tp,
+            "placement": self.placement.value,
+            "gpus_per_rank": self.gpus_per_rank,
+        }
+
+
+TP_PLACEMENTS = (Placement.DEEPSPEED_TP, Placement.TRANSFORMERS_TP)
+
 
 @dataclass(frozen=True, kw_only=True)
 class Topology:
-    """Where this process sits in the layout."""
+    """Where this process sits in the layout, and the one process group it shares with others."""
 
-    dims: ParallelDims
+    layout: Layout
     rank: int
     local_rank: int
     device: torch.device
     backend: str
-    # Process groups by axis name ("dp", "tp"), built once from a 2-D device mesh.
-    groups: dict[str, Any] = field(default_factory=dict)
-
-    def group(self, axis: str) -> Any:
-        return self.groups[axis]
+    # This rank's TP group (None without tensor parallelism): the ranks that run the same batches
+    # and so must agree on when to stop.
+    tp_group: Any = None
 
     @property
     def dp_rank(self) -> int:
-        return self.rank // self.dims.tp
+        return self.layout.dp_rank(self.rank)
 
     @property
     def tp_rank(self) -> int:
-        return self.rank % self.dims.tp
+        return self.layout.tp_rank(self.rank)
 
     @property
     def is_main(self) -> bool:
@@ -71,20 +135,19 @@ class Topology:
 
     @property
     def carries_results(self) -> bool:
-        return self.tp_rank == 0
+        return self.layout.carries_results(self.rank)
 
     @property
     def distributed(self) -> bool:
-        return self.dims.world_size > 1
+        return self.layout.world_size > 1
+
+    @property
+    def stop_group(self) -> Any:
+        """The group that must take a stop at the same batch (the TP group), or None."""
+        return self.tp_group
 
     def describe(self) -> dict:
-        return {
-            "world_size": self.dims.world_size,
-            "dp": self.dims.dp,
-            "tp": self.dims.tp,
-            "backend": self.backend,
-            "device": self.device.type,
-        }
+        return {**self.layout.describe(), "backend": self.backend, "device": self.device.type}
 
 
 def _divisors(n: int) -> list[int]:
@@ -132,26 +195,27 @@ def pick_device(requested: str | None, local_rank: int, world_size: int, gpus_pe
     return torch.device(name)
 
 
-def build_groups(dims: ParallelDims, rank: int, timeout_s: float) -> dict[str, Any]:
-    """The (dp, tp) grid's groups by axis name; TP groups are consecutive ranks, so they share a node.
+def build_tp_group(layout: Layout, rank: int, timeout_s: float) -> Any:
+    """This rank's TP group; TP groups are consecutive ranks, so they share a node.
 
     Every rank creates every group in the same order (a collective requirement), keeps its own,
-    and all of them carry the run's --timeout.
+    and all of them carry the run's --timeout. Data-parallel replicas never talk to each other
+    except through the world group, so no dp groups are built.
     """
-    if dims.world_size == 1:
-        return {}
-    grid = [[d * dims.tp + t for t in range(dims.tp)] for d in range(dims.dp)]
-    slices = {"tp": grid, "dp": [list(column) for column in zip(*grid, strict=True)]}
-    mine = {}
-    for axis, groups in slices.items():
-        for ranks in groups:
-            group = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s))
-            if rank in ranks:
-                mine[axis] = group
+    if not layout.tensor_parallel:
+        return None
+    mine = None
+    for dp_rank in range(layout.dp):
+        ranks = layout.tp_ranks(dp_rank)
+        group = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s))
+        if rank in ranks:
+            mine = group
     return mine
 
 
-def init_topology(tp: int, device: str | None, timeout_s: float, gpus_per_rank: int = 1) -> Topology:
+def init_topology(
+    tp: int, device: str | None, timeout_s: float, gpus_per_rank: int = 1, tp_backend: str = "deepspeed"
+) -> Topology:
     """Build the process group once, prove it works, then agree on the layout on every rank.
 
     The group comes first so that a bad layout is reported by every rank together.
@@ -175,9 +239,9 @@ def init_topology(tp: int, device: str | None, timeout_s: float, gpus_per_rank: 
         dist.all_reduce(check)
         if int(check.item()) != world_size:
             raise RuntimeError(f"startup all_reduce saw {int(check.item())} ranks, expected {world_size}")
-    dims = agreed(world_size, lambda: ParallelDims(world_size=world_size, tp=tp))
-    groups = build_groups(dims, rank, timeout_s)
-    return Topology(dims=dims, rank=rank, local_rank=local_rank, device=dev, backend=backend, groups=groups)
+    layout = agreed(world_size, lambda: Layout.from_flags(world_size, tp, tp_backend, gpus_per_rank))
+    tp_group = build_tp_group(layout, rank, timeout_s)
+    return Topology(layout=layout, rank=rank, local_rank=local_rank, device=dev, backend=backend, tp_group=tp_group)
 
 
 def settle_before_exit() -> None:

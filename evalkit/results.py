@@ -67,7 +67,7 @@ def write_outputs(
         bootstrap_iters=config.bootstrap_iters,
         sandboxed=sandboxed_scoring(config, plan.model_path),
     )
-    carried = [s for s in rank_stats if s["tp_rank"] == 0]
+    carried = [s for s in rank_stats if topo.layout.carries_results(s["rank"])]
     document = {
         **scored.results,
         "task_hashes": {task: task_hash(rows) for task, rows in scored.samples.items()},

@@ -33,15 +33,17 @@ from evalkit.errors import USAGE_EXIT_CODE, UsageError, one_line, say
 from evalkit.execute import Executor, StopFlag, StopRequested
 from evalkit.identity import model_fingerprint, request_key, task_config_hash
 from evalkit.model_source import check_model_source
-from evalkit.models.hf import HFCausalLM
-from evalkit.models.placement import input_device, load_model, local_parameter_count
+from evalkit.models import registry
+from evalkit.models.protocol import Backend
+from evalkit.models.registry import BackendSpec
 from evalkit.monitor import Monitor
 from evalkit.outdir import check_folder, check_writable, write_manifest
-from evalkit.parallel import Topology, init_topology, settle_before_exit, shutdown
+from evalkit.parallel import Placement, Topology, init_topology, settle_before_exit, shutdown
 from evalkit.planner import GIB, check_run_layout, read_shape
 from evalkit.results import write_outputs
 from evalkit.sharding import merge_shards, shard_indices
 from evalkit.shards import SHARD_DIR, ShardWriter, read_all, read_records, shard_files
+from evalkit.tasks.images import VisualSource
 from evalkit.tasks.library import TaskLibrary
 from evalkit.tasks.requests import DEFAULT_MAX_GEN_TOKS, PromptOptions, Request, TaskPlan, build_plans, number_requests
 from evalkit.tasks.scoring import RequestError
@@ -113,11 +115,26 @@ def prompt_options(config: RunConfig) -> PromptOptions:
     )
 
 
-def check_inputs(config: RunConfig, topo: Topology) -> str:
-    """What every rank checks for itself: the model folder and a writable output folder."""
+def check_inputs(config: RunConfig, topo: Topology) -> tuple[str, BackendSpec]:
+    """What every rank checks for itself: the model folder, its backend and a writable output folder."""
     model_path = check_model_source(config.model)
+    spec = registry.select(config.backend, model_path)
     check_writable(config.output, topo.rank)
-    return model_path
+    return model_path, spec
+
+
+def check_backend_fits(spec: BackendSpec, requests: list[Request]) -> None:
+    """Refuse, before loading, requests the backend cannot run (loglikelihood on hf-vlm, images on hf)."""
+    kinds: dict[str, set[str]] = {}
+    with_images: set[str] = set()
+    for request in requests:
+        kinds.setdefault(request.kind, set()).add(request.task)
+        if request.visuals is not None:
+            with_images.add(request.task)
+    tasks = sorted({t for kind, names in kinds.items() if kind not in spec.kinds for t in names} or with_images)
+    problem = spec.refusal(set(kinds), bool(with_images), ", ".join(tasks[:5]) + (" ..." if len(tasks) > 5 else ""))
+    if problem:
+        raise UsageError(problem)
 
 
 def chat_template(config: RunConfig, model_path: str) -> Callable[..., str] | None:
@@ -158,17 +175,19 @@ def load_task_plans(config: RunConfig, model_path: str) -> tuple[list[TaskPlan],
     return plans, loaded.get("groups", {})
 
 
-def prepare(config: RunConfig, topo: Topology, model_path: str) -> RunPlan:
+def prepare(config: RunConfig, topo: Topology, model_path: str, spec: BackendSpec) -> RunPlan:
     """Everything that can be checked before a model loads; rank 0 only."""
     tasks, groups = load_task_plans(config, model_path)
     requests = number_requests(tasks)
-    if config.gpus_per_rank == 1:  # a split over own GPUs is checked by its device map instead
+    check_backend_fits(spec, requests)
+    layout = topo.layout
+    if layout.placement is not Placement.SPLIT:  # a split over own GPUs is checked by its device map instead
         context = config.max_length or read_shape(model_path).max_positions
         check_run_layout(
             model_path,
             config.dtype,
-            config.tp,
-            topo.dims.world_size,
+            layout.tp,
+            layout.world_size,
             gpu_memory_gib(config, topo),
             max_len=longest_request_bound(requests, context),
             batch=config.batch_size,
@@ -180,6 +199,7 @@ def prepare(config: RunConfig, topo: Topology, model_path: str) -> RunPlan:
         "multiturn": config.multiturn,
         "system_instruction": config.system_instruction,
         "gen_kwargs": config.gen_kwargs,
+        "backend": spec.name,
     }
     task_hashes = {p.name: task_config_hash(p, settings) for p in tasks}
     check_folder(config.output, resume=config.resume, model=model, tasks=task_hashes)
@@ -229,33 +249,21 @@ def longest_request_bound(requests: list[Request], context: int) -> int:
     return min(longest, context)
 
 
-def load_backend(config: RunConfig, model_path: str, topo: Topology) -> HFCausalLM:
-    try:
-        model = load_model(
-            model_path,
-            config.dtype,
-            topo,
-            tp_backend=config.tp_backend,
-            gpus_per_rank=config.gpus_per_rank,
-            trust_remote_code=config.trust_remote_code,
-        )
-        return HFCausalLM(
-            model_path,
-            model=model,
-            device=input_device(model, topo),
-            batch_size=config.batch_size,
-            tp_group=topo.group("tp") if topo.dims.tp > 1 else None,
-            num_parameters_local=local_parameter_count(model),
-            trust_remote_code=config.trust_remote_code,
-            max_length=config.max_length,
-        )
-    except (OSError, ValueError) as exc:
-        if "custom code" in str(exc) or "trust_remote_code" in str(exc):
-            raise UsageError(
-                f"{model_path} needs its own Python code to load; evalkit runs it only with "
-                f"--trust-remote-code (read that code first)"
-            ) from None
-        raise UsageError(f"cannot load model from {model_path}: {one_line(exc)[:300]}") from None
+def image_source(config: RunConfig, model_path: str, plan: RunPlan | None) -> VisualSource:
+    """Where this rank finds its requests' images: rank 0 in the tasks it built, the other ranks in
+    their own copy of the tasks, loaded only when a request with images comes up."""
+    if plan is not None:
+        tasks = {p.name: p.task for p in plan.tasks}
+        return VisualSource(lambda: tasks)
+
+    def load_tasks() -> dict[str, Any]:
+        from evalkit.compat import install_compat
+
+        install_compat()
+        library = TaskLibrary(config.include_path, metadata=config.task_metadata(model_path))
+        return library.load_checked(list(config.tasks))["tasks"]
+
+    return VisualSource(load_tasks)
 
 
 def finished_indices(output: Path, index_of: dict[str, int]) -> set[int]:
@@ -283,7 +291,8 @@ def hand_out(topo: Topology, make: Callable[[], list[Work]]) -> Work:
     if status[0] is not None:
         raise AgreedError(status[0])
     mine: list[Any] = [None]
-    scattered = [per_dp[rank // topo.dims.tp] for rank in range(topo.dims.world_size)] if topo.is_main else None
+    layout = topo.layout
+    scattered = [per_dp[layout.dp_rank(rank)] for rank in range(layout.world_size)] if topo.is_main else None
     dist.scatter_object_list(mine, scattered, src=0)
     return mine[0]
 
@@ -311,18 +320,18 @@ def evaluate(config: RunConfig, topo: Topology) -> None:
     started = time.time()
     quiet_libraries()
     set_seeds(config)
-    world = topo.dims.world_size
-    model_path = agreed(world, lambda: check_inputs(config, topo))
+    world = topo.layout.world_size
+    model_path, spec = agreed(world, lambda: check_inputs(config, topo))
     box: dict[str, RunPlan] = {}
 
     def plan_and_deal() -> list[Work]:
-        plan = box["plan"] = prepare(config, topo, model_path)
+        plan = box["plan"] = prepare(config, topo, model_path, spec)
         launch = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
         pending = len(plan.requests) - len(plan.done)
-        return [Work(requests=share, pending=pending, launch=launch) for share in deal(plan, topo.dims.dp)]
+        return [Work(requests=share, pending=pending, launch=launch) for share in deal(plan, topo.layout.dp)]
 
     work = hand_out(topo, plan_and_deal)
-    backend = agreed(world, lambda: load_backend(config, model_path, topo))
+    backend: Backend = agreed(world, lambda: spec.build(config, model_path, topo))
     if topo.is_main:
         write_manifest(config.output, model=box["plan"].model, tasks=box["plan"].task_hashes)
     shard = config.output / SHARD_DIR / f"{work.launch}-rank{topo.rank:05d}.jsonl"
@@ -335,7 +344,8 @@ def evaluate(config: RunConfig, topo: Topology) -> None:
     )
     stop = StopFlag()
     stop.install()
-    executor = Executor(topo, backend, writer, monitor, stop, config.on_error)
+    images = image_source(config, model_path, box.get("plan"))
+    executor = Executor(topo, backend, writer, monitor, stop, config.on_error, images=images.images)
     t0 = time.time()
     try:
         with writer or contextlib.nullcontext():
@@ -362,14 +372,15 @@ def evaluate(config: RunConfig, topo: Topology) -> None:
         plan = box["plan"]
         outputs = merge_results(config.output, plan, work.launch, sum(s["written"] for s in stats))
         resume = {"reused": len(plan.done), "computed": work.pending}
-        write_outputs(config, topo, plan, outputs, backend.describe(), stats, wall=time.time() - started, resume=resume)
+        described = {"backend": backend.name, **backend.describe()}
+        write_outputs(config, topo, plan, outputs, described, stats, wall=time.time() - started, resume=resume)
 
 
 def run_guarded(config: RunConfig) -> int:
     """Run on this rank; turn bad input into exit 2 and any crash into a prompt exit 1."""
     rank = os.environ.get("RANK", "0")
     try:
-        topo = init_topology(config.tp, config.device, config.timeout, config.gpus_per_rank)
+        topo = init_topology(config.tp, config.device, config.timeout, config.gpus_per_rank, config.tp_backend)
         evaluate(config, topo)
     except UsageError as exc:
         say(f"evalkit: error: {exc}")

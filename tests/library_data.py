@@ -691,6 +691,106 @@ def _write_bbh(root: Path) -> None:
     _write_dataset(root, "SaylorTwift/bbh", [_string("input"), _string("target")], {"object_counting": {"test": rows}})
 
 
+# ---------------------------------------------------------------------------
+# MMMU/MMMU: multiple-choice and open questions over up to 7 images per question. Questions name
+# their images as "<image i>"; options and img_type are Python list literals in strings; answer is
+# an option letter (multiple-choice) or free text (open). Images are drawn with PIL and stored in
+# parquet, as the hub stores them.
+
+MMMU_COLUMNS = ["id", "question", "options", "explanation"]
+MMMU_COLUMNS += [f"image_{i}" for i in range(1, 8)]
+MMMU_COLUMNS += ["img_type", "answer", "topic_difficulty", "question_type", "subfield"]
+MMMU_PALETTE = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (40, 70, 220), "yellow": (240, 200, 20)}
+
+
+def mmmu_image(colour: str, circles: int = 0, size: int = 48) -> Any:
+    """A square canvas in ``colour`` with ``circles`` white circles on it."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), MMMU_PALETTE[colour])
+    draw = ImageDraw.Draw(image)
+    for k in range(circles):
+        x, y = 4 + 14 * (k % 3), 4 + 14 * (k // 3)
+        draw.ellipse((x, y, x + 10, y + 10), fill=(255, 255, 255))
+    return image
+
+
+def _png(image: Any) -> dict:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+def _mmmu_row(config: str, split: str, n: int, question: str, options: list[str], answer: str, images: list) -> dict:
+    row = {
+        "id": f"{split}_{config}_{n}",
+        "question": question,
+        "options": repr(options),
+        "explanation": "",
+        "img_type": "['Paintings']",
+        "answer": answer,
+        "topic_difficulty": ["Easy", "Medium", "Hard"][n % 3],
+        "question_type": "multiple-choice" if options else "open",
+        "subfield": "Fine Arts",
+    }
+    for i in range(1, 8):
+        row[f"image_{i}"] = _png(images[i - 1]) if i <= len(images) else None
+    return row
+
+
+# (question, options, answer, images): doc 1 has two images, doc 3 names its first image twice.
+MMMU_ART_VALIDATION = [
+    ("<image 1> What colour is the painting?", ["red", "green", "blue", "yellow"], "A", [("red", 0)]),
+    (
+        "Which painting shows more circles, <image 1> or <image 2>?",
+        ["The first", "The second"],
+        "B",
+        [("blue", 1), ("green", 4)],
+    ),
+    ("<image 1> How many white circles are painted on the canvas?", [], "3", [("yellow", 3)]),
+    (
+        "Compare <image 1> with <image 2>. Is <image 1> the green one?",
+        ["yes", "no", "both", "neither"],
+        "B",
+        [("red", 2), ("green", 0)],
+    ),
+]
+MMMU_ART_DEV = [
+    ("<image 1> Which colour dominates?", ["blue", "red", "green", "yellow"], "A", [("blue", 0)]),
+]
+
+
+def write_mmmu(root: Path, configs: tuple[str, ...] = ("Art",)) -> None:
+    """MMMU/MMMU in the hub schema (dev and validation splits), for lm-eval's mmmu_val_* tasks."""
+    import datasets
+
+    features = datasets.Features(
+        {name: datasets.Image() if name.startswith("image_") else datasets.Value("string") for name in MMMU_COLUMNS}
+    )
+    folder = root / "MMMU/MMMU"
+    card_configs, card_infos = [], []
+    for config in configs:
+        files = []
+        for split, docs in (("dev", MMMU_ART_DEV), ("validation", MMMU_ART_VALIDATION)):
+            rows = [
+                _mmmu_row(config, split, n + 1, q, options, answer, [mmmu_image(*spec) for spec in specs])
+                for n, (q, options, answer, specs) in enumerate(docs)
+            ]
+            rel = f"{config}/{split}-00000-of-00001.parquet"
+            (folder / config).mkdir(parents=True, exist_ok=True)
+            table = {name: [row[name] for row in rows] for name in MMMU_COLUMNS}
+            datasets.Dataset.from_dict(table, features=features).to_parquet(str(folder / rel))
+            files.append({"split": split, "path": rel})
+        card_configs.append({"config_name": config, "data_files": files})
+        card_infos.append({"config_name": config, "features": features._to_yaml_list()})
+    front = yaml.dump({"configs": card_configs, "dataset_info": card_infos}, Dumper=_PlainDumper, sort_keys=False)
+    (folder / "README.md").write_text(
+        f"---\n{front}---\n\nSynthetic offline stand-in for `MMMU/MMMU` (evalkit tests).\n"
+    )
+
+
 WRITERS: list[Callable[[Path], Any]] = [
     _write_mmlu,
     _write_arc,

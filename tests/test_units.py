@@ -10,14 +10,31 @@ from evalkit.config import Seeds
 from evalkit.errors import UsageError
 from evalkit.models.batching import padded_width, width_batches
 from evalkit.models.hf import rolling_windows
-from evalkit.parallel import ParallelDims
+from evalkit.parallel import Layout, Placement
 from evalkit.sharding import merge_shards, shard_indices
 
 
-def test_parallel_dims_names_every_factor():
-    assert ParallelDims(world_size=8, tp=2).dp == 4
+def test_layout_names_every_factor():
+    assert Layout.from_flags(8, 2, "deepspeed", 1).dp == 4
     with pytest.raises(UsageError, match=r"tp\(3\) does not divide world_size\(4\)"):
-        ParallelDims(world_size=4, tp=3)
+        Layout.from_flags(4, 3, "deepspeed", 1)
+
+
+def test_layout_answers_every_layout_question():
+    hybrid = Layout.from_flags(8, 2, "transformers", 1)
+    assert hybrid.placement is Placement.TRANSFORMERS_TP and hybrid.tensor_parallel
+    assert [hybrid.dp_rank(r) for r in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [r for r in range(8) if hybrid.carries_results(r)] == [0, 2, 4, 6]
+    assert hybrid.tp_ranks(2) == [4, 5]
+    split = Layout.from_flags(4, 1, "deepspeed", 2)
+    assert split.placement is Placement.SPLIT and not split.tensor_parallel
+    assert all(split.carries_results(r) for r in range(4)) and split.dp == 4
+    assert Layout.from_flags(2, 1, "deepspeed", 1).placement is Placement.REPLICA
+    assert hybrid.describe()["placement"] == "transformers"
+    with pytest.raises(UsageError, match="cannot be combined with --tp"):
+        Layout(world_size=4, tp=2, placement=Placement.DEEPSPEED_TP, gpus_per_rank=2)
+    with pytest.raises(UsageError, match="needs a tensor-parallel placement"):
+        Layout(world_size=4, tp=2, placement=Placement.REPLICA)
 
 
 @pytest.mark.parametrize("dp", [1, 2, 3, 4])

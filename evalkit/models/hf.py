@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import transformers
 
 from evalkit.models.batching import run_batched
-from evalkit.models.protocol import Progress
+from evalkit.models.protocol import GenerationInput, Progress
 from evalkit.models.stopping import StopOnSequences, cut_at_stop
 from evalkit.tasks.requests import DEFAULT_MAX_GEN_TOKS
 
@@ -30,6 +30,9 @@ class HFCausalLM:
     same batches, and generation stops only when all of them would, so no rank waits alone in an
     all-reduce.
     """
+
+    name = "hf"
+    accepts_images = False
 
     def __init__(
         self,
@@ -139,13 +142,15 @@ class HFCausalLM:
 
     # -- generation ---------------------------------------------------------------------------
 
-    def generate_until(self, requests: list[tuple[str, dict[str, Any]]], progress: Progress) -> list[str]:
+    def generate_until(self, requests: list[GenerationInput], progress: Progress) -> list[str]:
         out: list[str] = [""] * len(requests)
         groups: dict[str, list[int]] = {}
-        for i, (_, kwargs) in enumerate(requests):
-            groups.setdefault(repr(sorted(kwargs.items())), []).append(i)
+        for i, request in enumerate(requests):
+            if not isinstance(request.context, str) or request.images:
+                raise ValueError("the hf backend takes text prompts only; use --backend hf-vlm for images")
+            groups.setdefault(repr(sorted(request.gen_kwargs.items())), []).append(i)
         for members in groups.values():
-            kwargs = normalize_generation_kwargs(requests[members[0]][1])
+            kwargs = normalize_generation_kwargs(requests[members[0]].gen_kwargs)
             budget = self.max_length - kwargs["max_gen_toks"]
             if budget <= 0:
                 raise ValueError(
@@ -153,7 +158,7 @@ class HFCausalLM:
                     f"in the model's {self.max_length} positions"
                 )
             texts = run_batched(
-                [requests[i][0] for i in members],
+                [requests[i].context for i in members],
                 self.batch_size,
                 length=lambda c, cap=budget: min(len(self.encode(c)), cap),
                 cap=budget,

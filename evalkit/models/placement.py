@@ -18,15 +18,15 @@ import torch
 import transformers
 
 from evalkit.errors import UsageError
-from evalkit.parallel import Topology
+from evalkit.parallel import Placement, Topology
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
 
 
-def _from_pretrained(path: str, dtype: str, trust_remote_code: bool, **kwargs) -> torch.nn.Module:
+def _from_pretrained(path: str, dtype: str, trust_remote_code: bool, auto_class: type, **kwargs) -> torch.nn.Module:
     # safetensors whenever present, so a pickled .bin next to it is never unpickled.
     safetensors = any(Path(path).glob("*.safetensors")) if Path(path).is_dir() else False
-    return transformers.AutoModelForCausalLM.from_pretrained(
+    return auto_class.from_pretrained(
         path, dtype=DTYPES[dtype], use_safetensors=safetensors or None, trust_remote_code=trust_remote_code, **kwargs
     )
 
@@ -43,15 +43,19 @@ def rank_gpus(local_rank: int, gpus_per_rank: int, visible: int) -> list[int]:
 
 
 def load_model(
-    path: str, dtype: str, topo: Topology, *, tp_backend: str, gpus_per_rank: int, trust_remote_code: bool
+    path: str, dtype: str, topo: Topology, *, trust_remote_code: bool, auto_class: type | None = None
 ) -> torch.nn.Module:
-    load = functools.partial(_from_pretrained, path, dtype, trust_remote_code)
-    if topo.dims.tp > 1:
-        if tp_backend == "deepspeed":
-            return _deepspeed_autotp(load, topo)
+    """Load the model where the layout's placement puts it. ``auto_class`` is the transformers
+    auto class of the backend (causal LM by default, image-text-to-text for VLMs)."""
+    auto_class = auto_class or transformers.AutoModelForCausalLM
+    load = functools.partial(_from_pretrained, path, dtype, trust_remote_code, auto_class)
+    placement = topo.layout.placement
+    if placement is Placement.DEEPSPEED_TP:
+        return _deepspeed_autotp(load, topo)
+    if placement is Placement.TRANSFORMERS_TP:
         return _transformers_tp(load, topo)
-    if gpus_per_rank > 1:
-        return _split_over_own_gpus(load, path, dtype, topo, gpus_per_rank)
+    if placement is Placement.SPLIT:
+        return _split_over_own_gpus(load, path, dtype, topo, auto_class)
     # device_map is never passed here: under a launcher transformers could choose a layout itself.
     return load().to(topo.device)
 
@@ -66,10 +70,10 @@ def _deepspeed_autotp(load: Callable[..., torch.nn.Module], topo: Topology) -> t
     _use_torch_all_reduce_on_cpu(topo)
     # DeepSpeed builds its TP group from ranks 0..tp-1 unless one is set here; with dp > 1 the
     # other replicas would then fail, so hand it this rank's own TP group.
-    InferenceEngine.inference_mp_group = topo.group("tp")
+    InferenceEngine.inference_mp_group = topo.tp_group
     engine = deepspeed.init_inference(
         model,
-        tensor_parallel={"tp_size": topo.dims.tp},
+        tensor_parallel={"tp_size": topo.layout.tp},
         dtype=model.dtype,
         replace_with_kernel_inject=False,
     )
@@ -87,12 +91,13 @@ def _use_torch_all_reduce_on_cpu(topo: Topology) -> None:
 
 
 def _transformers_tp(load: Callable[..., torch.nn.Module], topo: Topology) -> torch.nn.Module:
-    config = transformers.DistributedConfig(tp_plan="auto", tp_size=topo.dims.tp, dp_replicate_size=topo.dims.dp)
+    layout = topo.layout
+    config = transformers.DistributedConfig(tp_plan="auto", tp_size=layout.tp, dp_replicate_size=layout.dp)
     return load(distributed_config=config)
 
 
 def _split_over_own_gpus(
-    load: Callable[..., torch.nn.Module], path: str, dtype: str, topo: Topology, gpus_per_rank: int
+    load: Callable[..., torch.nn.Module], path: str, dtype: str, topo: Topology, auto_class: type
 ) -> torch.nn.Module:
     """An explicit device map over this rank's GPUs only, computed before any weight loads.
 
@@ -103,11 +108,11 @@ def _split_over_own_gpus(
 
     if topo.device.type != "cuda":
         raise UsageError("--gpus-per-rank needs CUDA devices; use --tp for tensor parallelism on CPU")
-    mine = rank_gpus(topo.local_rank, gpus_per_rank, torch.cuda.device_count())
+    mine = rank_gpus(topo.local_rank, topo.layout.gpus_per_rank, torch.cuda.device_count())
     budget = {gpu: torch.cuda.get_device_properties(gpu).total_memory for gpu in mine}
     config = transformers.AutoConfig.from_pretrained(path)
     with init_empty_weights():
-        skeleton = transformers.AutoModelForCausalLM.from_config(config)
+        skeleton = auto_class.from_config(config)
     torch_dtype = DTYPES[dtype] if dtype != "auto" else getattr(config, "dtype", None) or torch.float32
     device_map = infer_auto_device_map(
         skeleton, max_memory=budget, dtype=torch_dtype, no_split_module_classes=skeleton._no_split_modules

@@ -1,23 +1,65 @@
-"""What the evaluation loop needs from a model backend, and nothing more."""
+"""What the evaluation loop needs from a model backend, and the typed inputs it hands one.
+
+Every backend (``evalkit.models.registry``) implements ``Backend``; the executor and the runner
+know backends only through it.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 # Called after every batch with the (position in the input list, result) pairs it finished, so
 # results can be saved as they come and a run can stop between batches.
 Progress = Callable[[list[tuple[int, Any]]], None]
 
+# Chat-style content as lmms-eval's doc_to_messages gives it: [{"role": ..., "content": [parts]}],
+# a part being {"type": "text", "text": ...} or {"type": "image"} (the request's next image).
+Messages = list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """The images of one request, decoded only when ``load`` is called, on the rank that runs it.
+
+    ``digests`` name the content (see ``evalkit.tasks.images.digest``); ``load`` returns RGB PIL
+    images in prompt order and checks them against the digests.
+    """
+
+    digests: tuple[str, ...]
+    load: Callable[[], list[Image]] = field(compare=False, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.digests)
+
+
+@dataclass(frozen=True)
+class GenerationInput:
+    """One generate_until request. ``context`` is prompt text (``<image>`` marks where an image goes;
+    without a marker the images come first) or chat messages; ``gen_kwargs`` are lm-eval's."""
+
+    context: str | Messages
+    gen_kwargs: dict[str, Any]
+    images: ImageInput | None = None
+
 
 class Backend(Protocol):
+    name: str  # the registry name it was selected by
+    batch_size: int  # requests per model call; the executor retries failures in chunks of this size
+    num_parameters_local: int | None  # parameters held by this rank (a TP shard counts only its slice)
+    accepts_images: bool
+
     def loglikelihood(self, pairs: list[tuple[str, str]], progress: Progress) -> list[tuple[float, bool]]:
         """(log p(continuation | context), continuation is the greedy decode) per pair."""
 
     def loglikelihood_rolling(self, texts: list[str], progress: Progress) -> list[float]:
         """Total log-likelihood of each text, scored in windows of the model's context."""
 
-    def generate_until(self, requests: list[tuple[str, dict[str, Any]]], progress: Progress) -> list[str]:
+    def generate_until(self, requests: list[GenerationInput], progress: Progress) -> list[str]:
         """Greedy or sampled continuation of each context, cut at its first stop sequence."""
 
     def describe(self) -> dict[str, Any]:

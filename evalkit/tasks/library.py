@@ -29,6 +29,7 @@ from lm_eval.tasks._index import Entry, Kind, TaskIndex
 from lm_eval.tasks._yaml_loader import load_yaml
 
 from evalkit.errors import UsageError, did_you_mean, one_line
+from evalkit.tasks.lmms import LmmsTask, is_lmms_config
 from evalkit.tasks.problems import TaskLoadError, dataset_label, explain
 
 BUNDLED = Path(__file__).resolve().parent.parent / "bundled_tasks"
@@ -97,9 +98,11 @@ def cached_index(roots: list[Path]) -> dict[str, Entry]:
 
 
 class _Factory(TaskFactory):
-    """lm-eval's factory, with two additions: a failure names the task it happened in, and a
+    """lm-eval's factory, with three additions: a failure names the task it happened in; a
     relative ``data_files`` path that is not in the working folder is looked up beside its YAML
-    (so a task folder such as evalkit's bundled demo runs from anywhere)."""
+    (so a task folder such as evalkit's bundled demo runs from anywhere); and a task YAML in
+    lmms-eval's form (``doc_to_visual``, ``lmms_eval_specific_kwargs``, ...) is built as an
+    ``LmmsTask`` instead of a plain ``ConfigurableTask``."""
 
     def _build_task(self, entry: Entry, overrides: dict[str, Any] | None) -> Any:
         name = (overrides or {}).get("task") or entry.name
@@ -123,6 +126,8 @@ class _Factory(TaskFactory):
         kwargs = cfg.get("dataset_kwargs")
         if entry.yaml_path and isinstance(kwargs, dict) and "data_files" in kwargs:
             kwargs["data_files"] = _beside(kwargs["data_files"], Path(entry.yaml_path).parent)
+        if entry.kind is Kind.TASK and "class" not in cfg and is_lmms_config(cfg):
+            cfg["class"] = LmmsTask
         return cfg
 
 

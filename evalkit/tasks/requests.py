@@ -15,17 +15,35 @@ from typing import Any, Literal
 from lm_eval.evaluator_utils import get_sample_size
 
 from evalkit.errors import UsageError
+from evalkit.tasks.images import DIGEST_PREFIX, as_images, digests
 from evalkit.tasks.problems import TaskLoadError, explain
 
 Kind = Literal["loglikelihood", "loglikelihood_rolling", "generate_until"]
 KINDS: tuple[Kind, ...] = ("loglikelihood", "loglikelihood_rolling", "generate_until")
 # lm-eval's default for a generate_until task that does not say how many tokens to generate.
 DEFAULT_MAX_GEN_TOKS = 256
+# What one image weighs when requests are balanced across ranks, in characters of prompt text.
+IMAGE_COST = 2048
+
+
+@dataclass(frozen=True)
+class Visuals:
+    """The images of one request, by reference: the rank that evaluates the request loads them
+    from its own copy of the task (``task.doc_to_image`` of doc ``doc_id``), so images are never
+    shipped between ranks; ``digests`` name their content (resume keys hash them)."""
+
+    task: str
+    doc_id: int
+    digests: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class Request:
-    """One model call. ``index`` is its position in the whole run; ``key`` names its content."""
+    """One model call. ``index`` is its position in the whole run; ``key`` names its content.
+
+    ``args`` are lm-eval's arguments without images: (context, continuation), (text,) or
+    (context, gen_kwargs), where a context may be chat messages (lmms-eval's doc_to_messages).
+    """
 
     index: int
     task: str
@@ -35,10 +53,12 @@ class Request:
     kind: Kind
     args: tuple
     key: str = ""
+    visuals: Visuals | None = None
 
     @property
     def cost(self) -> int:
-        return sum(len(a) for a in self.args if isinstance(a, str))
+        text = sum(len(a) if isinstance(a, str) else len(str(a)) for a in self.args if isinstance(a, (str, list)))
+        return text + IMAGE_COST * (len(self.visuals.digests) if self.visuals else 0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,8 +109,6 @@ def build_plans(
 ) -> list[TaskPlan]:
     plans = []
     for name, task in tasks.items():
-        if getattr(task, "MULTIMODAL", False):
-            raise UsageError(f"task '{name}' needs images or audio, which the text backend cannot take")
         configure(task, options)
         limit = get_sample_size(task, options.limit)
         try:
@@ -113,13 +131,20 @@ def build_plans(
 
 
 def number_requests(plans: list[TaskPlan]) -> list[Request]:
-    """Every instance's requests (one per repeat), numbered in global order."""
+    """Every instance's requests (one per repeat), numbered in global order.
+
+    An image task's images stay out of the requests: each keeps their digests (``Visuals``), and in
+    the lm-eval instance the images are replaced by the same digests, so rank 0 holds no decoded
+    images for the run and sample rows stay plain JSON.
+    """
     everything: list[Request] = []
     for plan in plans:
         plan.instance_requests = []
+        seen: dict[int, tuple[Any, tuple[str, ...]]] = {}  # lm-eval shares one visual dict among a doc's choices
         for instance in plan.task.instances:
             if instance.request_type not in KINDS:
                 raise UsageError(f"task '{plan.name}': request type {instance.request_type!r} is not supported")
+            args, visuals = _split_visuals(plan.name, instance, seen)
             indices = []
             for repeat in range(instance.repeats):
                 indices.append(len(everything))
@@ -131,8 +156,37 @@ def number_requests(plans: list[TaskPlan]) -> list[Request]:
                         instance=instance.idx,
                         repeat=repeat,
                         kind=instance.request_type,
-                        args=tuple(instance.args),
+                        args=args,
+                        visuals=visuals,
                     )
                 )
             plan.instance_requests.append(indices)
     return everything
+
+
+def _split_visuals(
+    task: str, instance: Any, seen: dict[int, tuple[Any, tuple[str, ...]]]
+) -> tuple[tuple, Visuals | None]:
+    """lm-eval's arguments without its trailing multimodal dict, and that dict's images as digests."""
+    args = tuple(instance.args)
+    extra = args[-1] if args and isinstance(args[-1], dict) and ("visual" in args[-1] or "audio" in args[-1]) else None
+    if extra is None:
+        return args, None
+    if "audio" in extra:
+        raise UsageError(f"task '{task}' gives audio, which evalkit cannot pass to a model")
+    if id(extra) not in seen:  # the dict is kept in ``seen`` so that its id is not reused meanwhile
+        try:
+            seen[id(extra)] = (extra, _digests_of(extra["visual"]))
+        except (OSError, ValueError, TypeError) as exc:
+            raise UsageError(f"task '{task}' doc {instance.doc_id}: {exc}") from None
+    found = seen[id(extra)][1]
+    instance.arguments = (*args[:-1], {**extra, "visual": list(found)})
+    visuals = Visuals(task=task, doc_id=instance.doc_id, digests=found) if found else None
+    return args[:-1], visuals
+
+
+def _digests_of(value: Any) -> tuple[str, ...]:
+    """Digests of what a task gave as images; a list of digests is what an earlier numbering left."""
+    if isinstance(value, list) and value and all(isinstance(v, str) and v.startswith(DIGEST_PREFIX) for v in value):
+        return tuple(value)
+    return digests(as_images(value))

@@ -8,6 +8,7 @@ code (``unsafe_code``) are scored in a separate sandboxed process, never inside 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import defaultdict
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from typing import Any
 from lm_eval.evaluator_utils import _process_results
 from lm_eval.utils import handle_non_serializable, hash_string, sanitize_list
 
+from evalkit.tasks.images import as_images, digest, is_image
 from evalkit.tasks.requests import TaskPlan
 
 
@@ -63,6 +65,21 @@ def in_process(plan: TaskPlan, items: list[tuple[int, Any, list[Any]]]) -> list[
     return [plan.task.process_results(doc, results) for _, doc, results in items]
 
 
+def _json_value(value: Any) -> Any:
+    """lm-eval's fallback for values JSON lacks, except that an image (or raw bytes, such as an
+    undecoded image) is named by its content, so doc hashes do not change from one run to the next."""
+    if is_image(value):
+        return f"<image {digest(as_images(value)[0])}>"
+    if isinstance(value, (bytes, bytearray)):
+        return f"<bytes sha256:{hashlib.sha256(value).hexdigest()}>"
+    return handle_non_serializable(value)
+
+
+def _prompt_hash(context: Any) -> str:
+    # a doc_to_messages context is a list of chat messages
+    return hash_string(context if isinstance(context, str) else json.dumps(context, ensure_ascii=False))
+
+
 def sample_row(example: dict[str, Any]) -> dict[str, Any]:
     """lm-eval's samples JSONL row: arguments as gen_args_i/arg_j, responses and target as strings."""
     row = dict(example)
@@ -72,11 +89,11 @@ def sample_row(example: dict[str, Any]) -> dict[str, Any]:
     row["resps"] = sanitize_list(example["resps"])
     row["filtered_resps"] = sanitize_list(example["filtered_resps"])
     row["target"] = str(example["target"])
-    return json.loads(json.dumps(row, default=handle_non_serializable, ensure_ascii=False))
+    return json.loads(json.dumps(row, default=_json_value, ensure_ascii=False))
 
 
 def _doc_hash(doc: Any) -> str:
-    return hash_string(json.dumps(doc, indent=2, default=handle_non_serializable, ensure_ascii=False))
+    return hash_string(json.dumps(doc, indent=2, default=_json_value, ensure_ascii=False))
 
 
 def score_task(plan: TaskPlan, outputs: list[Any], process: ProcessBatch) -> tuple[dict, list[dict], int]:
@@ -112,7 +129,7 @@ def score_task(plan: TaskPlan, outputs: list[Any], process: ProcessBatch) -> tup
             "filter": filter_key,
             "metrics": list(metrics),
             "doc_hash": _doc_hash(reqs[0].doc),
-            "prompt_hash": hash_string(reqs[0].arguments[0]),
+            "prompt_hash": _prompt_hash(reqs[0].arguments[0]),
             "target_hash": hash_string(str(target)),
             **metrics,
         }
@@ -124,7 +141,7 @@ def score_task(plan: TaskPlan, outputs: list[Any], process: ProcessBatch) -> tup
             rows.append(
                 {
                     "doc_id": doc_id,
-                    "doc": json.loads(json.dumps(doc, default=handle_non_serializable)),
+                    "doc": json.loads(json.dumps(doc, default=_json_value)),
                     "error": errors[doc_id],
                 }
             )

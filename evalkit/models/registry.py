@@ -1,0 +1,129 @@
+"""The model backends ``--backend`` selects from, by name, with "did you mean" for a typo.
+
+``auto`` (the default) picks by the checkpoint: a config with a ``vision_config`` is a
+vision-language model (``hf-vlm``), anything else a causal language model (``hf``). Each entry
+says which request kinds it runs and whether it takes images, so a run a backend cannot serve
+is refused before any weights load.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from evalkit.errors import UsageError, did_you_mean, one_line
+
+if TYPE_CHECKING:
+    from evalkit.config import RunConfig
+    from evalkit.models.protocol import Backend
+    from evalkit.parallel import Topology
+
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    name: str
+    summary: str
+    kinds: tuple[str, ...]  # the request kinds it runs
+    accepts_images: bool
+    build: Callable[[RunConfig, str, Topology], Backend]
+
+    def refusal(self, kinds: set[str], images: bool, tasks: str) -> str | None:
+        """Why this backend cannot run requests of ``kinds`` (with images or not), or None."""
+        missing = sorted(kinds - set(self.kinds))
+        if missing:
+            return f"backend {self.name} runs {', '.join(self.kinds)} requests, not {', '.join(missing)} ({tasks})"
+        if images and not self.accepts_images:
+            return (
+                f"task(s) {tasks} give the model images, which backend {self.name} cannot take; "
+                f"use a vision-language model (--backend hf-vlm)"
+            )
+        return None
+
+
+def _load_hf(config: RunConfig, model_path: str, topo: Topology) -> Backend:
+    from evalkit.models.hf import HFCausalLM
+
+    return _build_transformers(config, model_path, topo, HFCausalLM, auto_class=None)
+
+
+def _load_hf_vlm(config: RunConfig, model_path: str, topo: Topology) -> Backend:
+    import transformers
+
+    from evalkit.models.hf_vlm import HFVisionLM
+
+    return _build_transformers(
+        config, model_path, topo, HFVisionLM, auto_class=transformers.AutoModelForImageTextToText
+    )
+
+
+def _build_transformers(config: RunConfig, model_path: str, topo: Topology, cls: type, auto_class: type | None):
+    from evalkit.models.placement import input_device, load_model, local_parameter_count
+
+    try:
+        model = load_model(
+            model_path, config.dtype, topo, trust_remote_code=config.trust_remote_code, auto_class=auto_class
+        )
+        return cls(
+            model_path,
+            model=model,
+            device=input_device(model, topo),
+            batch_size=config.batch_size,
+            tp_group=topo.tp_group,
+            num_parameters_local=local_parameter_count(model),
+            trust_remote_code=config.trust_remote_code,
+            max_length=config.max_length,
+        )
+    except (OSError, ValueError) as exc:
+        if "custom code" in str(exc) or "trust_remote_code" in str(exc):
+            raise UsageError(
+                f"{model_path} needs its own Python code to load; evalkit runs it only with "
+                f"--trust-remote-code (read that code first)"
+            ) from None
+        raise UsageError(
+            f"cannot load model from {model_path} with backend {cls.name}: {one_line(exc)[:300]}"
+        ) from None
+
+
+BACKENDS: dict[str, BackendSpec] = {
+    spec.name: spec
+    for spec in (
+        BackendSpec(
+            name="hf",
+            summary="transformers causal language model (AutoModelForCausalLM)",
+            kinds=("loglikelihood", "loglikelihood_rolling", "generate_until"),
+            accepts_images=False,
+            build=_load_hf,
+        ),
+        BackendSpec(
+            name="hf-vlm",
+            summary="transformers vision-language model (AutoProcessor + AutoModelForImageTextToText)",
+            kinds=("generate_until",),
+            accepts_images=True,
+            build=_load_hf_vlm,
+        ),
+    )
+}
+NAMES = (AUTO, *BACKENDS)
+
+
+def check_name(name: str) -> str | None:
+    """A one-line problem with a ``--backend`` value, or None."""
+    if name in NAMES:
+        return None
+    return f"--backend {name!r} is not one of {', '.join(NAMES)}{did_you_mean(name, NAMES)}"
+
+
+def select(name: str, model_path: str) -> BackendSpec:
+    """The backend to run ``model_path`` with: by name, or by its config for ``auto``."""
+    problem = check_name(name)
+    if problem:
+        raise UsageError(problem)
+    if name != AUTO:
+        return BACKENDS[name]
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    return BACKENDS["hf-vlm" if "vision_config" in config else "hf"]

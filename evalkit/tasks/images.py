@@ -1,0 +1,155 @@
+"""Images of image tasks: what a task yields, as RGB PIL images; their digests; and where the rank
+that evaluates a request finds them.
+
+Images never travel between processes. Rank 0 builds every request with lm-eval, which calls
+``task.doc_to_image(doc)``; evalkit keeps only the images' digests (``Visuals``). The rank that runs
+a request loads the same task itself and asks it for the same doc's images (``VisualSource``); the
+digests prove both ranks saw the same pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from evalkit.models.protocol import ImageInput
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
+
+    from evalkit.tasks.requests import Visuals
+
+DIGEST_PREFIX = "sha256:"
+
+
+def is_image(value: Any) -> bool:
+    """A PIL image? (Pillow is imported only by tasks that have images.)"""
+    module = sys.modules.get("PIL.Image")
+    return module is not None and isinstance(value, module.Image)
+
+
+def as_images(value: Any) -> list[PILImage]:
+    """What a task's ``doc_to_image`` (or lmms-eval's ``doc_to_visual``) yields, as RGB images in order.
+
+    Takes a PIL image, a file path, encoded bytes, a ``datasets`` Image dict (``{"bytes", "path"}``),
+    None (no image) or a list/tuple of those, nested lists flattened.
+    """
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [image for item in value for image in as_images(item)]
+    return [_rgb(_open(value))]
+
+
+def _open(value: Any) -> PILImage:
+    from PIL import Image
+
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return _read(io.BytesIO(bytes(value)), "bytes")
+    if isinstance(value, (str, Path)):
+        if "://" in str(value):
+            raise ValueError(f"image {value}: evalkit reads images from local files only, not from URLs")
+        return _read(value, str(value))
+    if isinstance(value, Mapping) and ("bytes" in value or "path" in value):
+        if value.get("bytes") is not None:
+            return _open(value["bytes"])
+        if value.get("path") is not None:
+            return _open(value["path"])
+        raise ValueError("image dict has neither bytes nor a path")
+    if hasattr(value, "__array_interface__"):
+        return Image.fromarray(value)
+    raise TypeError(
+        f"cannot turn a {type(value).__name__} into an image "
+        f"(expected a PIL image, a file path, bytes, a {{'bytes', 'path'}} dict or a list of those)"
+    )
+
+
+def _read(source: Any, label: str) -> PILImage:
+    from PIL import Image
+
+    try:
+        with Image.open(source) as image:
+            image.load()
+            return image.copy() if image.mode == "RGB" else image.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read an image from {label}: {exc}") from exc
+
+
+def _rgb(image: PILImage) -> PILImage:
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def digest(image: PILImage) -> str:
+    """The content of one image: sha256 of its mode, size and pixels (not of any file encoding)."""
+    h = hashlib.sha256(f"{image.mode} {image.width}x{image.height}\0".encode())
+    h.update(image.tobytes())
+    return DIGEST_PREFIX + h.hexdigest()
+
+
+def digests(images: list[PILImage]) -> tuple[str, ...]:
+    return tuple(digest(image) for image in images)
+
+
+class ImagesChanged(RuntimeError):
+    """A rank found other images for a doc than those its requests were built from."""
+
+
+class VisualSource:
+    """Finds a request's images on the rank that evaluates it.
+
+    ``tasks`` returns lm-eval task objects by name (rank 0: the tasks it built; other ranks: their
+    own copy, loaded the same way); it is called once, when the first image is needed. Per task the
+    evaluation docs are kept (a ``datasets`` split decodes a row only when it is read); decoded
+    images are not kept.
+    """
+
+    def __init__(self, tasks: Callable[[], Mapping[str, Any]]) -> None:
+        self._load_tasks = tasks
+        self._tasks: Mapping[str, Any] | None = None
+        self._docs: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def images(self, visuals: Visuals) -> ImageInput:
+        return ImageInput(digests=visuals.digests, load=lambda: self.load(visuals))
+
+    def load(self, visuals: Visuals) -> list[PILImage]:
+        task, docs = self._task_and_docs(visuals.task)
+        if not 0 <= visuals.doc_id < len(docs):
+            raise ImagesChanged(
+                f"task '{visuals.task}' has {len(docs)} docs here, but a request names doc {visuals.doc_id}; "
+                f"every rank must load the same data"
+            )
+        images = as_images(task.doc_to_image(docs[visuals.doc_id]))
+        found = digests(images)
+        if found != visuals.digests:
+            raise ImagesChanged(
+                f"task '{visuals.task}' doc {visuals.doc_id}: the images here ({_short(found)}) differ from those "
+                f"its request was built from ({_short(visuals.digests)}); every rank must load the same data "
+                f"and task code"
+            )
+        return images
+
+    def _task_and_docs(self, name: str) -> tuple[Any, Any]:
+        with self._lock:
+            if self._tasks is None:
+                self._tasks = self._load_tasks()
+            if name not in self._tasks:
+                raise KeyError(f"task '{name}' is not among the tasks loaded on this rank")
+            task = self._tasks[name]
+            if name not in self._docs:
+                # lm-eval numbers docs by their position in eval_docs (after process_docs)
+                self._docs[name] = task.eval_docs
+            return task, self._docs[name]
+
+
+def _short(values: tuple[str, ...]) -> str:
+    if not values:
+        return "no images"
+    return ", ".join(v.removeprefix(DIGEST_PREFIX)[:12] for v in values)

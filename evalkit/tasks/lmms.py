@@ -1,0 +1,293 @@
+"""lmms-eval's task files, unchanged, as lm-eval tasks.
+
+An lmms-eval task YAML is an lm-eval YAML with a few more keys. ``LmmsTask`` is lm-eval's
+``ConfigurableTask`` that takes them, with lmms-eval's meaning:
+
+* ``doc_to_visual``: a field name (lmms-eval wraps its value in a list) or a function of the doc,
+  or of the doc and the prompt kwargs, returning the doc's images. It becomes the task's
+  ``doc_to_image``, so lm-eval's own request building attaches the images (``{"visual": [...]}``).
+* ``lmms_eval_specific_kwargs`` (formerly ``model_specific_prompt_kwargs``): per-model blocks of
+  prompt settings. The block is chosen by the model's family, read from ``model_type`` in the
+  ``config.json`` of the model the task is built for (``metadata["pretrained"]``); without a
+  matching block, lmms-eval's ``default`` applies. ``doc_to_text``, ``doc_to_visual`` and
+  ``doc_to_messages`` functions receive it as their second argument.
+* ``model_specific_generation_kwargs`` / ``model_specific_target_kwargs``: per-model blocks merged
+  into ``generation_kwargs`` / passed to a ``doc_to_target`` function.
+* ``doc_to_messages``: a function of the doc returning chat messages whose content parts are text
+  and images. The request's context is those messages with each image part replaced by
+  ``{"type": "image"}`` (the request's next image); the images go with the request as visuals.
+* ``full_docs``: ``process_results`` also receives the evaluation docs (``full_docs=``).
+
+As in lmms-eval, a generate_until task's outputs are stripped before ``process_results``. Keys
+that only matter to lmms-eval's own runner (``group_alias``, ``process_results_use_image``,
+``cluster_key``, ``score_key``) are accepted and ignored; so are ``dataset_kwargs`` entries that
+only steer its downloader. Video and audio are refused.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+from collections.abc import Callable, Mapping
+from copy import deepcopy
+from pathlib import Path
+from typing import Any
+
+import datasets
+from lm_eval.api.task import ConfigurableTask
+
+PROMPT_KWARGS = ("lmms_eval_specific_kwargs", "model_specific_prompt_kwargs")
+# Keys that make a YAML an lmms-eval task.
+LMMS_KEYS = frozenset(
+    {
+        "doc_to_visual",
+        "doc_to_messages",
+        *PROMPT_KWARGS,
+        "model_specific_generation_kwargs",
+        "model_specific_target_kwargs",
+    }
+)
+# Keys only lmms-eval's runner reads; they change nothing in what is evaluated here.
+IGNORED_KEYS = frozenset({"group_alias", "process_results_use_image", "cluster_key", "score_key"})
+EXTRA_KEYS = LMMS_KEYS | IGNORED_KEYS | {"full_docs", "reasoning_tags", "auto_strip_thinking"}
+# dataset_kwargs entries that steer lmms-eval's downloader, not datasets.load_dataset.
+DOWNLOADER_KWARGS = ("max_retries", "num_proc", "local_files_only", "force_download", "force_unzip", "create_link")
+
+# transformers model_type -> lmms-eval model names whose prompt blocks fit it, best first.
+MODEL_NAMES: dict[str, tuple[str, ...]] = {
+    "llava": ("llava", "llava_hf"),
+    "llava_next": ("llava", "llava_hf"),
+    "llava_onevision": ("llava_onevision", "llava"),
+    "qwen": ("qwen_vl",),
+    "qwen2_vl": ("qwen2_vl",),
+    "qwen2_5_vl": ("qwen2_5_vl", "qwen2_vl"),
+    "qwen3_vl": ("qwen3_vl",),
+    "idefics2": ("idefics2",),
+    "idefics3": ("idefics3",),
+    "mllama": ("llama_vision",),
+    "phi3_v": ("phi3v",),
+    "internvl_chat": ("internvl2", "internvl"),
+    "internvl": ("internvl_hf", "internvl2"),
+    "gemma3": ("gemma3",),
+    "aria": ("aria",),
+    "instructblip": ("instructblip",),
+    "fuyu": ("fuyu",),
+    "internlmxcomposer2": ("xcomposer2_4khd",),
+}
+
+
+def is_lmms_config(cfg: Mapping[str, Any]) -> bool:
+    return any(key in cfg for key in LMMS_KEYS)
+
+
+@functools.lru_cache(maxsize=64)
+def _model_type(path: str) -> str | None:
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def model_names(metadata: Any) -> tuple[str, ...]:
+    """lmms-eval model names for the model a task is built for, best first (none: use ``default``)."""
+    path = metadata.get("pretrained") if isinstance(metadata, Mapping) else None
+    model_type = _model_type(str(path)) if path else None
+    if not model_type:
+        return ()
+    return tuple(dict.fromkeys((*MODEL_NAMES.get(model_type, ()), model_type)))
+
+
+def choose_prompt_kwargs(blocks: Any, names: tuple[str, ...], *, legacy: bool = False) -> Any:
+    """lmms-eval's choice: the model's own block; else ``default`` laid over the whole mapping
+    (``model_specific_prompt_kwargs``, the former name, gives the ``default`` block alone)."""
+    if not isinstance(blocks, Mapping):
+        return blocks
+    for name in names:
+        if name in blocks:
+            return blocks[name]
+    if legacy:
+        return blocks.get("default")
+    for fallback in ("default", "dataset"):
+        if isinstance(blocks.get(fallback), Mapping):
+            return {**blocks, **blocks[fallback]}
+    return dict(blocks)
+
+
+def _choose_block(blocks: Any, names: tuple[str, ...], missing: Any) -> Any:
+    if not isinstance(blocks, Mapping):
+        return blocks
+    return next((blocks[n] for n in names if n in blocks), blocks.get("default", missing))
+
+
+def _takes_two(fn: Callable) -> bool:
+    try:
+        return len(inspect.signature(fn).parameters) == 2
+    except (TypeError, ValueError):
+        return False
+
+
+def split_messages(messages: Any) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Chat messages with each image part replaced by ``{"type": "image"}``, and the images in order."""
+    if not isinstance(messages, list):
+        raise TypeError(f"doc_to_messages must return a list of messages, got {type(messages).__name__}")
+    out, images = [], []
+    for message in messages:
+        content = message["content"]
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else []
+        for part in [] if isinstance(content, str) else content:
+            kind = part.get("type")
+            if kind == "text":
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind == "image":
+                image = next((part[k] for k in ("url", "image", "path") if part.get(k) is not None), None)
+                if image is None:
+                    raise ValueError("doc_to_messages gave an image part without its image (url, image or path)")
+                images.append(image)
+                parts.append({"type": "image"})
+            else:
+                raise ValueError(f"doc_to_messages gave a '{kind}' part; evalkit passes only text and images")
+        out.append({"role": message["role"], "content": parts})
+    return out, images
+
+
+class LmmsTask(ConfigurableTask):
+    """lm-eval's ConfigurableTask with lmms-eval's task keys (see the module's description)."""
+
+    def __init__(
+        self,
+        data_dir: Any = None,
+        cache_dir: Any = None,
+        download_mode: Any = None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        config = dict(config or {})
+        config.pop("class", None)
+        self._lmms = {key: config.pop(key) for key in sorted(EXTRA_KEYS) if key in config}
+        if self._lmms.get("reasoning_tags") or self._lmms.get("auto_strip_thinking"):
+            raise ValueError("reasoning_tags / auto_strip_thinking (lmms-eval's thinking filters) are not supported")
+        names = model_names(config.get("metadata"))
+        legacy = "lmms_eval_specific_kwargs" not in self._lmms
+        blocks = self._lmms.get(PROMPT_KWARGS[1] if legacy else PROMPT_KWARGS[0])
+        self.lmms_eval_specific_kwargs = deepcopy(choose_prompt_kwargs(blocks, names, legacy=legacy))
+        self.model_specific_target_kwargs = _choose_block(self._lmms.get("model_specific_target_kwargs"), names, None)
+        generation = _choose_block(self._lmms.get("model_specific_generation_kwargs"), names, {})
+        self._visual = self._lmms.get("doc_to_visual")
+        self._messages = self._lmms.get("doc_to_messages")
+        self._full_docs = bool(self._lmms.get("full_docs"))
+        if self._messages is not None and not callable(self._messages):
+            raise TypeError("doc_to_messages must be a !function")
+        # lm-eval attaches images to a request only when doc_to_image is set; ours answers it.
+        self._own_image = config.get("doc_to_image") is None and (self._visual or self._messages) is not None
+        if self._own_image:
+            config["doc_to_image"] = self._messages or self._visual
+        super().__init__(data_dir=data_dir, cache_dir=cache_dir, download_mode=download_mode, config=config)
+        if generation and self.config.generation_kwargs is not None:
+            self.config.generation_kwargs.update(deepcopy(generation))
+
+    def download(self, dataset_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        options = dict(dataset_kwargs or {})
+        if options.get("video") or "From_YouTube" in options:
+            raise ValueError(
+                "video datasets (dataset_kwargs video / From_YouTube) are not supported: evalkit passes images"
+            )
+        for key in DOWNLOADER_KWARGS:
+            options.pop(key, None)
+        if options.pop("load_from_disk", False):
+            self.dataset = datasets.load_from_disk(self.DATASET_PATH)
+            return
+        super().download(options or None, **kwargs)
+
+    # ------------------------------------------------------------ what lm-eval asks the task
+
+    def doc_to_text(self, doc: Any, doc_to_text: Any = None) -> Any:
+        fn = doc_to_text if doc_to_text is not None else self.config.doc_to_text
+        if fn is None and self._messages is not None:
+            messages, _ = split_messages(self._call_messages(doc))
+            return "\n".join(p["text"] for m in messages for p in m["content"] if p["type"] == "text")
+        if self.prompt is None and callable(fn) and self.lmms_eval_specific_kwargs is not None:
+            return fn(doc, self.lmms_eval_specific_kwargs)
+        return super().doc_to_text(doc, doc_to_text)
+
+    def doc_to_target(self, doc: Any, doc_to_target: Any = None) -> Any:
+        fn = doc_to_target if doc_to_target is not None else self.config.doc_to_target
+        if self.prompt is None and callable(fn) and self.model_specific_target_kwargs is not None:
+            return fn(doc, self.model_specific_target_kwargs)
+        return super().doc_to_target(doc, doc_to_target)
+
+    def doc_to_image(self, doc: Any, doc_to_image: Any = None) -> Any:
+        if doc_to_image is not None or not self._own_image:
+            return super().doc_to_image(doc, doc_to_image)
+        if self._messages is not None:
+            return split_messages(self._call_messages(doc))[1]
+        visual = self._visual
+        if isinstance(visual, str):
+            if visual not in doc:
+                raise KeyError(f"doc_to_visual: the docs have no field '{visual}'")
+            return [doc[visual]]
+        if callable(visual):
+            kwargs = self.lmms_eval_specific_kwargs
+            return visual(doc, kwargs) if kwargs is not None and _takes_two(visual) else visual(doc)
+        return visual
+
+    def _call_messages(self, doc: Any) -> Any:
+        fn = self._messages
+        kwargs = self.lmms_eval_specific_kwargs
+        if kwargs is None:
+            return fn(doc)
+        params = inspect.signature(fn).parameters
+        named = "lmms_eval_specific_kwargs" in params
+        var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        if named or var_kw:
+            return fn(doc, lmms_eval_specific_kwargs=kwargs)
+        return fn(doc, kwargs) if len(params) == 2 else fn(doc)
+
+    def fewshot_context(
+        self,
+        doc: Any,
+        num_fewshot: int,
+        system_instruction: str | None = None,
+        apply_chat_template: bool = False,
+        fewshot_as_multiturn: bool = False,
+        chat_template: Callable[..., str] | None = None,
+        gen_prefix: str | None = None,
+    ) -> Any:
+        if self._messages is None:
+            return super().fewshot_context(
+                doc=doc,
+                num_fewshot=num_fewshot,
+                system_instruction=system_instruction,
+                apply_chat_template=apply_chat_template,
+                fewshot_as_multiturn=fewshot_as_multiturn,
+                chat_template=chat_template,
+                gen_prefix=gen_prefix,
+            )
+        if num_fewshot:
+            raise ValueError(
+                f"task '{self.config.task}': doc_to_messages builds the whole conversation, "
+                f"so it takes no few-shot examples (num_fewshot {num_fewshot})"
+            )
+        messages, _ = split_messages(self._call_messages(doc))
+        description = self.resolve_field(doc, self.config.description) or ""
+        system = "\n\n".join(s for s in (system_instruction, description) if s)
+        if system:
+            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
+        return messages
+
+    def process_results(self, doc: Any, results: Any) -> Any:
+        if self.OUTPUT_TYPE == "generate_until":
+            if results and isinstance(results[0], list):
+                results = results[0]
+            results = [r.strip() if r is not None else "" for r in results]
+        if self._full_docs and callable(self.config.process_results):
+            return self.config.process_results(doc, results, full_docs=self.eval_docs)
+        return super().process_results(doc, results)
+
+    def dump_config(self) -> dict[str, Any]:
+        """lm-eval's dump with the lmms-eval keys as the YAML gave them (functions as their source)."""
+        dumped = super().dump_config()
+        if self._own_image:
+            dumped.pop("doc_to_image", None)
+        for key, value in self._lmms.items():
+            dumped[key] = self.config.serialize_function(value) if callable(value) else deepcopy(value)
+        return dumped
