@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from evalkit.collectives import AgreedError, agreed, all_gather
 from evalkit.config import RunConfig
-from evalkit.errors import USAGE_EXIT_CODE, UsageError, one_line, say
+from evalkit.errors import USAGE_EXIT_CODE, UsageError, say
 from evalkit.execute import Executor, StopFlag, StopRequested
 from evalkit.identity import model_fingerprint, request_key, task_config_hash
 from evalkit.model_source import check_model_source
