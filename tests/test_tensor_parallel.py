@@ -42,11 +42,13 @@ def tp_run(request, tmp_path_factory) -> tuple[tuple, Run]:
 
 
 def test_layout_is_recorded(tp_run):
-    (_, nproc, tp), run = tp_run
+    (backend, nproc, tp), run = tp_run
     assert run.results()["parallel"] == {
         "world_size": nproc,
         "dp": nproc // tp,
         "tp": tp,
+        "placement": backend,
+        "gpus_per_rank": 1,
         "backend": "gloo",
         "device": "cpu",
     }

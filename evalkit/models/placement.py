@@ -76,9 +76,29 @@ def _deepspeed_autotp(load: Callable[..., torch.nn.Module], topo: Topology) -> t
         tensor_parallel={"tp_size": topo.layout.tp},
         dtype=model.dtype,
         replace_with_kernel_inject=False,
+        **_injection_policy(model),
     )
     _use_torch_all_reduce_on_cpu(topo)
     return engine.module
+
+
+# Vision-language families whose whole model AutoTP's automatic policy shards correctly (a CLIP
+# vision tower and a Llama-style decoder): measured equal to the unsharded model's generations.
+AUTOTP_WHOLE_VLM = frozenset({"llava", "llava_next"})
+
+
+def _injection_policy(model: torch.nn.Module) -> dict:
+    """For other vision-language models, AutoTP shards only the language decoder's layers.
+
+    Its automatic policy splits Qwen2-VL's fused qkv vision attention and InternVL's vision output
+    projection the wrong way (shape errors at the first forward); naming the decoder layer and its
+    row-parallel projections keeps the vision tower whole on every rank, which is correct.
+    """
+    config = model.config
+    if getattr(config, "vision_config", None) is None or config.model_type in AUTOTP_WHOLE_VLM:
+        return {}
+    layer = model.get_decoder().layers[0]
+    return {"injection_policy": {type(layer): ("self_attn.o_proj", "mlp.down_proj")}}
 
 
 def _use_torch_all_reduce_on_cpu(topo: Topology) -> None:

@@ -1,0 +1,276 @@
+"""The transformers vision-language backend: generate_until on prompts that carry images.
+
+Every prompt goes through the processor's chat template as one user turn (images where the
+context's ``<image>`` markers are, or first), so each family gets its own image tokens; the
+processor then expands them to the image's feature count.
+
+A request's answer never depends on the batch it ran in. Each request is processed alone, its
+token length after image expansion picks its padded width (``batching.padded_width``, a function
+of that length only), and only requests of the same width share a model call, left-padded with an
+attention mask. Images are decoded a few batches at a time, when their requests come up, so a rank
+never holds every image of its share. (Sampled generation draws from one random stream per call,
+so only greedy answers are batch-independent.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import transformers
+from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+from transformers.utils import is_torchvision_available
+
+from evalkit.models.batching import width_batches
+from evalkit.models.hf import _max_length, normalize_generation_kwargs
+from evalkit.models.protocol import GenerationInput, ImageInput, Messages, Progress
+from evalkit.models.stopping import StopOnSequences, cut_at_stop
+
+IMAGE_MARKER = "<image>"
+# Images are decoded this many batches of requests at a time: a request's exact length (and so
+# its width) is known only after decoding, and a wider window lets more requests of one width
+# share a batch.
+LOOKAHEAD_BATCHES = 4
+# Processor outputs with one value per token (left-padded to the batch width); all others are
+# per-image tensors, concatenated over the batch.
+TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+UNSUPPORTED = "the hf-vlm backend runs generate_until tasks only; use the hf backend for loglikelihood tasks"
+
+
+class HFVisionLM:
+    """Generation with a loaded image-text-to-text model, wherever its weights were placed.
+
+    ``tp_group`` is set when the model is tensor-parallel: every rank of the group runs the same
+    batches, and generation stops only when all of them would.
+    """
+
+    name = "hf-vlm"
+    accepts_images = True
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        model: torch.nn.Module,
+        device: torch.device,
+        batch_size: int,
+        tp_group: Any = None,
+        num_parameters_local: int | None = None,
+        trust_remote_code: bool = False,
+        max_length: int | None = None,
+    ) -> None:
+        self.path = path
+        self.device = device
+        self.batch_size = batch_size
+        self.tp_group = tp_group
+        self.num_parameters_local = num_parameters_local
+        self.processor = load_processor(path, trust_remote_code=trust_remote_code)
+        self.tokenizer = self.processor.tokenizer
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        self.tokenizer.padding_side = "left"
+        self.model = model.eval()
+        self.max_length = max_length or _max_length(self.model.config, self.tokenizer)
+        self.bos_text = self.tokenizer.bos_token
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "class": type(self.model).__name__,
+            "family": self.model.config.model_type,
+            "dtype": str(self.model.dtype).removeprefix("torch."),
+            "num_parameters_this_rank": self.num_parameters_local,
+            "max_length": self.max_length,
+        }
+
+    def loglikelihood(self, pairs: list[tuple[str, str]], progress: Progress) -> list[tuple[float, bool]]:
+        raise NotImplementedError(UNSUPPORTED)
+
+    def loglikelihood_rolling(self, texts: list[str], progress: Progress) -> list[float]:
+        raise NotImplementedError(UNSUPPORTED)
+
+    # -- prompts ------------------------------------------------------------------------------
+
+    def prompt(self, request: GenerationInput) -> str:
+        """The request as chat-template text, image placeholders not yet expanded."""
+        count = len(request.images) if request.images is not None else 0
+        messages = to_messages(request.context, count)
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def encode(self, prompt: str, images: ImageInput | None) -> dict[str, torch.Tensor]:
+        """Token ids (image tokens expanded) and pixel tensors of one request; decodes its images."""
+        pil = images.load() if images is not None else []
+        # A template that writes the BOS text itself must not get a second one from the tokenizer.
+        special = not (self.bos_text and prompt.startswith(self.bos_text))
+        encoded = self.processor(
+            text=[prompt], images=pil or None, add_special_tokens=special, padding=False, return_tensors="pt"
+        )
+        return dict(encoded)
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def generate_until(self, requests: list[GenerationInput], progress: Progress) -> list[str]:
+        out: list[str] = [""] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, request in enumerate(requests):
+            groups.setdefault(repr(sorted(request.gen_kwargs.items())), []).append(i)
+        for members in groups.values():
+            kwargs = normalize_generation_kwargs(requests[members[0]].gen_kwargs)
+            budget = self.max_length - kwargs["max_gen_toks"]
+            if budget <= 0:
+                raise ValueError(
+                    f"max_gen_toks {kwargs['max_gen_toks']} leaves no room for a prompt "
+                    f"in the model's {self.max_length} positions"
+                )
+            for finished in self._generate_group([requests[i] for i in members], kwargs, budget):
+                done = [(members[p], text) for p, text in finished]
+                for i, text in done:
+                    out[i] = text
+                progress(done)
+        return out
+
+    def _generate_group(
+        self, requests: list[GenerationInput], kwargs: dict[str, Any], budget: int
+    ) -> Iterator[list[tuple[int, str]]]:
+        """(position, text) pairs per finished batch, for requests sharing generation arguments."""
+        prompts = [self.prompt(r) for r in requests]
+        estimate = [
+            (len(r.images) if r.images is not None else 0, len(self.tokenizer.tokenize(p)))
+            for r, p in zip(requests, prompts, strict=True)
+        ]
+        # Most images and longest text first: memory trouble shows at once, and neighbours in this
+        # order tend to end up with the same width.
+        order = sorted(range(len(requests)), key=lambda p: (-estimate[p][0], -estimate[p][1], prompts[p], p))
+        window = self.batch_size * LOOKAHEAD_BATCHES
+        for start in range(0, len(order), window):
+            positions = order[start : start + window]
+            encoded = []
+            for p in positions:
+                item = self.encode(prompts[p], requests[p].images)
+                length = item["input_ids"].shape[1]
+                if length > budget:
+                    raise ValueError(
+                        f"prompt of {length} tokens (images expanded) does not fit the {budget} positions "
+                        f"left by max_gen_toks {kwargs['max_gen_toks']} in the model's {self.max_length}"
+                    )
+                encoded.append((p, item))
+            batches = width_batches(
+                encoded,
+                self.batch_size,
+                length=lambda e: e[1]["input_ids"].shape[1],
+                cap=budget,
+                tiebreak=lambda e: e[0],
+            )
+            for width, batch in batches:
+                texts = self._generate_batch(width, [item for _, (_, item) in batch], kwargs)
+                yield [(p, text) for (_, (p, _)), text in zip(batch, texts, strict=True)]
+
+    @torch.no_grad()
+    def _generate_batch(
+        self, width: int, batch: list[dict[str, torch.Tensor]], gen_kwargs: dict[str, Any]
+    ) -> list[str]:
+        kwargs = dict(gen_kwargs)
+        until = list(kwargs.pop("until"))
+        eos_text = self.tokenizer.decode(self.tokenizer.eos_token_id, skip_special_tokens=False)
+        if eos_text not in until:
+            until.append(eos_text)
+        max_gen_toks = kwargs.pop("max_gen_toks")
+        inputs = {k: v.to(self.device) for k, v in collate(batch, width, self.tokenizer.pad_token_id).items()}
+        inputs = {k: v.to(self.model.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+        generated = self.model.generate(
+            **inputs,
+            max_new_tokens=max_gen_toks,
+            stopping_criteria=[StopOnSequences(self.tokenizer, until, width, len(batch), group=self.tp_group)],
+            pad_token_id=self.tokenizer.pad_token_id,
+            use_cache=True,
+            **kwargs,
+        )
+        return [
+            cut_at_stop(self.tokenizer.decode(row[width:], skip_special_tokens=True), until)
+            for row in generated.tolist()
+        ]
+
+
+def to_messages(context: str | Messages, images: int) -> Messages:
+    """One user turn from prompt text (images at its ``<image>`` markers, or first), or the
+    request's own chat messages, checked to hold one image part per image."""
+    if isinstance(context, list):
+        parts = [part for message in context if not isinstance(message["content"], str) for part in message["content"]]
+        found = sum(1 for part in parts if part.get("type") == "image")
+        if found != images:
+            raise ValueError(f"the chat messages have {found} image parts for {images} images")
+        return context
+    pieces = context.split(IMAGE_MARKER)
+    if len(pieces) == 1:
+        content = [{"type": "image"}] * images + [{"type": "text", "text": context}]
+    elif len(pieces) - 1 != images:
+        raise ValueError(f"the prompt has {len(pieces) - 1} {IMAGE_MARKER} markers for {images} images")
+    else:
+        content = []
+        for i, piece in enumerate(pieces):
+            # The template writes its own separator around an image.
+            text = piece.lstrip() if i > 0 else piece
+            text = text.rstrip() if i < len(pieces) - 1 else text
+            if i > 0:
+                content.append({"type": "image"})
+            if text:
+                content.append({"type": "text", "text": text})
+    return [{"role": "user", "content": content}]
+
+
+def collate(batch: list[dict[str, torch.Tensor]], width: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """One model input from requests processed alone: per-token values left-padded to ``width``,
+    per-image tensors concatenated (zero-padded where their shapes differ, as a batched
+    LLaVA-NeXT processor pads its tiles)."""
+    out: dict[str, torch.Tensor] = {}
+    for key in dict.fromkeys(k for item in batch for k in item):
+        values = [item[key] for item in batch if key in item]
+        if key in TOKEN_KEYS:
+            fill = pad_id if key == "input_ids" else 0
+            padded = torch.full((len(values), width), fill, dtype=values[0].dtype)
+            for row, value in enumerate(values):
+                padded[row, width - value.shape[1] :] = value[0]
+            out[key] = padded
+        else:
+            shape = [max(sizes) for sizes in zip(*(v.shape[1:] for v in values), strict=True)]
+            out[key] = torch.cat([_pad_to(v, shape) for v in values])
+    return out
+
+
+def _pad_to(value: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    if list(value.shape[1:]) == shape:
+        return value
+    padded = value.new_zeros((value.shape[0], *shape))
+    padded[(slice(None), *(slice(0, n) for n in value.shape[1:]))] = value
+    return padded
+
+
+def load_processor(path: str, *, trust_remote_code: bool = False) -> transformers.ProcessorMixin:
+    """``AutoProcessor.from_pretrained``, except where transformers would refuse an image model.
+
+    Some processors (Qwen2-VL, InternVL, ...) also hold a video processor, and in transformers 5
+    every video processor needs torchvision, so without it they cannot load at all. Images alone
+    do not need it: there the processor loads without its video part.
+    """
+    if is_torchvision_available():
+        return transformers.AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    processor_dict, _ = transformers.ProcessorMixin.get_processor_dict(path, trust_remote_code=trust_remote_code)
+    name = processor_dict.get("processor_class")
+    if name is None:
+        model_type = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).model_type
+        name = PROCESSOR_MAPPING_NAMES.get(model_type)
+    cls = getattr(transformers, name or "", None)
+    if cls is None or "video_processor" not in cls.get_attributes():
+        return transformers.AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return image_only(cls).from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def image_only(cls: type[transformers.ProcessorMixin]) -> type[transformers.ProcessorMixin]:
+    """``cls`` without its video processor, under the same name, so it saves and loads the same
+    files and ``AutoProcessor`` finds it wherever torchvision is installed."""
+
+    def get_attributes(klass) -> list[str]:
+        return [a for a in cls.get_attributes() if a != "video_processor"]
+
+    return type(cls.__name__, (cls,), {"get_attributes": classmethod(get_attributes), "__module__": cls.__module__})

@@ -1,0 +1,151 @@
+"""Vision-language models end to end: the bundled lmms-eval-format image task on tiny VLMs of three
+families, at every layout, killed and resumed, crashing; and image tasks in both task-file forms.
+
+Every run is real: ``python -m evalkit`` or torchrun on CPU with gloo, models built from a config.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_evalkit
+
+pytestmark = pytest.mark.multiprocess
+
+FAULTS = str(REPO / "tests" / "fault_entry.py")
+TASK = "vlm_demo"
+FAMILIES = ("llava", "qwen2_vl", "internvl")
+REFERENCE = "1 process, batch 4"
+LAYOUTS = {
+    REFERENCE: ("python", 1, ["--batch-size", "4"]),
+    "dp=2, batch 1": ("torchrun", 2, ["--batch-size", "1"]),
+    "tp=2": ("torchrun", 2, ["--tp", "2", "--batch-size", "4"]),
+    "tp=2 x dp=2": ("torchrun", 4, ["--tp", "2", "--batch-size", "2"]),
+}
+BOUND_SECONDS = 60
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory):
+    """Builds each family's tiny model once per test session."""
+    from evalkit.tinyvlm import build_tiny_vlm
+
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = build_tiny_vlm(family, tmp_path_factory.mktemp(family) / "model")
+        return built[family]
+
+    return get
+
+
+def vlm_args(model: Path, *extra: str) -> list[str]:
+    return ["--model", str(model), "--device", "cpu", *extra]
+
+
+def evaluate(model: Path, output: Path, layout: str = REFERENCE, *extra: str, tasks: str = TASK, **kwargs):
+    launcher, nproc, flags = LAYOUTS[layout]
+    return run_evalkit(
+        vlm_args(model, "--tasks", tasks, *flags, *extra), launcher=launcher, nproc=nproc, output=output, **kwargs
+    )
+
+
+def generations(run) -> dict[tuple[str, int], list]:
+    """Per task and doc: the raw generations, the filtered answers and the per-doc metrics."""
+    out = {}
+    for path in sorted(run.output.glob("samples_*.jsonl")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            metrics = {k: row[k] for k in row.get("metrics", [])}
+            out[(row["doc_id"], path.stem, row.get("filter"))] = [row["resps"], row["filtered_resps"], metrics]
+    return out
+
+
+@pytest.fixture(scope="session")
+def llava_reference(tiny_vlm, tmp_path_factory):
+    run = evaluate(tiny_vlm("llava"), tmp_path_factory.mktemp("llava_ref") / "out")
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_same_generations_at_every_layout(family, tiny_vlm, tmp_path, request):
+    model = tiny_vlm(family)
+    runs = {}
+    for layout in LAYOUTS:
+        if family == "llava" and layout == REFERENCE:
+            runs[layout] = request.getfixturevalue("llava_reference")
+            continue
+        runs[layout] = evaluate(model, tmp_path / layout.replace(" ", "_").replace(",", ""), layout)
+        assert runs[layout].returncode == 0, (layout, runs[layout].stderr[-3000:])
+    want = generations(runs[REFERENCE])
+    texts = {json.dumps(v[0]) for v in want.values()}
+    assert len(want) >= 16 and len(texts) > 2, "the tiny model should answer differently for different images"
+    full = runs[REFERENCE].results()["parameters_per_rank"]["0"]
+    for layout, run in runs.items():
+        assert generations(run) == want, layout
+        results = run.results()
+        assert results["results"] == runs[REFERENCE].results()["results"], layout
+        assert results["task_hashes"] == runs[REFERENCE].results()["task_hashes"], layout
+        assert results["model"]["backend"] == "hf-vlm"
+        _, nproc, flags = LAYOUTS[layout]
+        assert results["parallel"]["world_size"] == nproc
+        if "--tp" in flags:
+            # Both the vision tower and the language model are sharded: each rank holds well under all.
+            for held in results["parameters_per_rank"].values():
+                assert held < 0.8 * full, (layout, held, full)
+
+
+def test_killed_vlm_run_resumes_on_another_world_size(tiny_vlm, llava_reference, tmp_path):
+    model = tiny_vlm("llava")
+    output = tmp_path / "out"
+    killed = run_evalkit(
+        vlm_args(model, "--tasks", TASK, "--batch-size", "1", "--flush-interval", "0.001"),
+        launcher="torchrun",
+        nproc=2,
+        output=output,
+        script=FAULTS,
+        env={"FAULT": "kill", "FAULT_AFTER": "3"},
+    )
+    assert killed.returncode != 0 and "SIGKILL" in killed.stderr
+    assert killed.seconds < BOUND_SECONDS
+    saved = sum(len(p.read_text().splitlines()) for p in (output / "shards").glob("*.jsonl"))
+    total = sum(n["effective"] for n in llava_reference.results()["n-samples"].values())
+    assert 0 < saved < total
+    assert not (output / "results.json").exists()
+    resumed = evaluate(model, output, REFERENCE, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    results = resumed.results()
+    assert results["resume"]["reused"] == saved and results["resume"]["computed"] == total - saved
+    assert generations(resumed) == generations(llava_reference)
+    assert results["results"] == llava_reference.results()["results"]
+
+
+def test_crashing_vlm_rank_ends_every_rank(tiny_vlm, tmp_path):
+    run = run_evalkit(
+        vlm_args(tiny_vlm("llava"), "--tasks", TASK, "--batch-size", "1"),
+        launcher="torchrun",
+        nproc=2,
+        output=tmp_path / "out",
+        script=FAULTS,
+        env={"FAULT": "raise", "FAULT_AFTER": "2"},
+    )
+    assert run.returncode != 0
+    assert run.seconds < BOUND_SECONDS
+    assert "evalkit: rank 1 failed: RuntimeError: injected failure in the forward of rank 1" in run.stderr
+    assert not (tmp_path / "out" / "results.json").exists()
+    assert any((tmp_path / "out" / "shards").glob("*.jsonl"))
+
+
+def test_text_only_backend_refuses_an_image_task(tmp_path):
+    from conftest import TINY_MODEL
+
+    run = run_evalkit(["--model", str(TINY_MODEL), "--device", "cpu", "--tasks", TASK], output=tmp_path / "out")
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1].startswith("evalkit: error: task(s) ")
+    assert "--backend hf-vlm" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "out" / "results.json").exists()
