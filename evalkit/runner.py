@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import random
@@ -39,7 +40,7 @@ from evalkit.models.registry import BackendSpec
 from evalkit.monitor import Monitor
 from evalkit.outdir import check_folder, check_writable, write_manifest
 from evalkit.parallel import Placement, Topology, init_topology, settle_before_exit, shutdown
-from evalkit.planner import GIB, check_run_layout, read_shape
+from evalkit.planner import GIB, check_run_layout, read_image_tokens_per_image, read_shape
 from evalkit.results import write_outputs
 from evalkit.sharding import merge_shards, shard_indices
 from evalkit.shards import SHARD_DIR, ShardWriter, read_all, read_records, shard_files
@@ -189,7 +190,7 @@ def prepare(config: RunConfig, topo: Topology, model_path: str, spec: BackendSpe
             layout.tp,
             layout.world_size,
             gpu_memory_gib(config, topo),
-            max_len=longest_request_bound(requests, context),
+            max_len=longest_request_bound(requests, context, image_tokens(model_path, requests)),
             batch=config.batch_size,
         )
     model = model_fingerprint(model_path, config.dtype)
@@ -233,16 +234,27 @@ def gpu_memory_gib(config: RunConfig, topo: Topology) -> float | None:
     return None
 
 
-def longest_request_bound(requests: list[Request], context: int) -> int:
+def image_tokens(model_path: str, requests: list[Request]) -> int:
+    """Tokens one image becomes in this model (an upper bound), when any request has images."""
+    if not any(r.visuals for r in requests):
+        return 0
+    return read_image_tokens_per_image(model_path)
+
+
+def longest_request_bound(requests: list[Request], context: int, tokens_per_image: int = 0) -> int:
     """Tokens of the longest request, bounded from above without a tokenizer.
 
     A token covers at least one UTF-8 byte (byte-level BPE, SentencePiece with byte fallback),
-    so bytes plus a few special tokens bound it; generation adds its max_gen_toks. Never more than
-    the model's context, since longer inputs are cut from the left.
+    so bytes plus a few special tokens bound it; each image adds the planner's bound of its tokens
+    and generation adds its max_gen_toks. Never more than the model's context, since longer
+    inputs are cut from the left.
     """
     longest = 0
     for request in requests:
-        size = sum(len(a.encode()) for a in request.args if isinstance(a, str)) + 2
+        text = (a if isinstance(a, str) else json.dumps(a) for a in request.args if isinstance(a, (str, list)))
+        size = sum(len(t.encode()) for t in text) + 2
+        if request.visuals is not None:
+            size += tokens_per_image * len(request.visuals.digests)
         if request.kind == "generate_until":
             size += int((request.args[1] or {}).get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
         longest = max(longest, size)

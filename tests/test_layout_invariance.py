@@ -34,7 +34,15 @@ def layout_run(request, tmp_path_factory) -> tuple[tuple, Run]:
 def test_topology_is_recorded(layout_run):
     (_, nproc, _), run = layout_run
     parallel = run.results()["parallel"]
-    assert parallel == {"world_size": nproc, "dp": nproc, "tp": 1, "backend": "gloo", "device": "cpu"}
+    assert parallel == {
+        "world_size": nproc,
+        "dp": nproc,
+        "tp": 1,
+        "placement": "replica",
+        "gpus_per_rank": 1,
+        "backend": "gloo",
+        "device": "cpu",
+    }
     per_rank = run.results()["throughput"]["per_rank"]
     assert sorted(r["rank"] for r in per_rank) == list(range(nproc))
     assert sum(r["requests"] for r in per_rank) == sum(len(d["arguments"]) for t in DEMO_TASKS for d in run.docs(t))

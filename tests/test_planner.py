@@ -324,7 +324,7 @@ def test_vision_counts_agree_with_transformers_at_full_size(vlm_dirs):
         shape = read_shape(vlm_dirs[name])
         vision, total = meta_vision_parameters(AutoConfig.from_pretrained(vlm_dirs[name]))
         assert shape.vision == vision, name
-        # The text formula leaves out biases (Qwen2's q/k/v: 80 layers x 10,240).
+        # Weights as built, before any tying; the text formula leaves out biases (Qwen2 q/k/v: 80 x 10,240).
         assert 0 <= total - shape.parameters <= 1_000_000, name
 
 
@@ -411,10 +411,16 @@ def test_image_token_bounds_are_the_processors_maxima():
     assert max(llava_next._get_num_multimodal_tokens(image_sizes=sizes)["num_image_tokens"]) == 2928
     assert image_tokens_per_image(LLAVA_NEXT_34B) == 2928
 
-    qwen = Qwen2VLImageProcessor(**QWEN25_VL_PREPROCESSOR)
     accepted = [(h, w) for h, w in sizes + [(3584, 3584), (3585, 3585)] if max(h, w) / min(h, w) <= 200]
+    qwen = Qwen2VLImageProcessor(**QWEN25_VL_PREPROCESSOR)
     most = max(qwen.get_number_of_image_patches(h, w, {}) // 4 for h, w in accepted)
     assert most + 2 == image_tokens_per_image(QWEN25_VL_72B, QWEN25_VL_PREPROCESSOR) == 16386
+    # A small max_pixels, where an image 200 times wider than high gets more tokens than max_pixels allows.
+    small = {"min_pixels": 256, "max_pixels": 2304, "patch_size": 4, "merge_size": 2}
+    qwen = Qwen2VLImageProcessor(**small)
+    most = max(qwen.get_number_of_image_patches(h, w, {}) // 4 for h, w in accepted + [(5, 1000), (40, 8000)])
+    assert most > 2304 // 8**2
+    assert most + 2 == image_tokens_per_image(QWEN25_VL_72B, small)
 
     tiles = GotOcr2ImageProcessor(max_patches=12, size={"height": 448, "width": 448})
     most = max(tiles.get_number_of_image_patches(h, w, {"crop_to_patches": True}) for h, w in sizes)
@@ -442,7 +448,9 @@ def test_image_token_defaults_and_saved_settings(tmp_path):
             }
         )
     )
-    assert read_image_tokens_per_image(str(folder)) == 2304 // 8**2 + 2
+    assert read_image_tokens_per_image(str(folder)) == image_tokens_per_image(
+        QWEN25_VL_72B, {"max_pixels": 2304, "min_pixels": 256, "patch_size": 4, "merge_size": 2}
+    )
 
 
 @pytest.mark.parametrize("name", VLMS)

@@ -119,30 +119,25 @@ def _transformers_tp(load: Callable[..., torch.nn.Module], topo: Topology) -> to
 def _split_over_own_gpus(
     load: Callable[..., torch.nn.Module], path: str, dtype: str, topo: Topology, auto_class: type
 ) -> torch.nn.Module:
-    """An explicit device map over this rank's GPUs only, computed before any weight loads.
+    """An explicit device map over this rank's GPUs only, computed before any weight loads, with the
+    vision tower, projector and embeddings on the rank's first GPU (``models.device_map``).
 
     ``device_map="auto"`` is not passed to transformers: under a launcher it may pick tensor
     parallelism by itself, and it would consider every visible GPU.
     """
-    from accelerate import infer_auto_device_map, init_empty_weights
+    from evalkit.models.device_map import split_device_map
 
     if topo.device.type != "cuda":
         raise UsageError("--gpus-per-rank needs CUDA devices; use --tp for tensor parallelism on CPU")
     mine = rank_gpus(topo.local_rank, topo.layout.gpus_per_rank, torch.cuda.device_count())
-    budget = {gpu: torch.cuda.get_device_properties(gpu).total_memory for gpu in mine}
-    config = transformers.AutoConfig.from_pretrained(path)
-    with init_empty_weights():
-        skeleton = auto_class.from_config(config)
-    torch_dtype = DTYPES[dtype] if dtype != "auto" else getattr(config, "dtype", None) or torch.float32
-    device_map = infer_auto_device_map(
-        skeleton, max_memory=budget, dtype=torch_dtype, no_split_module_classes=skeleton._no_split_modules
-    )
-    outside = sorted({str(d) for d in device_map.values() if d not in mine})
-    if outside:
-        raise UsageError(
-            f"the model does not fit on GPUs {mine} (it would need {outside}); use a larger --gpus-per-rank or --tp"
-        )
-    return load(device_map=device_map)
+    # Weights get what is left after the KV cache and activations' share (SPLIT_WEIGHT_SHARE).
+    budget = {gpu: int(torch.cuda.get_device_properties(gpu).total_memory * SPLIT_WEIGHT_SHARE) for gpu in mine}
+    return load(device_map=split_device_map(path, auto_class, mine, budget, dtype))
+
+
+# The part of each GPU a split model's weights may take; the rest holds the KV cache, activations
+# and the CUDA context.
+SPLIT_WEIGHT_SHARE = 0.85
 
 
 def input_device(model: torch.nn.Module, topo: Topology) -> torch.device:
