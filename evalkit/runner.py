@@ -182,6 +182,9 @@ def prepare(config: RunConfig, topo: Topology, model_path: str, spec: BackendSpe
     requests = number_requests(tasks)
     check_backend_fits(spec, requests)
     layout = topo.layout
+    refusal = registry.layout_refusal(spec, layout)
+    if refusal:
+        raise UsageError(refusal)
     if layout.placement is not Placement.SPLIT:  # a split over own GPUs is checked by its device map instead
         context = config.max_length or read_shape(model_path).max_positions
         check_run_layout(

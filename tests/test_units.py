@@ -116,3 +116,25 @@ def test_lm_eval_templates_compile_once_and_render_the_same():
     compile_templates_once()
     assert lm_eval.utils.env.from_string(template) is lm_eval.utils.env.from_string(template)
     assert lm_eval.utils.apply_template(template, {"question": "2+2?"}) == before == "Question: 2+2?\\nAnswer:"
+
+
+def test_backend_registry_selects_by_config_and_refuses_what_a_backend_cannot_run(tmp_path):
+    from evalkit.models import registry
+
+    assert registry.check_name("hf") is None and registry.check_name("auto") is None
+    assert "(did you mean 'hf-vlm'?)" in registry.check_name("hf_vlm")
+    with pytest.raises(UsageError, match="--backend 'vllm' is not one of auto, hf, hf-vlm"):
+        registry.select("vllm", str(tmp_path))
+    (tmp_path / "config.json").write_text('{"model_type": "llava", "vision_config": {}}')
+    assert registry.select("auto", str(tmp_path)).name == "hf-vlm"
+    assert registry.select("hf", str(tmp_path)).name == "hf"
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    assert registry.select("auto", str(tmp_path)).name == "hf"
+    vlm, text = registry.BACKENDS["hf-vlm"], registry.BACKENDS["hf"]
+    assert "not loglikelihood" in vlm.refusal({"loglikelihood", "generate_until"}, False, "demo_mc")
+    assert "--backend hf-vlm" in text.refusal({"generate_until"}, True, "vlm_demo")
+    assert vlm.refusal({"generate_until"}, True, "vlm_demo") is None
+    hybrid = Layout(world_size=4, tp=2, placement=Placement.TRANSFORMERS_TP)
+    assert "--tp-backend deepspeed" in registry.layout_refusal(vlm, hybrid)
+    assert registry.layout_refusal(text, hybrid) is None
+    assert registry.layout_refusal(vlm, Layout(world_size=4, tp=2, placement=Placement.DEEPSPEED_TP)) is None

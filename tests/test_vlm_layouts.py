@@ -149,3 +149,24 @@ def test_text_only_backend_refuses_an_image_task(tmp_path):
     assert run.stderr.strip().splitlines()[-1].startswith("evalkit: error: task(s) ")
     assert "--backend hf-vlm" in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_lm_eval_doc_to_image_task_runs_unchanged(tiny_vlm, tmp_path):
+    """lm-eval's own mmmu_val_art YAML on a local MMMU/MMMU folder, 2 ranks: rank 1 loads its images itself."""
+    from library_data import write_mmmu
+
+    write_mmmu(tmp_path)
+    run = run_evalkit(
+        vlm_args(tiny_vlm("llava"), "--tasks", "mmmu_val_art", "--gen-kwargs", "max_gen_toks=24", "--batch-size", "2"),
+        launcher="torchrun",
+        nproc=2,
+        output=tmp_path / "out",
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = run.results()
+    assert results["n-samples"]["mmmu_val_art"]["effective"] == 4
+    assert "acc,none" in results["results"]["mmmu_val_art"]
+    rows = [json.loads(line) for line in (tmp_path / "out" / "samples_mmmu_val_art.jsonl").read_text().splitlines()]
+    assert all("<image sha256:" in json.dumps(row["arguments"]) for row in rows)
+    assert sum(r["requests"] for r in results["throughput"]["per_rank"]) == 4

@@ -19,7 +19,7 @@ from evalkit.errors import UsageError, did_you_mean, one_line
 if TYPE_CHECKING:
     from evalkit.config import RunConfig
     from evalkit.models.protocol import Backend
-    from evalkit.parallel import Topology
+    from evalkit.parallel import Layout, Topology
 
 AUTO = "auto"
 
@@ -43,6 +43,20 @@ class BackendSpec:
                 f"use a vision-language model (--backend hf-vlm)"
             )
         return None
+
+
+def layout_refusal(spec: BackendSpec, layout: Layout) -> str | None:
+    """Why this backend cannot run in this layout, or None."""
+    from evalkit.parallel import Placement
+
+    if spec.accepts_images and layout.placement is Placement.TRANSFORMERS_TP and layout.dp > 1:
+        # transformers 5 meets DTensor and Tensor in the vision tower's convolution once there are
+        # several TP meshes; DeepSpeed AutoTP runs the same layout correctly.
+        return (
+            f"--tp-backend transformers runs a vision-language model only as one replica (dp={layout.dp} here); "
+            f"use --tp-backend deepspeed for tp x dp"
+        )
+    return None
 
 
 def _load_hf(config: RunConfig, model_path: str, topo: Topology) -> Backend:
