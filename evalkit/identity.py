@@ -16,6 +16,8 @@ from evalkit.tasks.requests import Request, TaskPlan
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 EDGE_BYTES = 1 << 16
+# Tokenizer, chat template, processor and generation settings beside the weights.
+SETTING_SUFFIXES = (".json", ".jinja", ".model", ".txt")
 
 
 def _sha(data: Any) -> str:
@@ -23,7 +25,9 @@ def _sha(data: Any) -> str:
 
 
 def model_fingerprint(path: str, dtype: str) -> dict[str, Any]:
-    """Path, config and a weights fingerprint (each file's size and its first and last 64 KiB).
+    """Path, config, a weights fingerprint (each file's size and its first and last 64 KiB) and the
+    content of every file that shapes prompts or generation: tokenizer, chat template, processor
+    (image sizes, pixel limits) and generation defaults.
 
     Reading the edges instead of whole files keeps this instant for a 140 GB checkpoint while
     still telling apart re-saved or fine-tuned weights (safetensors headers hold every tensor's
@@ -39,7 +43,17 @@ def model_fingerprint(path: str, dtype: str) -> dict[str, Any]:
             tail = f.read(EDGE_BYTES)
         weights[file.name] = [size, hashlib.sha256(head + tail).hexdigest()]
     config = json.loads((folder / "config.json").read_text())
+    settings = {
+        file.name: hashlib.sha256(file.read_bytes()).hexdigest()
+        for file in sorted(folder.iterdir())
+        if file.is_file()
+        and file.name != "config.json"
+        and file.suffix in SETTING_SUFFIXES
+        and not file.name.endswith(".index.json")
+    }
     identity = {"path": str(folder.resolve()), "config": config, "weights": weights, "dtype": dtype}
+    if settings:
+        identity["settings"] = settings
     return {"path": identity["path"], "dtype": dtype, "hash": _sha(identity)}
 
 

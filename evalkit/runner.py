@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from evalkit.collectives import AgreedError, agreed, all_gather
 from evalkit.config import RunConfig
-from evalkit.errors import USAGE_EXIT_CODE, UsageError, say
+from evalkit.errors import USAGE_EXIT_CODE, UsageError, one_line, say
 from evalkit.execute import Executor, StopFlag, StopRequested
 from evalkit.identity import model_fingerprint, request_key, task_config_hash
 from evalkit.model_source import check_model_source
@@ -120,6 +120,13 @@ def check_inputs(config: RunConfig, topo: Topology) -> tuple[str, BackendSpec]:
     """What every rank checks for itself: the model folder, its backend and a writable output folder."""
     model_path = check_model_source(config.model)
     spec = registry.select(config.backend, model_path)
+    refusal = registry.layout_refusal(spec, topo.layout)
+    if refusal:
+        raise UsageError(refusal)
+    if config.apply_chat_template and spec.accepts_images:
+        raise UsageError(
+            f"backend {spec.name} always renders prompts with the processor's chat template; drop --apply-chat-template"
+        )
     check_writable(config.output, topo.rank)
     return model_path, spec
 
@@ -130,7 +137,7 @@ def check_backend_fits(spec: BackendSpec, requests: list[Request]) -> None:
     with_images: set[str] = set()
     for request in requests:
         kinds.setdefault(request.kind, set()).add(request.task)
-        if request.visuals is not None:
+        if request.visuals is not None or not isinstance(request.args[0], str):  # images or chat messages
             with_images.add(request.task)
     tasks = sorted({t for kind, names in kinds.items() if kind not in spec.kinds for t in names} or with_images)
     problem = spec.refusal(set(kinds), bool(with_images), ", ".join(tasks[:5]) + (" ..." if len(tasks) > 5 else ""))
@@ -182,9 +189,6 @@ def prepare(config: RunConfig, topo: Topology, model_path: str, spec: BackendSpe
     requests = number_requests(tasks)
     check_backend_fits(spec, requests)
     layout = topo.layout
-    refusal = registry.layout_refusal(spec, layout)
-    if refusal:
-        raise UsageError(refusal)
     if layout.placement is not Placement.SPLIT:  # a split over own GPUs is checked by its device map instead
         context = config.max_length or read_shape(model_path).max_positions
         check_run_layout(
@@ -264,21 +268,27 @@ def longest_request_bound(requests: list[Request], context: int, tokens_per_imag
     return min(longest, context)
 
 
-def image_source(config: RunConfig, model_path: str, plan: RunPlan | None) -> VisualSource:
+def image_source(config: RunConfig, model_path: str, plan: RunPlan | None, share: list[Request]) -> VisualSource:
     """Where this rank finds its requests' images: rank 0 in the tasks it built, the other ranks in
-    their own copy of the tasks, loaded only when a request with images comes up."""
+    their own copy of the tasks, loaded here (before the model calls) when their share has images."""
     if plan is not None:
         tasks = {p.name: p.task for p in plan.tasks}
         return VisualSource(lambda: tasks)
+    source = VisualSource(functools.partial(load_tasks_for_images, config, model_path))
+    try:
+        source.prepare({r.visuals.task for r in share if r.visuals is not None})
+    except (KeyError, OSError, ValueError) as exc:
+        raise UsageError(f"loading the image tasks on rank {os.environ.get('RANK', '0')}: {one_line(exc)}") from None
+    return source
 
-    def load_tasks() -> dict[str, Any]:
-        from evalkit.compat import install_compat
 
-        install_compat()
-        library = TaskLibrary(config.include_path, metadata=config.task_metadata(model_path))
-        return library.load_checked(list(config.tasks))["tasks"]
+def load_tasks_for_images(config: RunConfig, model_path: str) -> dict[str, Any]:
+    """The run's tasks on a rank other than 0, only to read images from their docs."""
+    from evalkit.compat import install_compat
 
-    return VisualSource(load_tasks)
+    install_compat()
+    library = TaskLibrary(config.include_path, metadata=config.task_metadata(model_path))
+    return library.load_checked(list(config.tasks))["tasks"]
 
 
 def finished_indices(output: Path, index_of: dict[str, int]) -> set[int]:
@@ -346,6 +356,7 @@ def evaluate(config: RunConfig, topo: Topology) -> None:
         return [Work(requests=share, pending=pending, launch=launch) for share in deal(plan, topo.layout.dp)]
 
     work = hand_out(topo, plan_and_deal)
+    images = agreed(world, lambda: image_source(config, model_path, box.get("plan"), work.requests))
     backend: Backend = agreed(world, lambda: spec.build(config, model_path, topo))
     if topo.is_main:
         write_manifest(config.output, model=box["plan"].model, tasks=box["plan"].task_hashes)
@@ -359,7 +370,6 @@ def evaluate(config: RunConfig, topo: Topology) -> None:
     )
     stop = StopFlag()
     stop.install()
-    images = image_source(config, model_path, box.get("plan"))
     executor = Executor(topo, backend, writer, monitor, stop, config.on_error, images=images.images)
     t0 = time.time()
     try:

@@ -24,7 +24,6 @@ class FakeBackend:
     """Answers from the request's text alone, in batches; fails any batch holding a poisoned text."""
 
     name = "fake"
-    accepts_images = True
     num_parameters_local = 0
 
     def __init__(self, batch_size: int, poison: set[str] = frozenset(), answer=None) -> None:

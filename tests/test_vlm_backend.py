@@ -145,7 +145,7 @@ def test_images_are_decoded_once_and_only_when_their_batch_comes(tiny):
 def test_backend_facts(tiny):
     family, path, model = tiny
     backend = HFVisionLM(str(path), model=model, device=torch.device("cpu"), batch_size=2)
-    assert backend.name == "hf-vlm" and backend.accepts_images
+    assert backend.name == "hf-vlm"
     assert backend.describe()["family"] == model.config.model_type
     assert backend.tokenizer.padding_side == "left" and backend.tokenizer.pad_token_id is not None
     with pytest.raises(NotImplementedError, match="generate_until"):

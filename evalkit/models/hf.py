@@ -32,7 +32,6 @@ class HFCausalLM:
     """
 
     name = "hf"
-    accepts_images = False
 
     def __init__(
         self,
@@ -56,7 +55,7 @@ class HFCausalLM:
         self.model = model.eval()
         self.path = path
         # --max-length wins, as lm-eval's max_length model argument does.
-        self.max_length = max_length or _max_length(self.model.config, self.tokenizer)
+        self.max_length = max_length or model_max_length(self.model.config, self.tokenizer)
         bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
         self.prefix_token_id = bos if bos is not None else eos
         self.bos_text = self.tokenizer.decode(self.prefix_token_id)
@@ -234,7 +233,7 @@ def rolling_windows(tokens: list[int], prefix: int, max_len: int) -> list[tuple[
     return [(ctx[: len(ctx) - (len(scored) - 1)], scored) for ctx, scored in windows]
 
 
-def _max_length(config: Any, tokenizer: Any) -> int:
+def model_max_length(config: Any, tokenizer: Any) -> int:
     config = getattr(config, "text_config", None) or config
     for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
         value = getattr(config, attr, None)

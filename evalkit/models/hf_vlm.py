@@ -23,7 +23,7 @@ from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 from transformers.utils import is_torchvision_available
 
 from evalkit.models.batching import width_batches
-from evalkit.models.hf import _max_length, normalize_generation_kwargs
+from evalkit.models.hf import model_max_length, normalize_generation_kwargs
 from evalkit.models.protocol import GenerationInput, ImageInput, Messages, Progress
 from evalkit.models.stopping import StopOnSequences, cut_at_stop
 
@@ -46,7 +46,6 @@ class HFVisionLM:
     """
 
     name = "hf-vlm"
-    accepts_images = True
 
     def __init__(
         self,
@@ -66,12 +65,17 @@ class HFVisionLM:
         self.tp_group = tp_group
         self.num_parameters_local = num_parameters_local
         self.processor = load_processor(path, trust_remote_code=trust_remote_code)
+        if not getattr(self.processor, "chat_template", None):
+            raise ValueError(
+                "its processor has no chat template, which hf-vlm renders every prompt with; "
+                "add chat_template.jinja (or chat_template.json) from the model's release"
+            )
         self.tokenizer = self.processor.tokenizer
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         self.tokenizer.padding_side = "left"
         self.model = model.eval()
-        self.max_length = max_length or _max_length(self.model.config, self.tokenizer)
+        self.max_length = max_length or model_max_length(self.model.config, self.tokenizer)
         self.bos_text = self.tokenizer.bos_token
 
     def describe(self) -> dict[str, Any]:

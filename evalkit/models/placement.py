@@ -55,7 +55,7 @@ def load_model(
     if placement is Placement.TRANSFORMERS_TP:
         return _transformers_tp(load, topo)
     if placement is Placement.SPLIT:
-        return _split_over_own_gpus(load, path, dtype, topo, auto_class)
+        return _split_over_own_gpus(load, path, dtype, topo, auto_class, trust_remote_code)
     # device_map is never passed here: under a launcher transformers could choose a layout itself.
     return load().to(topo.device)
 
@@ -117,7 +117,12 @@ def _transformers_tp(load: Callable[..., torch.nn.Module], topo: Topology) -> to
 
 
 def _split_over_own_gpus(
-    load: Callable[..., torch.nn.Module], path: str, dtype: str, topo: Topology, auto_class: type
+    load: Callable[..., torch.nn.Module],
+    path: str,
+    dtype: str,
+    topo: Topology,
+    auto_class: type,
+    trust_remote_code: bool,
 ) -> torch.nn.Module:
     """An explicit device map over this rank's GPUs only, computed before any weight loads, with the
     vision tower, projector and embeddings on the rank's first GPU (``models.device_map``).
@@ -132,7 +137,8 @@ def _split_over_own_gpus(
     mine = rank_gpus(topo.local_rank, topo.layout.gpus_per_rank, torch.cuda.device_count())
     # Weights get what is left after the KV cache and activations' share (SPLIT_WEIGHT_SHARE).
     budget = {gpu: int(torch.cuda.get_device_properties(gpu).total_memory * SPLIT_WEIGHT_SHARE) for gpu in mine}
-    return load(device_map=split_device_map(path, auto_class, mine, budget, dtype))
+    device_map = split_device_map(path, auto_class, mine, budget, dtype, trust_remote_code=trust_remote_code)
+    return load(device_map=device_map)
 
 
 # The part of each GPU a split model's weights may take; the rest holds the KV cache, activations

@@ -51,7 +51,6 @@ class Backend(Protocol):
     name: str  # the registry name it was selected by
     batch_size: int  # requests per model call; the executor retries failures in chunks of this size
     num_parameters_local: int | None  # parameters held by this rank (a TP shard counts only its slice)
-    accepts_images: bool
 
     def loglikelihood(self, pairs: list[tuple[str, str]], progress: Progress) -> list[tuple[float, bool]]:
         """(log p(continuation | context), continuation is the greedy decode) per pair."""

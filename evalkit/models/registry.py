@@ -27,7 +27,6 @@ AUTO = "auto"
 @dataclass(frozen=True)
 class BackendSpec:
     name: str
-    summary: str
     kinds: tuple[str, ...]  # the request kinds it runs
     accepts_images: bool
     build: Callable[[RunConfig, str, Topology], Backend]
@@ -39,7 +38,7 @@ class BackendSpec:
             return f"backend {self.name} runs {', '.join(self.kinds)} requests, not {', '.join(missing)} ({tasks})"
         if images and not self.accepts_images:
             return (
-                f"task(s) {tasks} give the model images, which backend {self.name} cannot take; "
+                f"task(s) {tasks} give the model images or chat messages, which backend {self.name} cannot take; "
                 f"use a vision-language model (--backend hf-vlm)"
             )
         return None
@@ -108,14 +107,12 @@ BACKENDS: dict[str, BackendSpec] = {
     for spec in (
         BackendSpec(
             name="hf",
-            summary="transformers causal language model (AutoModelForCausalLM)",
             kinds=("loglikelihood", "loglikelihood_rolling", "generate_until"),
             accepts_images=False,
             build=_load_hf,
         ),
         BackendSpec(
             name="hf-vlm",
-            summary="transformers vision-language model (AutoProcessor + AutoModelForImageTextToText)",
             kinds=("generate_until",),
             accepts_images=True,
             build=_load_hf_vlm,

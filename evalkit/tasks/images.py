@@ -97,6 +97,11 @@ def digests(images: list[PILImage]) -> tuple[str, ...]:
     return tuple(digest(image) for image in images)
 
 
+def image_label(image: PILImage) -> str:
+    """How an image appears in a doc written to samples: its content digest."""
+    return f"<image {digest(as_images(image)[0])}>"
+
+
 class ImagesChanged(RuntimeError):
     """A rank found other images for a doc than those its requests were built from."""
 
@@ -115,6 +120,12 @@ class VisualSource:
         self._tasks: Mapping[str, Any] | None = None
         self._docs: dict[str, Any] = {}
         self._lock = threading.Lock()
+
+    def prepare(self, names: set[str]) -> None:
+        """Load the named tasks and their docs now (before any model call), so a problem with them
+        is found while every rank can still agree on it."""
+        for name in sorted(names):
+            self._task_and_docs(name)
 
     def images(self, visuals: Visuals) -> ImageInput:
         return ImageInput(digests=visuals.digests, load=lambda: self.load(visuals))

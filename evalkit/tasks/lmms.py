@@ -280,8 +280,13 @@ class LmmsTask(ConfigurableTask):
                 results = results[0]
             results = [r.strip() if r is not None else "" for r in results]
         if self._full_docs and callable(self.config.process_results):
-            return self.config.process_results(doc, results, full_docs=self.eval_docs)
+            return self.config.process_results(doc, results, full_docs=self._all_docs)
         return super().process_results(doc, results)
+
+    @functools.cached_property
+    def _all_docs(self) -> Any:
+        """The eval docs, built once (``eval_docs`` runs process_docs again on every access)."""
+        return self.eval_docs
 
     def dump_config(self) -> dict[str, Any]:
         """lm-eval's dump with the lmms-eval keys as the YAML gave them (functions as their source)."""

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from lm_eval.evaluator_utils import get_sample_size
 
 from evalkit.errors import UsageError
-from evalkit.tasks.images import DIGEST_PREFIX, as_images, digests
+from evalkit.tasks.images import DIGEST_PREFIX, as_images, digests, image_label, is_image
 from evalkit.tasks.problems import TaskLoadError, explain
 
 Kind = Literal["loglikelihood", "loglikelihood_rolling", "generate_until"]
@@ -181,8 +181,20 @@ def _split_visuals(
             raise UsageError(f"task '{task}' doc {instance.doc_id}: {exc}") from None
     found = seen[id(extra)][1]
     instance.arguments = (*args[:-1], {**extra, "visual": list(found)})
+    _drop_pixels(instance.doc)
     visuals = Visuals(task=task, doc_id=instance.doc_id, digests=found) if found else None
     return args[:-1], visuals
+
+
+def _drop_pixels(doc: Any) -> None:
+    """Replace decoded images in a doc with their digest strings, so rank 0 never holds every image
+    of the run (scoring reads answers, not pixels; the evaluating rank reads its images afresh)."""
+    if isinstance(doc, dict):
+        for key, value in doc.items():
+            if is_image(value):
+                doc[key] = image_label(value)
+            elif isinstance(value, list) and value and all(is_image(v) for v in value):
+                doc[key] = [image_label(v) for v in value]
 
 
 def _digests_of(value: Any) -> tuple[str, ...]:

@@ -18,7 +18,7 @@ from typing import Any
 from lm_eval.evaluator_utils import _process_results
 from lm_eval.utils import handle_non_serializable, hash_string, sanitize_list
 
-from evalkit.tasks.images import as_images, digest, is_image
+from evalkit.tasks.images import image_label, is_image
 from evalkit.tasks.requests import TaskPlan
 
 
@@ -69,7 +69,7 @@ def _json_value(value: Any) -> Any:
     """lm-eval's fallback for values JSON lacks, except that an image (or raw bytes, such as an
     undecoded image) is named by its content, so doc hashes do not change from one run to the next."""
     if is_image(value):
-        return f"<image {digest(as_images(value)[0])}>"
+        return image_label(value)
     if isinstance(value, (bytes, bytearray)):
         return f"<bytes sha256:{hashlib.sha256(value).hexdigest()}>"
     return handle_non_serializable(value)
