@@ -17,6 +17,7 @@ import os
 import random
 import secrets
 import signal
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -423,5 +424,13 @@ def run_guarded(config: RunConfig) -> int:
         traceback.print_exc()
         say(f"evalkit: rank {rank} failed: {type(exc).__name__}: {exc}")
         os._exit(1)
+    distributed = dist.is_initialized()
     shutdown()
+    if distributed:
+        # Everything is written and closed. Interpreter teardown after destroy_process_group can still
+        # abort (SIGABRT, "terminate called without an active exception") when gloo's worker threads
+        # release objects late, failing a finished run; so a distributed rank ends here.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
