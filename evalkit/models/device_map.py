@@ -26,10 +26,10 @@ from accelerate.utils import compute_module_sizes, get_max_layer_size
 from accelerate.utils.modeling import clean_device_map
 
 from evalkit.errors import UsageError
+from evalkit.models.placement import DTYPES
 
 # The last name part of the modules (or parameters) that hold a VLM's vision tower and projector.
 VISION_PARTS = frozenset({"vision_tower", "visual", "vision_model", "multi_modal_projector", "image_newline"})
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def split_device_map(
@@ -165,7 +165,7 @@ def _resolve_dtype(dtype: torch.dtype | str, config: transformers.PretrainedConf
         saved = getattr(torch, saved) if isinstance(saved, str) else saved
         return saved if isinstance(saved, torch.dtype) else torch.float32
     if dtype not in DTYPES:
-        raise UsageError(f"dtype {dtype!r} is not one of {', '.join([*DTYPES, 'auto'])}")
+        raise UsageError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
