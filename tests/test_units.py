@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -138,3 +139,21 @@ def test_backend_registry_selects_by_config_and_refuses_what_a_backend_cannot_ru
     assert "--tp-backend deepspeed" in registry.layout_refusal(vlm, hybrid)
     assert registry.layout_refusal(text, hybrid) is None
     assert registry.layout_refusal(vlm, Layout(world_size=4, tp=2, placement=Placement.DEEPSPEED_TP)) is None
+
+
+def test_gpu_check_skips_with_one_line_without_cuda():
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present: make gpu-check runs for real here")
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, str(repo / "benchmarks" / "gpu_check.py")], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines() == [
+        "gpu-check: skipped: no CUDA device is visible (torch.cuda.is_available() is False)"
+    ]
