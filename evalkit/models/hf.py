@@ -8,6 +8,7 @@ predict every token exactly once.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -49,9 +50,9 @@ class HFCausalLM:
         self.batch_size = batch_size
         self.tp_group = tp_group
         self.num_parameters_local = num_parameters_local
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        self.tokenizer = ensure_pad_token(
+            transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        )
         self.model = model.eval()
         self.path = path
         # --max-length wins, as lm-eval's max_length model argument does.
@@ -143,19 +144,9 @@ class HFCausalLM:
 
     def generate_until(self, requests: list[GenerationInput], progress: Progress) -> list[str]:
         out: list[str] = [""] * len(requests)
-        groups: dict[str, list[int]] = {}
-        for i, request in enumerate(requests):
-            if not isinstance(request.context, str) or request.images:
-                raise ValueError("the hf backend takes text prompts only; use --backend hf-vlm for images")
-            groups.setdefault(repr(sorted(request.gen_kwargs.items())), []).append(i)
-        for members in groups.values():
-            kwargs = normalize_generation_kwargs(requests[members[0]].gen_kwargs)
-            budget = self.max_length - kwargs["max_gen_toks"]
-            if budget <= 0:
-                raise ValueError(
-                    f"max_gen_toks {kwargs['max_gen_toks']} leaves no room for a prompt "
-                    f"in the model's {self.max_length} positions"
-                )
+        if any(not isinstance(r.context, str) or r.images for r in requests):
+            raise ValueError("the hf backend takes text prompts only; use --backend hf-vlm for images")
+        for members, kwargs, budget in generation_groups(requests, self.max_length):
             texts = run_batched(
                 [requests[i].context for i in members],
                 self.batch_size,
@@ -171,12 +162,7 @@ class HFCausalLM:
 
     @torch.no_grad()
     def _generate_batch(self, width: int, contexts: list[str], gen_kwargs: dict[str, Any]) -> list[str]:
-        kwargs = dict(gen_kwargs)
-        until = list(kwargs.pop("until"))
-        eos_text = self.tokenizer.decode(self.tokenizer.eos_token_id, skip_special_tokens=False)
-        if eos_text not in until:
-            until.append(eos_text)
-        max_gen_toks = kwargs.pop("max_gen_toks")
+        until, max_gen_toks, kwargs = stops_and_limits(self.tokenizer, gen_kwargs)
         ids = torch.full((len(contexts), width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(contexts), width), dtype=torch.long)
         for row, context in enumerate(contexts):
@@ -197,6 +183,41 @@ class HFCausalLM:
             cut_at_stop(self.tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True), until)
             for row in generated.tolist()
         ]
+
+
+def ensure_pad_token(tokenizer: Any) -> Any:
+    """A tokenizer without a pad token pads with its EOS (or UNK) token, as lm-eval's hf model does."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def generation_groups(
+    requests: list[GenerationInput], max_length: int
+) -> Iterator[tuple[list[int], dict[str, Any], int]]:
+    """(positions, normalized generation kwargs, prompt token budget) per set of requests that share
+    their generation arguments; a max_gen_toks that leaves no room for a prompt is an error."""
+    groups: dict[str, list[int]] = {}
+    for i, request in enumerate(requests):
+        groups.setdefault(repr(sorted(request.gen_kwargs.items())), []).append(i)
+    for members in groups.values():
+        kwargs = normalize_generation_kwargs(requests[members[0]].gen_kwargs)
+        budget = max_length - kwargs["max_gen_toks"]
+        if budget <= 0:
+            raise ValueError(
+                f"max_gen_toks {kwargs['max_gen_toks']} leaves no room for a prompt in the model's {max_length} positions"
+            )
+        yield members, kwargs, budget
+
+
+def stops_and_limits(tokenizer: Any, gen_kwargs: dict[str, Any]) -> tuple[list[str], int, dict[str, Any]]:
+    """(stop sequences with the EOS text added, max_gen_toks, the rest for ``generate``)."""
+    kwargs = dict(gen_kwargs)
+    until = list(kwargs.pop("until"))
+    eos_text = tokenizer.decode(tokenizer.eos_token_id, skip_special_tokens=False)
+    if eos_text not in until:
+        until.append(eos_text)
+    return until, kwargs.pop("max_gen_toks"), kwargs
 
 
 def normalize_generation_kwargs(raw: dict[str, Any]) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 from transformers.utils import is_torchvision_available
 
 from evalkit.models.batching import width_batches
-from evalkit.models.hf import model_max_length, normalize_generation_kwargs
+from evalkit.models.hf import ensure_pad_token, generation_groups, model_max_length, stops_and_limits
 from evalkit.models.protocol import GenerationInput, ImageInput, Messages, Progress
 from evalkit.models.stopping import StopOnSequences, cut_at_stop
 
@@ -70,9 +70,7 @@ class HFVisionLM:
                 "its processor has no chat template, which hf-vlm renders every prompt with; "
                 "add chat_template.jinja (or chat_template.json) from the model's release"
             )
-        self.tokenizer = self.processor.tokenizer
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        self.tokenizer = ensure_pad_token(self.processor.tokenizer)
         self.tokenizer.padding_side = "left"
         self.model = model.eval()
         self.max_length = max_length or model_max_length(self.model.config, self.tokenizer)
@@ -116,17 +114,7 @@ class HFVisionLM:
 
     def generate_until(self, requests: list[GenerationInput], progress: Progress) -> list[str]:
         out: list[str] = [""] * len(requests)
-        groups: dict[str, list[int]] = {}
-        for i, request in enumerate(requests):
-            groups.setdefault(repr(sorted(request.gen_kwargs.items())), []).append(i)
-        for members in groups.values():
-            kwargs = normalize_generation_kwargs(requests[members[0]].gen_kwargs)
-            budget = self.max_length - kwargs["max_gen_toks"]
-            if budget <= 0:
-                raise ValueError(
-                    f"max_gen_toks {kwargs['max_gen_toks']} leaves no room for a prompt "
-                    f"in the model's {self.max_length} positions"
-                )
+        for members, kwargs, budget in generation_groups(requests, self.max_length):
             for finished in self._generate_group([requests[i] for i in members], kwargs, budget):
                 done = [(members[p], text) for p, text in finished]
                 for i, text in done:
@@ -174,12 +162,7 @@ class HFVisionLM:
     def _generate_batch(
         self, width: int, batch: list[dict[str, torch.Tensor]], gen_kwargs: dict[str, Any]
     ) -> list[str]:
-        kwargs = dict(gen_kwargs)
-        until = list(kwargs.pop("until"))
-        eos_text = self.tokenizer.decode(self.tokenizer.eos_token_id, skip_special_tokens=False)
-        if eos_text not in until:
-            until.append(eos_text)
-        max_gen_toks = kwargs.pop("max_gen_toks")
+        until, max_gen_toks, kwargs = stops_and_limits(self.tokenizer, gen_kwargs)
         inputs = {k: v.to(self.device) for k, v in collate(batch, width, self.tokenizer.pad_token_id).items()}
         inputs = {k: v.to(self.model.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
         generated = self.model.generate(
