@@ -34,7 +34,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", help="comma-separated task names, tags or YAML paths")
     p.add_argument("--include-path", action="append", type=Path, help="extra folder of task YAMLs (repeatable)")
     p.add_argument("--output", type=Path, help="folder for results.json and samples_<task>.jsonl")
-    p.add_argument("--batch-size", type=int, help="requests per forward pass (default 1)")
+    p.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        help="requests per model call (default 1), or auto: a token budget that fits the device",
+    )
+    p.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        help="fill model calls by padded tokens instead of by count (with --batch-size also capping requests)",
+    )
+    p.add_argument(
+        "--no-shared-prefix",
+        dest="shared_prefix",
+        action="store_false",
+        default=None,
+        help="score each loglikelihood request in its own row instead of once per shared context",
+    )
     p.add_argument("--limit", type=float, help="first N docs per task, or a fraction in (0, 1)")
     p.add_argument("--num-fewshot", type=int, help="override every task's num_fewshot")
     p.add_argument("--seed", help="one seed for everything, or python,numpy,torch,fewshot (default 0,1234,1234,1234)")
@@ -78,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--bootstrap-iters", type=int, help="bootstrap resamples for standard errors (default 100000)")
     return p
+
+
+def _batch_size(text: str) -> int | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {text!r}") from None
 
 
 def _boolean(text: str) -> bool:

@@ -14,6 +14,7 @@ import yaml
 
 from evalkit.errors import UsageError, did_you_mean, one_line, raise_all
 from evalkit.models import registry
+from evalkit.models.batching import MAX_ROWS, BatchLimit
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 TP_BACKENDS = ("deepspeed", "transformers")
@@ -55,7 +56,10 @@ class RunConfig:
     output: Path
     include_path: tuple[Path, ...] = ()
     backend: str = "auto"
-    batch_size: int = 1
+    # Requests per model call: an integer, or "auto" (a token budget that fits the device).
+    batch_size: int | str | None = None
+    max_batch_tokens: int | None = None
+    shared_prefix: bool = True
     limit: float | None = None
     num_fewshot: int | None = None
     seed: Seeds = DEFAULT_SEED
@@ -81,6 +85,15 @@ class RunConfig:
     confirm_run_unsafe_code: bool = False
     bootstrap_iters: int = 100_000
 
+    def batch_limit(self) -> BatchLimit:
+        """What one model call may hold: --batch-size requests (1 by default), --max-batch-tokens
+        tokens (any number of requests unless --batch-size also caps them), or auto."""
+        if self.batch_size == "auto":
+            return BatchLimit(rows=MAX_ROWS, auto=True)
+        if self.max_batch_tokens is not None:
+            return BatchLimit(rows=self.batch_size or MAX_ROWS, tokens=self.max_batch_tokens)
+        return BatchLimit(rows=self.batch_size or 1)
+
     def task_metadata(self, model_path: str) -> dict:
         """What lm-eval hands its tasks as metadata: the model arguments (some tasks read the tokenizer)."""
         metadata: dict = {"pretrained": model_path}
@@ -99,8 +112,13 @@ class RunConfig:
         backend_problem = registry.check_name(self.backend)
         if backend_problem:
             problems.append(backend_problem)
-        if self.batch_size < 1:
-            problems.append(f"--batch-size {self.batch_size} must be at least 1")
+        if self.batch_size is not None and self.batch_size != "auto":
+            if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
+                problems.append(f"--batch-size {self.batch_size!r} must be a positive integer or auto")
+        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
+            problems.append(f"--max-batch-tokens {self.max_batch_tokens} must be a positive number of tokens")
+        if self.max_batch_tokens is not None and self.batch_size == "auto":
+            problems.append("--batch-size auto picks the token budget itself; drop --max-batch-tokens or give a number")
         if self.limit is not None and (self.limit <= 0 or (self.limit > 1 and self.limit != int(self.limit))):
             problems.append(f"--limit {self.limit} must be a positive integer or a fraction in (0, 1]")
         if self.num_fewshot is not None and self.num_fewshot < 0:
@@ -173,7 +191,9 @@ def read_config_file(path: Path) -> dict:
 
 # The YAML type each option needs: flags arrive parsed, a config file's values are checked here.
 VALUE_TYPES = {
-    "batch_size": (int, "an integer"),
+    "batch_size": ((int, str), "an integer or auto"),
+    "max_batch_tokens": (int, "an integer"),
+    "shared_prefix": (bool, "true or false"),
     "tp": (int, "an integer"),
     "gpus_per_rank": (int, "an integer"),
     "num_fewshot": (int, "an integer"),

@@ -20,6 +20,7 @@ from evalkit.parallel import Topology
 from evalkit.report import git_hash, package_versions, write_json_atomic, write_jsonl_atomic
 from evalkit.tasks.requests import TaskPlan
 from evalkit.tasks.scoring import ProcessBatch, score, task_hash
+from evalkit.timings import Phases
 
 if TYPE_CHECKING:
     from evalkit.runner import RunPlan
@@ -57,16 +58,18 @@ def write_outputs(
     outputs: list[Any],
     model: dict[str, Any],
     rank_stats: list[dict[str, Any]],
-    wall: float,
+    started: float,
     resume: dict[str, int],
+    phases: Phases,
 ) -> None:
-    scored = score(
-        plan.tasks,
-        plan.groups,
-        outputs,
-        bootstrap_iters=config.bootstrap_iters,
-        sandboxed=sandboxed_scoring(config, plan.model_path),
-    )
+    with phases.phase("scoring"):
+        scored = score(
+            plan.tasks,
+            plan.groups,
+            outputs,
+            bootstrap_iters=config.bootstrap_iters,
+            sandboxed=sandboxed_scoring(config, plan.model_path),
+        )
     carried = [s for s in rank_stats if topo.layout.carries_results(s["rank"])]
     document = {
         **scored.results,
@@ -85,7 +88,7 @@ def write_outputs(
         "package_versions": package_versions(),
         "git_hash": git_hash(),
         "date": time.time(),
-        "total_evaluation_time_seconds": round(wall, 3),
+        "total_evaluation_time_seconds": None,  # set below, as the last thing before writing
         "parameters_per_rank": {s["rank"]: s["parameters"] for s in rank_stats},
         "throughput": {
             "per_rank": [
@@ -96,8 +99,11 @@ def write_outputs(
     }
     try:
         config.output.mkdir(parents=True, exist_ok=True)
-        for task, rows in scored.samples.items():
-            write_jsonl_atomic(config.output / f"samples_{task}.jsonl", rows)
+        with phases.phase("writing"):
+            for task, rows in scored.samples.items():
+                write_jsonl_atomic(config.output / f"samples_{task}.jsonl", rows)
+        document["timings"] = phases.report()
+        document["total_evaluation_time_seconds"] = round(time.time() - started, 3)
         write_json_atomic(config.output / "results.json", document)
     except OSError as exc:
         raise UsageError(f"cannot write to --output {config.output}: {exc.strerror}") from None

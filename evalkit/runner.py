@@ -36,6 +36,7 @@ from evalkit.execute import Executor, StopFlag, StopRequested
 from evalkit.identity import model_fingerprint, request_key, task_config_hash
 from evalkit.model_source import check_model_source
 from evalkit.models import registry
+from evalkit.models.packing import context_group
 from evalkit.models.protocol import Backend
 from evalkit.models.registry import BackendSpec
 from evalkit.monitor import Monitor
@@ -49,6 +50,7 @@ from evalkit.tasks.images import VisualSource
 from evalkit.tasks.library import TaskLibrary
 from evalkit.tasks.requests import DEFAULT_MAX_GEN_TOKS, PromptOptions, Request, TaskPlan, build_plans, number_requests
 from evalkit.tasks.scoring import RequestError
+from evalkit.timings import Phases
 
 
 @dataclass
@@ -192,14 +194,15 @@ def prepare(config: RunConfig, topo: Topology, model_path: str, spec: BackendSpe
     layout = topo.layout
     if layout.placement is not Placement.SPLIT:  # a split over own GPUs is checked by its device map instead
         context = config.max_length or read_shape(model_path).max_positions
+        longest = longest_request_bound(requests, context, image_tokens(model_path, requests))
         check_run_layout(
             model_path,
             config.dtype,
             layout.tp,
             layout.world_size,
             gpu_memory_gib(config, topo),
-            max_len=longest_request_bound(requests, context, image_tokens(model_path, requests)),
-            batch=config.batch_size,
+            max_len=longest,
+            batch=config.batch_limit().rows_at(longest),
         )
     model = model_fingerprint(model_path, config.dtype)
     settings = {
@@ -227,10 +230,26 @@ def prepare(config: RunConfig, topo: Topology, model_path: str, spec: BackendSpe
 
 
 def deal(plan: RunPlan, dp: int) -> list[list[Request]]:
-    """Each dp rank's share of the pending requests, balanced by cost."""
+    """Each dp rank's share of the pending requests, balanced by cost. Loglikelihood requests with
+    the same context (a doc's choices) go to one rank together, where they share a row."""
     pending = [r for r in plan.requests if r.index not in plan.done]
-    costs = [r.cost for r in pending]
-    return [[pending[i] for i in shard_indices(costs, rank, dp)] for rank in range(dp)]
+    units: dict[Any, list[Request]] = {}
+    for request in pending:
+        group = context_group(request.args[0]) if request.kind == "loglikelihood" else None
+        units.setdefault(request.index if group is None else ("context", group), []).append(request)
+    grouped = list(units.values())
+    costs = [unit_cost(unit) for unit in grouped]
+    shares = []
+    for rank in range(dp):
+        share = [r for i in shard_indices(costs, rank, dp) for r in grouped[i]]
+        shares.append(sorted(share, key=lambda r: r.index))
+    return shares
+
+
+def unit_cost(requests: list[Request]) -> int:
+    """A shared context is computed once: the longest request plus the others' continuations."""
+    longest = max(r.cost for r in requests)
+    return longest + sum(len(r.args[1]) for r in requests[1:])
 
 
 def gpu_memory_gib(config: RunConfig, topo: Topology) -> float | None:
@@ -344,6 +363,7 @@ def merge_results(output: Path, plan: RunPlan, launch: str, written: int) -> lis
 
 def evaluate(config: RunConfig, topo: Topology) -> None:
     started = time.time()
+    phases = Phases()
     quiet_libraries()
     set_seeds(config)
     world = topo.layout.world_size
@@ -356,9 +376,12 @@ def evaluate(config: RunConfig, topo: Topology) -> None:
         pending = len(plan.requests) - len(plan.done)
         return [Work(requests=share, pending=pending, launch=launch) for share in deal(plan, topo.layout.dp)]
 
-    work = hand_out(topo, plan_and_deal)
-    images = agreed(world, lambda: image_source(config, model_path, box.get("plan"), work.requests))
-    backend: Backend = agreed(world, lambda: spec.build(config, model_path, topo))
+    with phases.phase("plan"):
+        work = hand_out(topo, plan_and_deal)
+    with phases.phase("images"):
+        images = agreed(world, lambda: image_source(config, model_path, box.get("plan"), work.requests))
+    with phases.phase("model_load"):
+        backend: Backend = agreed(world, lambda: spec.build(config, model_path, topo))
     if topo.is_main:
         write_manifest(config.output, model=box["plan"].model, tasks=box["plan"].task_hashes)
     shard = config.output / SHARD_DIR / f"{work.launch}-rank{topo.rank:05d}.jsonl"
@@ -374,13 +397,16 @@ def evaluate(config: RunConfig, topo: Topology) -> None:
     executor = Executor(topo, backend, writer, monitor, stop, config.on_error, images=images.images)
     t0 = time.time()
     try:
-        with writer or contextlib.nullcontext():
+        with writer or contextlib.nullcontext(), phases.phase("model_calls"):
             executor.run(work.requests)
     except StopRequested:
         raise Stopped(stop.signal) from None
     finally:
         stop.restore()
+    for name, seconds in backend.timings.items():
+        phases.add(f"model_calls.{name}", seconds)
     monitor.idle()
+    gathering = time.monotonic()
     stats = all_gather(
         world,
         {
@@ -394,12 +420,14 @@ def evaluate(config: RunConfig, topo: Topology) -> None:
         },
     )
     monitor.close()
+    phases.add("gather", time.monotonic() - gathering)
     if topo.is_main:
         plan = box["plan"]
-        outputs = merge_results(config.output, plan, work.launch, sum(s["written"] for s in stats))
+        with phases.phase("merge"):
+            outputs = merge_results(config.output, plan, work.launch, sum(s["written"] for s in stats))
         resume = {"reused": len(plan.done), "computed": work.pending}
         described = {"backend": backend.name, **backend.describe()}
-        write_outputs(config, topo, plan, outputs, described, stats, wall=time.time() - started, resume=resume)
+        write_outputs(config, topo, plan, outputs, described, stats, started, resume, phases)
 
 
 def run_guarded(config: RunConfig) -> int:

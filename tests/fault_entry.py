@@ -49,7 +49,7 @@ def poisoned_loglikelihood(self, pairs, progress):
     return original_loglikelihood(self, pairs, progress)
 
 
-hf.HFCausalLM._score_batch = faulty(hf.HFCausalLM._score_batch)
+hf.HFCausalLM._score_packs = faulty(hf.HFCausalLM._score_packs)
 hf_vlm.HFVisionLM._generate_batch = faulty(hf_vlm.HFVisionLM._generate_batch)
 if FAULT == "poison":
     hf.HFCausalLM.loglikelihood = poisoned_loglikelihood

@@ -61,7 +61,7 @@ def assert_usage_error(run, *fragments: str, ranks: int = 1, fresh_output: bool 
         ),
         (["--tasks", str(BROKEN / "unsafe.yaml")], ["broken_unsafe", "--confirm-run-unsafe-code"]),
         (["--tasks", "demo_mc", "--tp", "2"], ["tp(2) does not divide world_size(1)"]),
-        (["--tasks", "demo_mc", "--batch-size", "0"], ["--batch-size 0 must be at least 1"]),
+        (["--tasks", "demo_mc", "--batch-size", "0"], ["--batch-size 0 must be a positive integer or auto"]),
         (["--tasks", "demo_mc", "--bogus"], ["unrecognized arguments: --bogus"]),
     ],
     ids=[

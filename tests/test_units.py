@@ -157,3 +157,64 @@ def test_gpu_check_skips_with_one_line_without_cuda():
     assert done.stdout.strip().splitlines() == [
         "gpu-check: skipped: no CUDA device is visible (torch.cuda.is_available() is False)"
     ]
+
+
+def test_batch_options_make_one_limit():
+    from evalkit.cli import parse_config
+    from evalkit.models.batching import MAX_ROWS, BatchLimit
+
+    base = ["--model", "m", "--tasks", "t", "--output", "o"]
+    expected = {
+        (): BatchLimit(rows=1),
+        ("--batch-size", "8"): BatchLimit(rows=8),
+        ("--batch-size", "auto"): BatchLimit(rows=MAX_ROWS, auto=True),
+        ("--max-batch-tokens", "4096"): BatchLimit(rows=MAX_ROWS, tokens=4096),
+        ("--batch-size", "4", "--max-batch-tokens", "4096"): BatchLimit(rows=4, tokens=4096),
+    }
+    for flags, limit in expected.items():
+        assert parse_config([*base, *flags]).batch_limit() == limit
+    assert parse_config(base).shared_prefix
+    assert not parse_config([*base, "--no-shared-prefix"]).shared_prefix
+    problems = {
+        ("--batch-size", "many"): "expected a positive integer or auto, got 'many'",
+        ("--batch-size", "auto", "--max-batch-tokens", "64"): "--batch-size auto picks the token budget itself",
+        ("--max-batch-tokens", "0"): "--max-batch-tokens 0 must be a positive number of tokens",
+    }
+    for flags, message in problems.items():
+        with pytest.raises(UsageError, match=message):
+            parse_config([*base, *flags])
+
+
+def test_deal_keeps_a_context_on_one_rank_and_balances_cost():
+    from types import SimpleNamespace
+
+    from evalkit.runner import deal
+    from evalkit.tasks.requests import Request
+
+    rng = random.Random(0)
+    requests = []
+    for doc in range(30):
+        context = f"Question {doc}: " + "word " * rng.randint(5, 60) + "\nAnswer:"
+        for choice in range(rng.randint(2, 5)):
+            requests.append(("loglikelihood", (context, f" choice {choice}"), doc))
+    requests += [("loglikelihood_rolling", ("text " * rng.randint(10, 90),), 100 + i) for i in range(8)]
+    requests += [("loglikelihood", ("", f" alone {i}"), 200 + i) for i in range(6)]  # empty contexts share nothing
+    plan = SimpleNamespace(
+        requests=[
+            Request(index=i, task="t", doc_id=doc, instance=i, repeat=0, kind=kind, args=args)
+            for i, (kind, args, doc) in enumerate(requests)
+        ],
+        done={0, 1},
+    )
+    for dp in (2, 3):
+        shares = deal(plan, dp)
+        indices = [r.index for share in shares for r in share]
+        assert sorted(indices) == list(range(2, len(requests)))
+        assert all([r.index for r in share] == sorted(r.index for r in share) for share in shares)
+        owner = {}
+        for rank, share in enumerate(shares):
+            for r in share:
+                if r.kind == "loglikelihood" and r.args[0]:
+                    assert owner.setdefault(r.args[0], rank) == rank, "a context's requests on one rank"
+        costs = [sum(r.cost for r in share) for share in shares]
+        assert max(costs) < 1.3 * min(costs)

@@ -8,20 +8,39 @@ predict every token exactly once.
 
 from __future__ import annotations
 
+import functools
+import os
+import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 import transformers
 
-from evalkit.models.batching import run_batched
+from evalkit.errors import say
+from evalkit.models.batching import (
+    BatchLimit,
+    largest_fitting,
+    padded_width,
+    run_batched,
+    split_when_out_of_memory,
+)
+from evalkit.models.packing import PACKED_WIDTH, Encoded, Pack, block_attention, context_group, pack_requests
 from evalkit.models.protocol import GenerationInput, Progress
 from evalkit.models.stopping import StopOnSequences, cut_at_stop
 from evalkit.tasks.requests import DEFAULT_MAX_GEN_TOKS
 
 DEFAULT_MAX_LENGTH = 2048
 TOKENIZER_UNSET = int(1e30)  # transformers' "no limit" model_max_length is ~1e30
+AUTO_CPU_TOKENS = 4096  # --batch-size auto without CUDA: where CPU throughput stops growing (BENCHMARKS.md)
+AUTO_MEMORY_SHARE = 0.5  # of the free GPU memory, when the budget is estimated rather than probed
+ROWS_PER_CHUNK = 16  # requests per retry chunk (and rolling texts per call) under a token budget
+# How far packed and separate rows may differ on the probe (summed log-probs of 4-6 tokens) before
+# packing is judged broken for a model: float rounding is far below, a block that sees another
+# block or a shifted position far above.
+PROBE_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}
 
 
 class HFCausalLM:
@@ -40,15 +59,16 @@ class HFCausalLM:
         *,
         model: torch.nn.Module,
         device: torch.device,
-        batch_size: int,
+        batch: BatchLimit | int,
         tp_group: Any = None,
         num_parameters_local: int | None = None,
         trust_remote_code: bool = False,
         max_length: int | None = None,
+        shared_prefix: bool = True,
     ) -> None:
         self.device = device
-        self.batch_size = batch_size
         self.tp_group = tp_group
+        self.timings = {"tokenize": 0.0}
         self.num_parameters_local = num_parameters_local
         self.tokenizer = ensure_pad_token(
             transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -60,6 +80,12 @@ class HFCausalLM:
         bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
         self.prefix_token_id = bos if bos is not None else eos
         self.bos_text = self.tokenizer.decode(self.prefix_token_id)
+        inner = unwrap(self.model)
+        self.attention = getattr(inner.config, "_attn_implementation", None)
+        self.limit = BatchLimit(rows=2)  # for the probe below
+        self.shared_prefix, self.shared_prefix_note = self._check_packing() if shared_prefix else (False, "off")
+        self.limit = self._resolve(BatchLimit.of(batch))
+        self.batch_size = self.limit.rows if self.limit.tokens is None else ROWS_PER_CHUNK
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -68,11 +94,79 @@ class HFCausalLM:
             "dtype": str(self.model.dtype).removeprefix("torch."),
             "num_parameters_this_rank": self.num_parameters_local,
             "max_length": self.max_length,
+            "batch": self.limit.describe(),
+            "shared_prefix": self.shared_prefix_note,
         }
+
+    def _check_packing(self) -> tuple[bool, str]:
+        """Whether packed rows score as separate rows do for this model: (on, what was found).
+
+        Every rank runs the same fixed probe (a TP group in step), so all agree. A model whose
+        attention takes no custom mask, or ignores position ids, is scored one request per row.
+        """
+        if self.attention not in ("sdpa", "eager"):
+            return False, f"off: attention {self.attention!r} takes no custom masks"
+        generator = torch.Generator().manual_seed(0)
+        vocab = min(len(self.tokenizer), unwrap(self.model).get_input_embeddings().num_embeddings)
+        tokens = torch.randint(0, vocab, (24,), generator=generator).tolist()
+        pairs = [(tokens[:14], tokens[14:20]), (tokens[:14], tokens[20:])]
+        try:
+            (shared,) = pack_requests(pairs, ["probe", "probe"], self.max_length)
+            scores = self._score_rows(len(shared), [shared], True)[0]
+            by_request = {segment.request: score for segment, score in zip(shared.segments, scores, strict=True)}
+            packed = [by_request[0], by_request[1]]
+            alone = [self._score_rows(len(p), [p], False)[0][0] for p in pack_requests(pairs, [None, None], 100)]
+        except (TypeError, ValueError, RuntimeError) as exc:
+            return False, f"off: the model refused a packed row ({type(exc).__name__}: {exc})"[:300]
+        gap = max(abs(a[0] - b[0]) for a, b in zip(packed, alone, strict=True))
+        tolerance = PROBE_TOLERANCE.get(unwrap(self.model).dtype, 0.25)
+        if gap > tolerance:
+            return False, f"off: packed and separate rows differ by {gap:.3g} on a probe (> {tolerance})"
+        return True, f"on (probe: packed and separate rows differ by {gap:.1e})"
+
+    def _resolve(self, limit: BatchLimit) -> BatchLimit:
+        """``--batch-size auto``: a token budget for this device, said out loud."""
+        if not limit.auto:
+            return limit
+        if self.device.type != "cuda":
+            tokens, how = AUTO_CPU_TOKENS, "the CPU default"
+        elif self.tp_group is not None:
+            # A probe that runs out of memory on one TP rank would leave the others in an all-reduce.
+            tokens, how = tokens_from_free_memory(self.model, self.device, self.tp_group), "estimated (tensor parallel)"
+        else:
+            width = min(self.max_length, PACKED_WIDTH)
+            tokens = largest_fitting(lambda n: self._fits(width, n), start=width)
+            how = f"the largest that ran at width {width} on {torch.cuda.get_device_name(self.device)}"
+        return announce_auto(limit, tokens, how)
+
+    def _guard(self, fn: Any) -> Any:
+        """Batches that run out of GPU memory are halved, except under TP (a lone rank retrying
+        would leave its group waiting in an all-reduce)."""
+        return split_when_out_of_memory(fn) if self.tp_group is None else fn
+
+    def _fits(self, width: int, tokens: int) -> bool:
+        """Whether a scoring call of ``tokens`` tokens at ``width`` runs without running out of memory."""
+        rows = max(tokens // width, 1)
+        context = [self.prefix_token_id] * (width - 1)
+        packs = pack_requests([(context, [self.prefix_token_id])] * rows, [None] * rows, self.max_length)
+        try:
+            self._score_rows(padded_width(width, self.max_length), packs, self.shared_prefix)
+            return True
+        except torch.OutOfMemoryError:
+            return False
+        finally:
+            torch.cuda.empty_cache()
 
     # -- tokenization -------------------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
+        start = time.monotonic()
+        try:
+            return self._encode(text, add_special_tokens)
+        finally:
+            self.timings["tokenize"] += time.monotonic() - start
+
+    def _encode(self, text: str, add_special_tokens: bool | None) -> list[int]:
         kwargs = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
         if add_special_tokens is None and text.startswith(self.bos_text):
             kwargs["add_special_tokens"] = False
@@ -95,42 +189,100 @@ class HFCausalLM:
 
     def loglikelihood(self, pairs: list[tuple[str, str]], progress: Progress) -> list[tuple[float, bool]]:
         encoded = [self.encode_pair(c, x) for c, x in pairs]
-        return self.score_tokens(encoded, progress)
+        groups = [context_group(c) if self.shared_prefix else None for c, _ in pairs]
+        return self.score_tokens(encoded, progress, groups=groups, masked=self.shared_prefix)
 
-    def score_tokens(self, encoded: list[tuple[list[int], list[int]]], progress: Progress) -> list[tuple[float, bool]]:
-        return run_batched(
-            encoded,
-            self.batch_size,
-            length=lambda p: min(len(p[0]) + len(p[1]) - 1, self.max_length),
+    def score_tokens(
+        self,
+        encoded: list[Encoded],
+        progress: Progress,
+        groups: list[str | None] | None = None,
+        masked: bool = False,
+    ) -> list[tuple[float, bool]]:
+        """(summed log-prob, greedy) of each continuation; requests of one group with the same
+        context share a row (``packing``) when ``masked``, which every row of the call then uses."""
+        packs = pack_requests(encoded, groups or [None] * len(encoded), self.max_length)
+        out: list[Any] = [None] * len(encoded)
+
+        def report(finished: list[tuple[int, list[tuple[float, bool]]]]) -> None:
+            done = []
+            for number, scores in finished:
+                for segment, score in zip(packs[number].segments, scores, strict=True):
+                    out[segment.request] = score
+                    done.append((segment.request, score))
+            progress(done)
+
+        run_batched(
+            packs,
+            self.limit,
+            length=len,
             cap=self.max_length,
-            fn=self._score_batch,
-            progress=progress,
-            tiebreak=lambda p: tuple(p[0] + p[1]),
+            fn=self._guard(lambda width, batch: self._score_packs(width, batch, masked)),
+            progress=report,
+            tiebreak=lambda pack: pack.tokens,
         )
+        return out
+
+    def _score_packs(self, width: int, packs: list[Pack], masked: bool) -> list[list[tuple[float, bool]]]:
+        """One batch of the run (the unit that is saved, retried and reported)."""
+        return self._score_rows(width, packs, masked)
 
     @torch.no_grad()
-    def _score_batch(self, width: int, batch: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        inputs = [(ctx + cont)[-(self.max_length + 1) :][:-1] for ctx, cont in batch]
-        ids = torch.full((len(inputs), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        for row, tokens in enumerate(inputs):
-            ids[row, : len(tokens)] = torch.tensor(tokens)
-        # Right padding never changes the scored positions of a causal model, so no mask.
-        logprobs = F.log_softmax(self.model(ids.to(self.device)).logits, dim=-1)
-        results = []
-        for row, ((_, cont), tokens) in enumerate(zip(batch, inputs, strict=True)):
-            span = logprobs[row, len(tokens) - len(cont) : len(tokens)]
-            target = torch.tensor(cont, device=span.device)
-            greedy = bool((span.argmax(dim=-1) == target).all())
-            # Summed in float64: the total of hundreds of tokens stays exact to the float32 inputs.
-            results.append((float(span.gather(1, target[:, None]).double().sum()), greedy))
+    def _score_rows(self, width: int, packs: list[Pack], masked: bool) -> list[list[tuple[float, bool]]]:
+        """Per pack, the (log-prob, greedy) of each segment, from one forward pass at ``width``."""
+        ids = torch.full((len(packs), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        for row, pack in enumerate(packs):
+            ids[row, : len(pack)] = torch.tensor(pack.tokens)
+        kwargs: dict[str, Any] = {}
+        if masked and width <= PACKED_WIDTH:  # wider rows hold one request each: plain causal rows
+            positions = torch.zeros((len(packs), width), dtype=torch.long)
+            for row, pack in enumerate(packs):
+                positions[row, : len(pack)] = torch.tensor(pack.positions)
+            blocks = torch.tensor([pack.block_ids(width) for pack in packs], device=self.device)
+            kwargs = {"attention_mask": self._mask(block_attention(blocks)), "position_ids": positions.to(self.device)}
+        # Right padding never changes the scored positions of a causal model.
+        logits = self.model(input_ids=ids.to(self.device), **kwargs).logits
+        rows: list[int] = []
+        cols: list[int] = []
+        targets: list[int] = []
+        for row, pack in enumerate(packs):
+            for segment in pack.segments:
+                scoring = pack.scoring_rows(segment)
+                rows += [row] * len(scoring)
+                cols += scoring
+                targets += segment.continuation
+        as_index = functools.partial(torch.tensor, dtype=torch.long, device=logits.device)
+        # Only the scored positions are normalised, in float32 whatever the model's dtype.
+        logprobs = F.log_softmax(logits[as_index(rows), as_index(cols)].float(), dim=-1)
+        target = as_index(targets)
+        chosen = logprobs.gather(1, target[:, None])[:, 0].double().cpu()
+        greedy = (logprobs.argmax(dim=-1) == target).cpu()
+        results, start = [], 0
+        for pack in packs:
+            scores = []
+            for segment in pack.segments:
+                end = start + len(segment.continuation)
+                # Summed in float64: the total of hundreds of tokens stays exact to the float32 inputs.
+                scores.append((float(chosen[start:end].sum()), bool(greedy[start:end].all())))
+                start = end
+            results.append(scores)
         return results
+
+    def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        """The block mask in the form the model's attention takes: boolean for SDPA, additive for eager."""
+        if self.attention == "sdpa":
+            return allowed
+        dtype = unwrap(self.model).dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
 
     def loglikelihood_rolling(self, texts: list[str], progress: Progress) -> list[float]:
         totals = [0.0] * len(texts)
         # A few texts at a time, so finished texts are reported while the rest are still running.
-        for start in range(0, len(texts), self.batch_size):
+        for start in range(0, len(texts), self.limit.rows):
             windows, owners = [], []
-            for owner in range(start, min(start + self.batch_size, len(texts))):
+            for owner in range(start, min(start + self.limit.rows, len(texts))):
                 for window in rolling_windows(self.encode(texts[owner]), self.prefix_token_id, self.max_length):
                     windows.append(window)
                     owners.append(owner)
@@ -147,26 +299,31 @@ class HFCausalLM:
         if any(not isinstance(r.context, str) or r.images for r in requests):
             raise ValueError("the hf backend takes text prompts only; use --backend hf-vlm for images")
         for members, kwargs, budget in generation_groups(requests, self.max_length):
+            prompts = [(requests[i].context, self.encode(requests[i].context)) for i in members]
             texts = run_batched(
-                [requests[i].context for i in members],
-                self.batch_size,
-                length=lambda c, cap=budget: min(len(self.encode(c)), cap),
+                prompts,
+                replace(self.limit, per_row=kwargs["max_gen_toks"]),
+                length=lambda prompt, cap=budget: min(len(prompt[1]), cap),
                 cap=budget,
-                fn=lambda width, batch, kw=kwargs: self._generate_batch(width, batch, kw),
+                fn=self._guard(lambda width, batch, kw=kwargs: self._generate_batch(width, batch, kw)),
                 progress=lambda finished, ids=members: progress([(ids[p], text) for p, text in finished]),
-                tiebreak=lambda c: c,
+                tiebreak=lambda prompt: prompt[0],
             )
             for i, text in zip(members, texts, strict=True):
                 out[i] = text
         return out
 
     @torch.no_grad()
-    def _generate_batch(self, width: int, contexts: list[str], gen_kwargs: dict[str, Any]) -> list[str]:
+    def _generate_batch(
+        self, width: int, prompts: list[tuple[str, list[int]]], gen_kwargs: dict[str, Any]
+    ) -> list[str]:
+        """Greedy or sampled continuations of (text, tokens) prompts, left-padded to ``width``."""
         until, max_gen_toks, kwargs = stops_and_limits(self.tokenizer, gen_kwargs)
+        contexts = [tokens for _, tokens in prompts]
         ids = torch.full((len(contexts), width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(contexts), width), dtype=torch.long)
-        for row, context in enumerate(contexts):
-            tokens = self.encode(context)[-width:]
+        for row, tokens in enumerate(contexts):
+            tokens = tokens[-width:]
             ids[row, width - len(tokens) :] = torch.tensor(tokens)
             mask[row, width - len(tokens) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
@@ -183,6 +340,30 @@ class HFCausalLM:
             cut_at_stop(self.tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True), until)
             for row in generated.tolist()
         ]
+
+
+def tokens_from_free_memory(model: Any, device: torch.device, group: Any = None) -> int:
+    """A token budget from the GPU memory left after loading (float32 logits dominate per token),
+    the smallest over ``group`` so a TP group agrees."""
+    inner = unwrap(model)
+    config = getattr(inner.config, "text_config", None) or inner.config
+    free, _ = torch.cuda.mem_get_info(device)
+    per_token = 4 * (inner.get_input_embeddings().num_embeddings + 8 * config.hidden_size)
+    budget = torch.tensor([int(free * AUTO_MEMORY_SHARE / per_token)], device=device)
+    if group is not None:
+        torch.distributed.all_reduce(budget, op=torch.distributed.ReduceOp.MIN, group=group)
+    return max(int(budget.item()), 1)
+
+
+def announce_auto(limit: BatchLimit, tokens: int, how: str) -> BatchLimit:
+    """``limit`` with the token budget ``--batch-size auto`` picked, said on stderr."""
+    say(f"evalkit: rank {os.environ.get('RANK', '0')}: --batch-size auto: {tokens} tokens per model call ({how})")
+    return replace(limit, tokens=tokens, auto=False)
+
+
+def unwrap(model: Any) -> Any:
+    """The transformers model inside a DeepSpeed engine (or the model itself)."""
+    return getattr(model, "module", model)
 
 
 def ensure_pad_token(tokenizer: Any) -> Any:

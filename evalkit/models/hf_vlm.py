@@ -15,6 +15,7 @@ so only greedy answers are batch-independent.)
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -22,8 +23,17 @@ import transformers
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 from transformers.utils import is_torchvision_available
 
-from evalkit.models.batching import width_batches
-from evalkit.models.hf import ensure_pad_token, generation_groups, model_max_length, stops_and_limits
+from evalkit.models.batching import BatchLimit, width_batches
+from evalkit.models.hf import (
+    AUTO_CPU_TOKENS,
+    ROWS_PER_CHUNK,
+    announce_auto,
+    ensure_pad_token,
+    generation_groups,
+    model_max_length,
+    stops_and_limits,
+    tokens_from_free_memory,
+)
 from evalkit.models.protocol import GenerationInput, ImageInput, Messages, Progress
 from evalkit.models.stopping import StopOnSequences, cut_at_stop
 
@@ -53,15 +63,24 @@ class HFVisionLM:
         *,
         model: torch.nn.Module,
         device: torch.device,
-        batch_size: int,
+        batch: BatchLimit | int,
         tp_group: Any = None,
         num_parameters_local: int | None = None,
         trust_remote_code: bool = False,
         max_length: int | None = None,
+        shared_prefix: bool = False,  # generation only: nothing to share
     ) -> None:
         self.path = path
         self.device = device
-        self.batch_size = batch_size
+        self.timings: dict[str, float] = {}
+        self.limit = BatchLimit.of(batch)
+        if self.limit.auto:
+            if device.type == "cuda":
+                tokens, how = tokens_from_free_memory(model, device, tp_group), "estimated from free GPU memory"
+            else:
+                tokens, how = AUTO_CPU_TOKENS, "the CPU default"
+            self.limit = announce_auto(self.limit, tokens, how)
+        self.batch_size = self.limit.rows if self.limit.tokens is None else ROWS_PER_CHUNK
         self.tp_group = tp_group
         self.num_parameters_local = num_parameters_local
         self.processor = load_processor(path, trust_remote_code=trust_remote_code)
@@ -149,7 +168,7 @@ class HFVisionLM:
                 encoded.append((p, item))
             batches = width_batches(
                 encoded,
-                self.batch_size,
+                replace(self.limit, per_row=kwargs["max_gen_toks"]),
                 length=lambda e: e[1]["input_ids"].shape[1],
                 cap=budget,
                 tiebreak=lambda e: e[0],

@@ -51,6 +51,7 @@ class Backend(Protocol):
     name: str  # the registry name it was selected by
     batch_size: int  # requests per model call; the executor retries failures in chunks of this size
     num_parameters_local: int | None  # parameters held by this rank (a TP shard counts only its slice)
+    timings: dict[str, float]  # seconds of the model calls spent on the backend's own steps (tokenize)
 
     def loglikelihood(self, pairs: list[tuple[str, str]], progress: Progress) -> list[tuple[float, bool]]:
         """(log p(continuation | context), continuation is the greedy decode) per pair."""

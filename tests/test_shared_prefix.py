@@ -1,0 +1,177 @@
+"""Shared-prefix scoring and token-budget batching give the values of scoring each request alone.
+
+The tiny Llama fixture is loaded for real; requests are few-shot multiple-choice docs (one context,
+several continuations), over-long requests cut to the model's context, and single requests.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import transformers
+
+from evalkit.models.batching import BatchLimit, largest_fitting, split_when_out_of_memory, width_batches
+from evalkit.models.hf import HFCausalLM
+from evalkit.models.packing import PACKED_WIDTH, block_attention, context_group, pack_requests
+
+from conftest import TINY_MODEL
+
+WORDS = "the a river bridge old town market quiet green ancient stood near built was moved".split()
+TOLERANCE = 1e-5  # fp32
+
+
+def sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def multiple_choice_pairs(seed: int = 0) -> list[tuple[str, str]]:
+    """Few-shot-like docs: a long context with 2-5 choices each (some a single token), a context
+    with a trailing space, over-long contexts that are cut, and plain single requests."""
+    rng = random.Random(seed)
+    pairs = []
+    for doc in range(14):
+        shots = "\n\n".join(f"Question: {sentence(rng, 8)}?\nAnswer: {sentence(rng, 2)}" for _ in range(1))
+        context = f"{shots}\n\nQuestion: {sentence(rng, 6 + doc % 5)}?\nAnswer:" + (" " if doc % 4 == 0 else "")
+        choices = [" " + sentence(rng, rng.randint(1, 4)) for _ in range(2 + doc % 4)]
+        if doc % 3 == 0:
+            choices[0] = " a"  # one token
+        pairs += [(context, choice) for choice in choices]
+    long_context = sentence(rng, 150)  # longer than the model's 128 positions
+    pairs += [(long_context, " river bridge"), (long_context, " old")]
+    pairs += [(sentence(rng, 10), " " + sentence(rng, 3)) for _ in range(3)]
+    rng.shuffle(pairs)
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return transformers.AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32)
+
+
+def backend(model: torch.nn.Module, batch: BatchLimit | int, shared_prefix: bool) -> HFCausalLM:
+    return HFCausalLM(
+        str(TINY_MODEL), model=model, device=torch.device("cpu"), batch=batch, shared_prefix=shared_prefix
+    )
+
+
+def score(lm: HFCausalLM, pairs: list[tuple[str, str]]) -> list[tuple[float, bool]]:
+    reported: dict[int, tuple[float, bool]] = {}
+    values = lm.loglikelihood(pairs, lambda done: reported.update(done))
+    assert reported == dict(enumerate(values)), "progress reports every request once, with its value"
+    return values
+
+
+@pytest.mark.parametrize("batch", [1, 8, BatchLimit(rows=64, tokens=300)], ids=["batch1", "batch8", "tokens300"])
+def test_shared_prefix_equals_scoring_each_request_alone(model, batch):
+    pairs = multiple_choice_pairs()
+    alone = backend(model, 1, shared_prefix=False)
+    shared = backend(model, batch, shared_prefix=True)
+    assert shared.shared_prefix and not alone.shared_prefix, shared.shared_prefix_note
+    expected, got = score(alone, pairs), score(shared, pairs)
+    for (want, want_greedy), (have, have_greedy) in zip(expected, got, strict=True):
+        assert abs(want - have) <= TOLERANCE
+        assert want_greedy == have_greedy
+    # The shared path really shares: far fewer rows than requests, and fewer tokens.
+    encoded = [shared.encode_pair(c, x) for c, x in pairs]
+    packs = pack_requests(encoded, [context_group(c) for c, _ in pairs], shared.max_length)
+    assert len(packs) < len(pairs) / 2
+    assert sum(len(p) for p in packs) < sum(len(c) + len(x) - 1 for c, x in encoded) / 2
+
+
+def test_eager_attention_takes_the_block_mask_as_an_additive_mask():
+    eager = transformers.AutoModelForCausalLM.from_pretrained(
+        TINY_MODEL, dtype=torch.float32, attn_implementation="eager"
+    )
+    pairs = multiple_choice_pairs(seed=4)[:20]
+    shared = backend(eager, 8, shared_prefix=True)
+    assert shared.attention == "eager" and shared.shared_prefix, shared.shared_prefix_note
+    expected = score(backend(eager, 1, shared_prefix=False), pairs)
+    for (want, _), (have, _) in zip(expected, score(shared, pairs), strict=True):
+        assert abs(want - have) <= TOLERANCE
+
+
+def test_shared_prefix_values_do_not_depend_on_batch_or_order(model):
+    pairs = multiple_choice_pairs(seed=1)
+    reference = score(backend(model, 1, shared_prefix=True), pairs)
+    for batch in (8, BatchLimit(rows=512, tokens=200)):
+        assert score(backend(model, batch, shared_prefix=True), pairs) == reference
+    order = list(range(len(pairs)))
+    random.Random(2).shuffle(order)
+    shuffled = score(backend(model, 8, shared_prefix=True), [pairs[i] for i in order])
+    assert [shuffled[order.index(i)] for i in range(len(pairs))] == reference
+
+
+def test_rolling_and_generation_are_unchanged_by_token_budget(model):
+    rng = random.Random(3)
+    texts = [sentence(rng, n) for n in (5, 40, 200, 90, 12)]
+    by_count = backend(model, 2, shared_prefix=True)
+    by_tokens = backend(model, BatchLimit(rows=512, tokens=256), shared_prefix=True)
+    assert by_tokens.loglikelihood_rolling(texts, lambda _: None) == by_count.loglikelihood_rolling(
+        texts, lambda _: None
+    )
+    from evalkit.models.protocol import GenerationInput
+
+    requests = [GenerationInput(sentence(rng, n), {"until": ["\n\n"], "max_gen_toks": 8}) for n in (3, 20, 9, 30)]
+    assert by_tokens.generate_until(requests, lambda _: None) == by_count.generate_until(requests, lambda _: None)
+
+
+# -- packing, masks and batch limits without a model -------------------------------------------
+
+
+def test_packs_share_the_context_and_keep_positions():
+    ctx = [1, 10, 11, 12]
+    encoded = [(ctx, [20, 21, 22]), (ctx, [30]), (ctx, [40, 41]), ([1, 5], [6, 7])]
+    packs = pack_requests(encoded, ["q", "q", "q", None], max_length=100)
+    assert len(packs) == 2
+    shared, alone = packs
+    assert shared.tokens == (1, 10, 11, 12, 20, 21, 40)
+    assert shared.positions == (0, 1, 2, 3, 4, 5, 4)
+    assert [shared.scoring_rows(s) for s in shared.segments] == [[3, 4, 5], [3], [3, 6]]
+    assert alone.tokens == (1, 5, 6) and alone.scoring_rows(alone.segments[0]) == [1, 2]
+    allowed = block_attention(torch.tensor([shared.block_ids(8)]))[0, 0]
+    # Block 3 (row 6) sees the context and itself, not block 1 (rows 4, 5); padding sees itself.
+    assert allowed[6].tolist() == [True] * 4 + [False, False, True, False]
+    assert allowed[5].tolist() == [True] * 6 + [False, False]
+    assert allowed[7].tolist() == [False] * 7 + [True]
+
+
+def test_over_long_requests_are_cut_alone_and_big_groups_spill():
+    ctx = list(range(1, 9))
+    encoded = [(ctx, [50, 51, 52]), (ctx, [60] * 12), (ctx, [70, 71])]
+    packs = pack_requests(encoded, ["g"] * 3, max_length=12)
+    cut = next(p for p in packs if p.segments[0].request == 1)
+    assert cut.tokens == tuple((ctx + [60] * 12)[-13:][:-1]) and len(cut.segments) == 1
+    others = [p for p in packs if p is not cut]
+    assert [s.request for p in others for s in p.segments] == [0, 2]
+    small = pack_requests(encoded[:1] + encoded[2:], ["g"] * 2, max_length=100, packed_width=10)
+    assert [len(p.segments) for p in small] == [1, 1] and all(len(p) <= 10 for p in small)
+    assert PACKED_WIDTH & (PACKED_WIDTH - 1) == 0, "a power of two, so padding never widens a packed row past it"
+
+
+def test_token_budget_fills_batches_by_padded_tokens():
+    lengths = [100, 100, 100, 30, 30, 30, 30, 30, 30, 5]
+    batches = list(width_batches(lengths, BatchLimit(rows=512, tokens=210), length=lambda n: n, cap=128))
+    assert [(w, len(b)) for w, b in batches] == [(104, 2), (104, 1), (30, 6), (5, 1)]
+    capped = list(width_batches(lengths, BatchLimit(rows=4, tokens=210), length=lambda n: n, cap=128))
+    assert [len(b) for _, b in capped] == [2, 1, 4, 2, 1]
+    generation = BatchLimit(rows=512, tokens=210, per_row=70)
+    assert [len(b) for _, b in width_batches(lengths, generation, length=lambda n: n, cap=128)] == [1, 1, 1, 2, 2, 2, 1]
+
+
+def test_auto_budget_search_and_out_of_memory_halving():
+    assert largest_fitting(lambda tokens: tokens <= 5000, start=512) == 4096
+    assert largest_fitting(lambda tokens: False, start=512) == 512
+    calls = []
+
+    def run(width, batch):
+        calls.append(len(batch))
+        if len(batch) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return [x * 10 for x in batch]
+
+    assert split_when_out_of_memory(run)(8, [1, 2, 3, 4, 5]) == [10, 20, 30, 40, 50]
+    assert calls == [5, 2, 3, 1, 2]
+    with pytest.raises(torch.OutOfMemoryError):
+        split_when_out_of_memory(lambda w, b: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))(8, [1])
