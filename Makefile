@@ -56,6 +56,7 @@ gpu-check: install
 	$(PY) benchmarks/gpu_check.py
 
 bench: install
+	$(PY) benchmarks/vs_lmeval.py
 	$(PY) benchmarks/layouts.py
 	$(PY) benchmarks/task_building.py
 

@@ -3,8 +3,10 @@
 Builds a randomly initialised Llama (about 100M parameters, evalkit's tiny tokenizer) from a config,
 then evaluates the bundled loglikelihood tasks and the generation task with ``python -m evalkit``
 on 1 process, and on 2 processes (dp=2) when 2 GPUs are visible. For each run it reports tokens per
-second of the model loop (the slowest rank's loop time) and, for loglikelihood scoring, the
-model-FLOPs utilisation: 2 x parameters FLOPs per token against the GPU's dense bf16 peak.
+second of the model loop (the slowest rank's loop time) and, for loglikelihood scoring one request
+per row, the model-FLOPs utilisation: 2 x parameters FLOPs per token against the GPU's dense bf16
+peak. Loglikelihood runs a second time with shared-prefix scoring (the default), where tokens/s
+counts the requests' tokens as lm-eval would compute them (so no MFU: the model computes fewer).
 
 On a machine without CUDA it prints one line saying so and exits 0.
 
@@ -66,14 +68,22 @@ def build_model(folder: Path) -> Path:
     return out
 
 
-def evaluate(model: Path, tasks: str, nproc: int, out: Path, device: str) -> dict:
+# (label, tasks, extra flags); MFU is computed for the first only.
+RUNS = (
+    ("loglikelihood, one row per request", LOGLIKELIHOOD_TASKS, ["--no-shared-prefix"]),
+    ("loglikelihood, shared prefix", LOGLIKELIHOOD_TASKS, []),
+    ("generation", GENERATION_TASKS, []),
+)
+
+
+def evaluate(model: Path, tasks: str, nproc: int, out: Path, device: str, flags: list[str]) -> dict:
     launcher = (
         [sys.executable]
         if nproc == 1
         else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     )
     cmd = [*launcher, "-m", "evalkit", "--model", str(model), "--tasks", tasks, "--output", str(out)]
-    cmd += ["--device", device, "--dtype", "bfloat16", "--batch-size", "32", "--bootstrap-iters", "0"]
+    cmd += ["--device", device, "--dtype", "bfloat16", "--batch-size", "32", "--bootstrap-iters", "0", *flags]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"gpu-check: evalkit failed ({' '.join(cmd)}):\n{done.stderr[-4000:]}")
@@ -124,14 +134,14 @@ def main() -> int:
         print("| processes | kind | tokens | model-loop s | tokens/s | MFU |")
         print("|---|---|---|---|---|---|")
         for nproc in layouts:
-            for kind, tasks in (("loglikelihood", LOGLIKELIHOOD_TASKS), ("generation", GENERATION_TASKS)):
-                out = Path(tmp) / f"{kind}-{nproc}"
-                results = evaluate(model, tasks, nproc, out, args.device)
+            for number, (kind, tasks, flags) in enumerate(RUNS):
+                out = Path(tmp) / f"run{number}-{nproc}"
+                results = evaluate(model, tasks, nproc, out, args.device, flags)
                 seconds = max(r["seconds"] for r in results["throughput"]["per_rank"])
                 tokens = tokens_in(out, tokenizer, generated=kind == "generation")
                 rate = tokens / seconds if seconds else float("nan")
                 mfu = "n/a"
-                if kind == "loglikelihood" and peak:
+                if number == 0 and peak:
                     mfu = f"{2 * params * rate / (peak * nproc):.1%}"
                 print(f"| {nproc} | {kind} | {tokens} | {seconds:.2f} | {rate:,.0f} | {mfu} |")
     return 0

@@ -34,7 +34,7 @@ from evalkit.tasks.requests import DEFAULT_MAX_GEN_TOKS
 
 DEFAULT_MAX_LENGTH = 2048
 TOKENIZER_UNSET = int(1e30)  # transformers' "no limit" model_max_length is ~1e30
-AUTO_CPU_TOKENS = 4096  # --batch-size auto without CUDA: where CPU throughput stops growing (BENCHMARKS.md)
+AUTO_CPU_TOKENS = 4096  # --batch-size auto without CUDA: CPU tokens/s is flat from ~1k to 8k per call (BENCHMARKS.md)
 AUTO_MEMORY_SHARE = 0.5  # of the free GPU memory, when the budget is estimated rather than probed
 ROWS_PER_CHUNK = 16  # requests per retry chunk (and rolling texts per call) under a token budget
 # How far packed and separate rows may differ on the probe (summed log-probs of 4-6 tokens) before
