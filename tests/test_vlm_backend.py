@@ -81,7 +81,7 @@ def tiny(request, tmp_path_factory):
 def generate(tiny, batch_size: int, items: list[GenerationInput], order: list[int] | None = None) -> list[str]:
     _, path, model = tiny
     order = list(range(len(items))) if order is None else order
-    backend = HFVisionLM(str(path), model=model, device=torch.device("cpu"), batch_size=batch_size)
+    backend = HFVisionLM(str(path), model=model, device=torch.device("cpu"), batch=batch_size)
     answers = backend.generate_until([items[i] for i in order], progress=lambda finished: None)
     out = [""] * len(items)
     for position, i in enumerate(order):
@@ -135,7 +135,7 @@ def test_images_are_decoded_once_and_only_when_their_batch_comes(tiny):
     items = requests(loads)
     with_images = sum(1 for r in items if r.images is not None)
     seen = []
-    backend = HFVisionLM(str(path), model=model, device=torch.device("cpu"), batch_size=1)
+    backend = HFVisionLM(str(path), model=model, device=torch.device("cpu"), batch=1)
     backend.generate_until(items, progress=lambda finished: seen.append((len(finished), loads.count)))
     assert loads.count == with_images
     assert sum(n for n, _ in seen) == len(items)
@@ -144,7 +144,7 @@ def test_images_are_decoded_once_and_only_when_their_batch_comes(tiny):
 
 def test_backend_facts(tiny):
     family, path, model = tiny
-    backend = HFVisionLM(str(path), model=model, device=torch.device("cpu"), batch_size=2)
+    backend = HFVisionLM(str(path), model=model, device=torch.device("cpu"), batch=2)
     assert backend.name == "hf-vlm"
     assert backend.describe()["family"] == model.config.model_type
     assert backend.tokenizer.padding_side == "left" and backend.tokenizer.pad_token_id is not None
