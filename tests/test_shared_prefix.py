@@ -63,13 +63,19 @@ def score(lm: HFCausalLM, pairs: list[tuple[str, str]]) -> list[tuple[float, boo
     return values
 
 
-@pytest.mark.parametrize("batch", [1, 8, BatchLimit(rows=64, tokens=300)], ids=["batch1", "batch8", "tokens300"])
-def test_shared_prefix_equals_scoring_each_request_alone(model, batch):
-    pairs = multiple_choice_pairs()
+@pytest.fixture(scope="module")
+def scored_alone(model) -> list[tuple[float, bool]]:
     alone = backend(model, 1, shared_prefix=False)
+    assert not alone.shared_prefix
+    return score(alone, multiple_choice_pairs())
+
+
+@pytest.mark.parametrize("batch", [1, 8, BatchLimit(rows=64, tokens=300)], ids=["batch1", "batch8", "tokens300"])
+def test_shared_prefix_equals_scoring_each_request_alone(model, scored_alone, batch):
+    pairs = multiple_choice_pairs()
     shared = backend(model, batch, shared_prefix=True)
-    assert shared.shared_prefix and not alone.shared_prefix, shared.shared_prefix_note
-    expected, got = score(alone, pairs), score(shared, pairs)
+    assert shared.shared_prefix, shared.shared_prefix_note
+    expected, got = scored_alone, score(shared, pairs)
     for (want, want_greedy), (have, have_greedy) in zip(expected, got, strict=True):
         assert abs(want - have) <= TOLERANCE
         assert want_greedy == have_greedy
