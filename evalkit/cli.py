@@ -29,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="YAML file with any of the options below")
     p.add_argument("--model", help="local model folder (a transformers checkpoint)")
     p.add_argument(
-        "--backend", help="hf (causal LM), hf-vlm (vision-language model) or auto (default: from the model's config)"
+        "--backend",
+        help="hf (causal LM), hf-vlm (vision-language model), vllm, openai-completions, openai-chat, "
+        "or auto (default: hf or hf-vlm from the model's config)",
     )
     p.add_argument("--tasks", help="comma-separated task names, tags or YAML paths")
     p.add_argument("--include-path", action="append", type=Path, help="extra folder of task YAMLs (repeatable)")
@@ -93,6 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow tasks that execute model-generated code (in a sandboxed subprocess)",
     )
     p.add_argument("--bootstrap-iters", type=int, help="bootstrap resamples for standard errors (default 100000)")
+    served = p.add_argument_group(
+        "a model behind an OpenAI-compatible server (--backend openai-completions|openai-chat)"
+    )
+    served.add_argument("--base-url", help="the server's API root, e.g. http://localhost:8000/v1")
+    served.add_argument(
+        "--api-key-env", help="environment variable that holds the API key (default OPENAI_API_KEY); never logged"
+    )
+    served.add_argument("--tokenizer", help="local tokenizer folder (default: --model when it is a folder)")
+    served.add_argument("--concurrency", type=int, help="requests in flight per process (default 8)")
+    served.add_argument("--max-retries", type=int, help="retries per request on 429/5xx/timeouts (default 5)")
+    served.add_argument("--request-timeout", type=float, help="seconds one request may take (default 600)")
     return p
 
 

@@ -84,6 +84,18 @@ class RunConfig:
     gen_kwargs: dict | None = None
     confirm_run_unsafe_code: bool = False
     bootstrap_iters: int = 100_000
+    # A model behind an OpenAI-compatible server (--backend openai-completions / openai-chat).
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"  # the environment variable holding the key (never the key)
+    tokenizer: str | None = None  # local tokenizer folder of a served model (default: --model if a folder)
+    concurrency: int = 8  # requests in flight per rank
+    max_retries: int = 5  # per request, on 429, 5xx, dropped connections and timeouts
+    request_timeout: float = 600.0  # seconds one request may take
+
+    @property
+    def tp_placement(self) -> str:
+        """What splits a model over a TP group: the vLLM engine itself under --backend vllm, else --tp-backend."""
+        return "vllm" if self.backend == "vllm" else self.tp_backend
 
     def batch_limit(self) -> BatchLimit:
         """What one model call may hold: --batch-size requests (1 by default), --max-batch-tokens
@@ -145,6 +157,7 @@ class RunConfig:
             problems.append(f"--max-length {self.max_length} must be at least 2 tokens")
         if self.fewshot_as_multiturn and not self.apply_chat_template:
             problems.append("--fewshot-as-multiturn needs --apply-chat-template (few-shot turns are chat turns)")
+        problems += self._backend_problems()
         if self.bootstrap_iters < 0:
             problems.append(f"--bootstrap-iters {self.bootstrap_iters} must be 0 (no stderr) or more")
         for path in self.include_path:
@@ -152,6 +165,29 @@ class RunConfig:
                 problems.append(f"--include-path {path} is not a folder")
         raise_all(problems, "bad arguments")
         return self
+
+    def _backend_problems(self) -> list[str]:
+        served = registry.is_served(self.backend)
+        problems = []
+        if served and not self.base_url:
+            problems.append(
+                f"--backend {self.backend} needs --base-url, the server's API root (e.g. http://localhost:8000/v1)"
+            )
+        if self.base_url and not served:
+            problems.append("--base-url is for --backend openai-completions or openai-chat")
+        if self.base_url and not self.base_url.startswith(("http://", "https://")):
+            problems.append(f"--base-url {self.base_url!r} must start with http:// or https://")
+        if served and (self.tp > 1 or self.gpus_per_rank > 1):
+            problems.append(f"--backend {self.backend}: the server splits its model; drop --tp and --gpus-per-rank")
+        if self.backend == "vllm" and self.gpus_per_rank > 1:
+            problems.append("--backend vllm splits a model over GPUs with --tp, not --gpus-per-rank")
+        if self.concurrency < 1:
+            problems.append(f"--concurrency {self.concurrency} must be at least 1")
+        if self.max_retries < 0:
+            problems.append(f"--max-retries {self.max_retries} must be 0 or more")
+        if self.request_timeout <= 0:
+            problems.append(f"--request-timeout {self.request_timeout} must be positive seconds")
+        return problems
 
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
@@ -221,6 +257,12 @@ VALUE_TYPES = {
     "system_instruction": (str, "a string"),
     "gen_kwargs": ((str, dict), "key=value pairs or a mapping"),
     "include_path": ((str, list), "a folder or list of folders"),
+    "base_url": (str, "a URL"),
+    "api_key_env": (str, "an environment variable name"),
+    "tokenizer": (str, "a folder"),
+    "concurrency": (int, "an integer"),
+    "max_retries": (int, "an integer"),
+    "request_timeout": ((int, float), "a number"),
 }
 
 

@@ -24,8 +24,8 @@ def _sha(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str, ensure_ascii=False).encode()).hexdigest()
 
 
-def model_fingerprint(path: str, dtype: str) -> dict[str, Any]:
-    """Path, config, a weights fingerprint (each file's size and its first and last 64 KiB) and the
+def model_fingerprint(path: str, dtype: str, backend: str) -> dict[str, Any]:
+    """The backend that runs it (engines differ in their last digits), path, config, a weights fingerprint (each file's size and its first and last 64 KiB) and the
     content of every file that shapes prompts or generation: tokenizer, chat template, processor
     (image sizes, pixel limits) and generation defaults.
 
@@ -54,7 +54,23 @@ def model_fingerprint(path: str, dtype: str) -> dict[str, Any]:
     identity = {"path": str(folder.resolve()), "config": config, "weights": weights, "dtype": dtype}
     if settings:
         identity["settings"] = settings
-    return {"path": identity["path"], "dtype": dtype, "hash": _sha(identity)}
+    if backend not in ("hf", "hf-vlm"):  # these two score alike; earlier folders of theirs stay resumable
+        identity["backend"] = backend
+    return {"path": identity["path"], "dtype": dtype, "backend": backend, "hash": _sha(identity)}
+
+
+def served_fingerprint(name: str, backend: str, tokenizer: str | None) -> dict[str, Any]:
+    """A model behind a server is known by its served name, the route and its local tokenizer (if
+    any), not by the server's address: a run resumes against a restarted or another replica."""
+    identity: dict[str, Any] = {"name": name, "backend": backend}
+    folder = Path(tokenizer or name)
+    if folder.is_dir():
+        identity["tokenizer"] = {
+            file.name: hashlib.sha256(file.read_bytes()).hexdigest()
+            for file in sorted(folder.iterdir())
+            if file.is_file() and file.name.startswith(("tokenizer", "special_tokens", "vocab", "merges"))
+        }
+    return {"path": name, "dtype": "served", "backend": backend, "hash": _sha(identity)}
 
 
 def task_config_hash(plan: TaskPlan, prompt_settings: dict[str, Any]) -> str:

@@ -56,7 +56,10 @@ def check_folder(output: Path, *, resume: bool, model: dict[str, Any], tasks: di
             f"--output {output}: {MANIFEST} is damaged, so its results cannot be trusted; {fresh}"
         ) from None
     if saved_hash != model["hash"]:
-        raise UsageError(f"--output {output} holds results of a different model ({saved_path}, {saved_dtype}); {fresh}")
+        backend = saved_model.get("backend", "hf")
+        raise UsageError(
+            f"--output {output} holds results of a different model ({saved_path}, {saved_dtype}, backend {backend}); {fresh}"
+        )
     changed = sorted(t for t, h in tasks.items() if saved_tasks.get(t, h) != h)
     if changed:
         raise UsageError(

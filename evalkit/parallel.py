@@ -26,6 +26,7 @@ class Placement(str, Enum):
     REPLICA = "replica"  # the whole model on this rank's device (data parallel)
     DEEPSPEED_TP = "deepspeed"  # DeepSpeed-Inference AutoTP across the rank's TP group
     TRANSFORMERS_TP = "transformers"  # transformers' own tensor parallelism across the TP group
+    VLLM_TP = "vllm"  # one vLLM engine across the TP group (external_launcher)
     SPLIT = "split"  # one rank splits its model over its own K GPUs (device_map)
 
 
@@ -105,7 +106,7 @@ class Layout:
         }
 
 
-TP_PLACEMENTS = (Placement.DEEPSPEED_TP, Placement.TRANSFORMERS_TP)
+TP_PLACEMENTS = (Placement.DEEPSPEED_TP, Placement.TRANSFORMERS_TP, Placement.VLLM_TP)
 
 
 @dataclass(frozen=True, kw_only=True)

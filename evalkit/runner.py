@@ -33,7 +33,7 @@ from evalkit.collectives import AgreedError, agreed, all_gather
 from evalkit.config import RunConfig
 from evalkit.errors import USAGE_EXIT_CODE, UsageError, one_line, say
 from evalkit.execute import Executor, StopFlag, StopRequested
-from evalkit.identity import model_fingerprint, request_key, task_config_hash
+from evalkit.identity import model_fingerprint, request_key, served_fingerprint, task_config_hash
 from evalkit.model_source import check_model_source
 from evalkit.models import registry
 from evalkit.models.packing import context_group
@@ -78,6 +78,7 @@ class Work:
     requests: list[Request]
     pending: int
     launch: str
+    kinds: frozenset[str]  # request kinds of the whole run (a backend checks at load that it can serve them)
 
 
 class Stopped(Exception):
@@ -120,9 +121,17 @@ def prompt_options(config: RunConfig) -> PromptOptions:
 
 
 def check_inputs(config: RunConfig, topo: Topology) -> tuple[str, BackendSpec]:
-    """What every rank checks for itself: the model folder, its backend and a writable output folder."""
-    model_path = check_model_source(config.model)
-    spec = registry.select(config.backend, model_path)
+    """What every rank checks for itself: the model folder (or a served model's name), its backend
+    and a writable output folder."""
+    if registry.is_served(config.backend):
+        model_path, spec = config.model, registry.BACKENDS[config.backend]
+        if config.apply_chat_template and spec.name == "openai-chat":
+            raise UsageError(
+                "--backend openai-chat: the server applies the model's chat template; drop --apply-chat-template"
+            )
+    else:
+        model_path = check_model_source(config.model)
+        spec = registry.select(config.backend, model_path)
     refusal = registry.layout_refusal(spec, topo.layout)
     if refusal:
         raise UsageError(refusal)
@@ -154,9 +163,14 @@ def chat_template(config: RunConfig, model_path: str) -> Callable[..., str] | No
         return None
     import transformers
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_path, trust_remote_code=config.trust_remote_code)
+    folder = config.tokenizer or model_path
+    if not Path(folder).is_dir():
+        raise UsageError(
+            f"--apply-chat-template renders prompts with a local tokenizer; pass --tokenizer DIR for {folder}"
+        )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=config.trust_remote_code)
     if not getattr(tokenizer, "chat_template", None):
-        raise UsageError(f"--apply-chat-template: the tokenizer in {model_path} has no chat template")
+        raise UsageError(f"--apply-chat-template: the tokenizer in {folder} has no chat template")
 
     def apply(history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         return tokenizer.apply_chat_template(
@@ -192,7 +206,8 @@ def prepare(config: RunConfig, topo: Topology, model_path: str, spec: BackendSpe
     requests = number_requests(tasks)
     check_backend_fits(spec, requests)
     layout = topo.layout
-    if layout.placement is not Placement.SPLIT:  # a split over own GPUs is checked by its device map instead
+    # A split over own GPUs is checked by its device map instead, a served model by its server.
+    if layout.placement is not Placement.SPLIT and not spec.served:
         context = config.max_length or read_shape(model_path).max_positions
         longest = longest_request_bound(requests, context, image_tokens(model_path, requests))
         check_run_layout(
@@ -204,7 +219,10 @@ def prepare(config: RunConfig, topo: Topology, model_path: str, spec: BackendSpe
             max_len=longest,
             batch=config.batch_limit().rows_at(longest),
         )
-    model = model_fingerprint(model_path, config.dtype)
+    if spec.served:
+        model = served_fingerprint(model_path, spec.name, config.tokenizer)
+    else:
+        model = model_fingerprint(model_path, config.dtype, spec.name)
     settings = {
         "seed": config.seed.fewshot,
         "chat_template": config.apply_chat_template,
@@ -374,14 +392,17 @@ def evaluate(config: RunConfig, topo: Topology) -> None:
         plan = box["plan"] = prepare(config, topo, model_path, spec)
         launch = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
         pending = len(plan.requests) - len(plan.done)
-        return [Work(requests=share, pending=pending, launch=launch) for share in deal(plan, topo.layout.dp)]
+        kinds = frozenset(r.kind for r in plan.requests if r.index not in plan.done)
+        return [
+            Work(requests=share, pending=pending, launch=launch, kinds=kinds) for share in deal(plan, topo.layout.dp)
+        ]
 
     with phases.phase("plan"):
         work = hand_out(topo, plan_and_deal)
     with phases.phase("images"):
         images = agreed(world, lambda: image_source(config, model_path, box.get("plan"), work.requests))
     with phases.phase("model_load"):
-        backend: Backend = agreed(world, lambda: spec.build(config, model_path, topo))
+        backend: Backend = agreed(world, lambda: spec.build(config, model_path, topo, work.kinds))
     if topo.is_main:
         write_manifest(config.output, model=box["plan"].model, tasks=box["plan"].task_hashes)
     shard = config.output / SHARD_DIR / f"{work.launch}-rank{topo.rank:05d}.jsonl"
@@ -434,7 +455,7 @@ def run_guarded(config: RunConfig) -> int:
     """Run on this rank; turn bad input into exit 2 and any crash into a prompt exit 1."""
     rank = os.environ.get("RANK", "0")
     try:
-        topo = init_topology(config.tp, config.device, config.timeout, config.gpus_per_rank, config.tp_backend)
+        topo = init_topology(config.tp, config.device, config.timeout, config.gpus_per_rank, config.tp_placement)
         evaluate(config, topo)
     except UsageError as exc:
         say(f"evalkit: error: {exc}")

@@ -88,8 +88,12 @@ def _train_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
     )
 
 
-def build_tiny_llama(out_dir: Path, corpus: list[str], *, seed: int = 0) -> Path:
-    """Train the tokenizer on ``corpus``, build a seeded tiny Llama, save both to ``out_dir``."""
+def build_tiny_llama(out_dir: Path, corpus: list[str], *, seed: int = 0, head_dim: int | None = None) -> Path:
+    """Train the tokenizer on ``corpus``, build a seeded tiny Llama, save both to ``out_dir``.
+
+    ``head_dim`` overrides the default of 16 (hidden size over heads); vLLM's CPU attention
+    takes head sizes from 32 up.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -103,6 +107,7 @@ def build_tiny_llama(out_dir: Path, corpus: list[str], *, seed: int = 0) -> Path
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
+        **({"head_dim": head_dim} if head_dim else {}),
         max_position_embeddings=MAX_POSITIONS,
         initializer_range=0.2,  # large init so the random model's logits are not flat
         bos_token_id=tokenizer.bos_token_id,
@@ -148,8 +153,9 @@ def main(argv: list[str] | None = None) -> None:
         "--tasks-dir", type=Path, default=DEFAULT_TASKS_DIR, help="folder whose *.jsonl files form the tokenizer corpus"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--head-dim", type=int, help="attention head size (default 16; vLLM on CPU needs 32 or more)")
     args = parser.parse_args(argv)
-    out = build_tiny_llama(args.out_dir, corpus_from_tasks(args.tasks_dir), seed=args.seed)
+    out = build_tiny_llama(args.out_dir, corpus_from_tasks(args.tasks_dir), seed=args.seed, head_dim=args.head_dim)
     print(f"wrote tiny Llama model and tokenizer to {out}")
 
 

@@ -1,17 +1,13 @@
 """The transformers causal-LM backend, numerically matching lm-eval's ``hf`` model.
 
-Token handling follows lm-eval 0.4.13 so scores compare: the tokenizer adds its own special
-tokens, trailing spaces of a context move onto the continuation, over-long inputs are cut from
-the left, continuation log-probs are summed, and long texts are scored in rolling windows that
-predict every token exactly once.
+Requests become tokens by lm-eval's rules (``lm_rules``); over-long inputs are cut from the left
+as lm-eval's hf model cuts them.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import time
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -27,13 +23,16 @@ from evalkit.models.batching import (
     run_batched,
     split_when_out_of_memory,
 )
+from evalkit.models.lm_rules import (
+    LMTokenizer,
+    generation_groups,
+    model_max_length,
+    rolling_windows,
+)
 from evalkit.models.packing import PACKED_WIDTH, Encoded, Pack, block_attention, context_group, pack_requests
 from evalkit.models.protocol import GenerationInput, Progress
 from evalkit.models.stopping import StopOnSequences, cut_at_stop
-from evalkit.tasks.requests import DEFAULT_MAX_GEN_TOKS
 
-DEFAULT_MAX_LENGTH = 2048
-TOKENIZER_UNSET = int(1e30)  # transformers' "no limit" model_max_length is ~1e30
 AUTO_CPU_TOKENS = 4096  # --batch-size auto without CUDA: CPU tokens/s is flat from ~1k to 8k per call (BENCHMARKS.md)
 AUTO_MEMORY_SHARE = 0.5  # of the free GPU memory, when the budget is estimated rather than probed
 ROWS_PER_CHUNK = 16  # requests per retry chunk (and rolling texts per call) under a token budget
@@ -68,18 +67,17 @@ class HFCausalLM:
     ) -> None:
         self.device = device
         self.tp_group = tp_group
-        self.timings = {"tokenize": 0.0}
+        self.timings: dict[str, float] = {}
         self.num_parameters_local = num_parameters_local
-        self.tokenizer = ensure_pad_token(
-            transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokens = LMTokenizer(
+            transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code), self.timings
         )
+        self.tokenizer, self.encode, self.encode_pair = tokens.tokenizer, tokens.encode, tokens.encode_pair
+        self.prefix_token_id = tokens.prefix_token_id
         self.model = model.eval()
         self.path = path
         # --max-length wins, as lm-eval's max_length model argument does.
         self.max_length = max_length or model_max_length(self.model.config, self.tokenizer)
-        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
-        self.prefix_token_id = bos if bos is not None else eos
-        self.bos_text = self.tokenizer.decode(self.prefix_token_id)
         inner = unwrap(self.model)
         self.attention = getattr(inner.config, "_attn_implementation", None)
         self.limit = BatchLimit(rows=2)  # for the probe below
@@ -156,34 +154,6 @@ class HFCausalLM:
             return False
         finally:
             torch.cuda.empty_cache()
-
-    # -- tokenization -------------------------------------------------------------------------
-
-    def encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
-        start = time.monotonic()
-        try:
-            return self._encode(text, add_special_tokens)
-        finally:
-            self.timings["tokenize"] += time.monotonic() - start
-
-    def _encode(self, text: str, add_special_tokens: bool | None) -> list[int]:
-        kwargs = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
-        if add_special_tokens is None and text.startswith(self.bos_text):
-            kwargs["add_special_tokens"] = False
-        return self.tokenizer.encode(text, **kwargs)
-
-    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        if context == "":
-            cont = self.encode(continuation, add_special_tokens=False)
-            if cont[0] == self.prefix_token_id:
-                return cont[:1], cont[1:]
-            return [self.prefix_token_id], cont
-        spaces = len(context) - len(context.rstrip())
-        if spaces:
-            context, continuation = context[:-spaces], context[-spaces:] + continuation
-        whole = self.encode(context + continuation)
-        ctx = self.encode(context)
-        return ctx, whole[len(ctx) :]
 
     # -- scoring ------------------------------------------------------------------------------
 
@@ -366,31 +336,6 @@ def unwrap(model: Any) -> Any:
     return getattr(model, "module", model)
 
 
-def ensure_pad_token(tokenizer: Any) -> Any:
-    """A tokenizer without a pad token pads with its EOS (or UNK) token, as lm-eval's hf model does."""
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    return tokenizer
-
-
-def generation_groups(
-    requests: list[GenerationInput], max_length: int
-) -> Iterator[tuple[list[int], dict[str, Any], int]]:
-    """(positions, normalized generation kwargs, prompt token budget) per set of requests that share
-    their generation arguments; a max_gen_toks that leaves no room for a prompt is an error."""
-    groups: dict[str, list[int]] = {}
-    for i, request in enumerate(requests):
-        groups.setdefault(repr(sorted(request.gen_kwargs.items())), []).append(i)
-    for members in groups.values():
-        kwargs = normalize_generation_kwargs(requests[members[0]].gen_kwargs)
-        budget = max_length - kwargs["max_gen_toks"]
-        if budget <= 0:
-            raise ValueError(
-                f"max_gen_toks {kwargs['max_gen_toks']} leaves no room for a prompt in the model's {max_length} positions"
-            )
-        yield members, kwargs, budget
-
-
 def stops_and_limits(tokenizer: Any, gen_kwargs: dict[str, Any]) -> tuple[list[str], int, dict[str, Any]]:
     """(stop sequences with the EOS text added, max_gen_toks, the rest for ``generate``)."""
     kwargs = dict(gen_kwargs)
@@ -399,49 +344,3 @@ def stops_and_limits(tokenizer: Any, gen_kwargs: dict[str, Any]) -> tuple[list[s
     if eos_text not in until:
         until.append(eos_text)
     return until, kwargs.pop("max_gen_toks"), kwargs
-
-
-def normalize_generation_kwargs(raw: dict[str, Any]) -> dict[str, Any]:
-    """lm-eval's reading of generation_kwargs: token-limit aliases, greedy unless sampling is asked for."""
-    kwargs = dict(raw)
-    until = kwargs.pop("until", None)
-    until = [] if until is None else [until] if isinstance(until, str) else list(until)
-    limits = [kwargs.pop(k, None) for k in ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")]
-    max_gen_toks = int(next((v for v in limits if v is not None), DEFAULT_MAX_GEN_TOKS))
-    temperature = float(kwargs.pop("temperature", 0.0))
-    do_sample = kwargs.pop("do_sample", None)
-    do_sample = temperature > 0.0 if do_sample is None else bool(do_sample)
-    sampling = {"do_sample": True, "temperature": temperature} if do_sample else {"do_sample": False}
-    return {"until": until, "max_gen_toks": max_gen_toks, **sampling, **kwargs}
-
-
-def rolling_windows(tokens: list[int], prefix: int, max_len: int) -> list[tuple[list[int], list[int]]]:
-    """(context, scored tokens) windows: every token scored once, each with as much context as fits.
-
-    The first window conditions on ``prefix``; later ones on the tokens just before them, and
-    the last window is full-length but scores only its new tokens.
-    """
-    windows = []
-    first = min(max_len, len(tokens))
-    if tokens:
-        windows.append(([prefix] + tokens[: first - 1], tokens[:first]))
-    done = first
-    while done < len(tokens):
-        n = min(len(tokens) - done, max_len)
-        end = done + n
-        windows.append((tokens[max(end - max_len - 1, 0) : end - 1], tokens[end - n : end]))
-        done = end
-    # Context and scored tokens overlap except for the first scored token; keep them disjoint.
-    return [(ctx[: len(ctx) - (len(scored) - 1)], scored) for ctx, scored in windows]
-
-
-def model_max_length(config: Any, tokenizer: Any) -> int:
-    config = getattr(config, "text_config", None) or config
-    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
-        value = getattr(config, attr, None)
-        if value is not None:
-            return int(value)
-    limit = getattr(tokenizer, "model_max_length", None)
-    if limit is not None and limit < TOKENIZER_UNSET:
-        return int(limit)
-    return DEFAULT_MAX_LENGTH

@@ -24,16 +24,8 @@ from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 from transformers.utils import is_torchvision_available
 
 from evalkit.models.batching import BatchLimit, width_batches
-from evalkit.models.hf import (
-    AUTO_CPU_TOKENS,
-    ROWS_PER_CHUNK,
-    announce_auto,
-    ensure_pad_token,
-    generation_groups,
-    model_max_length,
-    stops_and_limits,
-    tokens_from_free_memory,
-)
+from evalkit.models.hf import AUTO_CPU_TOKENS, ROWS_PER_CHUNK, announce_auto, stops_and_limits, tokens_from_free_memory
+from evalkit.models.lm_rules import ensure_pad_token, generation_groups, model_max_length
 from evalkit.models.protocol import GenerationInput, ImageInput, Messages, Progress
 from evalkit.models.stopping import StopOnSequences, cut_at_stop
 

