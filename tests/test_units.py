@@ -10,7 +10,7 @@ import pytest
 from evalkit.config import Seeds
 from evalkit.errors import UsageError
 from evalkit.models.batching import padded_width, width_batches
-from evalkit.models.hf import rolling_windows
+from evalkit.models.lm_rules import rolling_windows
 from evalkit.parallel import Layout, Placement
 from evalkit.sharding import merge_shards, shard_indices
 

@@ -112,23 +112,38 @@ def run_concurrently(
     calls: Sequence[Callable[[], Any]], concurrency: int, progress: Callable[[list[tuple[int, Any]]], None]
 ) -> list[Any]:
     """Every call's result by position, at most ``concurrency`` in flight; each finished call is
-    reported as soon as it returns. The first failure (or a stop raised by ``progress``) cancels
-    the calls not yet started and is raised once those in flight are done."""
+    reported as soon as it returns. A call starts only when one before it has finished, so after
+    a failure (or a stop raised by ``progress``) nothing new starts; the failure is raised once the
+    calls in flight are done."""
     out: list[Any] = [None] * len(calls)
-    pool = ThreadPoolExecutor(max_workers=max(min(concurrency, len(calls)), 1), thread_name_prefix="evalkit-http")
-    futures: dict[Future, int] = {}
-    try:
-        futures = {pool.submit(call): position for position, call in enumerate(calls)}
-        pending = set(futures)
-        while pending:
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-            done = []
-            for future in sorted(finished, key=futures.__getitem__):
-                out[futures[future]] = future.result()
-                done.append((futures[future], out[futures[future]]))
-            progress(done)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    waiting = iter(range(len(calls)))
+    with ThreadPoolExecutor(
+        max_workers=max(min(concurrency, len(calls)), 1), thread_name_prefix="evalkit-http"
+    ) as pool:
+        running: dict[Future, int] = {}
+
+        def start_next() -> None:
+            position = next(waiting, None)
+            if position is not None:
+                running[pool.submit(calls[position])] = position
+
+        for _ in range(concurrency):
+            start_next()
+        while running:
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            done, failure = [], None
+            for future in sorted(finished, key=running.__getitem__):
+                position = running.pop(future)
+                if future.exception() is not None:
+                    failure = failure or future.exception()
+                    continue
+                out[position] = future.result()
+                done.append((position, out[position]))
+            progress(done)  # what finished is saved even when a call beside it failed
+            if failure is not None:
+                raise failure  # the pool waits for the calls still in flight
+            for _ in done:
+                start_next()
     return out
 
 

@@ -1,0 +1,118 @@
+"""A small OpenAI-compatible HTTP server for tests of the server backends' own logic.
+
+It answers ``/models``, ``/completions`` and ``/chat/completions`` with deterministic text (no
+model), and can fail the first attempts of every prompt (429 or 5xx), refuse prompt logprobs as
+OpenAI's hosted API does, or check the Authorization header. Behaviour against a real model server
+is tested with ``vllm serve`` in tests/test_vllm.py.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+def answer_for(prompt: Any) -> str:
+    """The stub's generation for a prompt: a function of the prompt only, so tests can predict it."""
+    return f" answer-{len(json.dumps(prompt, sort_keys=True)) % 97}\n\nrest after the stop"
+
+
+@dataclass
+class StubBehaviour:
+    failures_per_prompt: int = 0  # answer this many attempts of each prompt with ``failure_status``
+    failure_status: int = 503
+    prompt_logprobs: bool = False  # echo + logprobs answered with logprobs (as vLLM) or without (as OpenAI)
+    api_key: str | None = None
+    attempts: Counter = field(default_factory=Counter)
+    in_flight: int = 0
+    most_in_flight: int = 0
+    headers_seen: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class OpenAIStub:
+    def __init__(self, behaviour: StubBehaviour | None = None) -> None:
+        self.behaviour = behaviour or StubBehaviour()
+        behaviour = self.behaviour
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:  # quiet
+                pass
+
+            def _send(self, status: int, body: dict[str, Any]) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _authorized(self) -> bool:
+                header = self.headers.get("Authorization", "")
+                with behaviour.lock:
+                    behaviour.headers_seen.append(header)
+                if behaviour.api_key and header != f"Bearer {behaviour.api_key}":
+                    self._send(401, {"error": {"message": "invalid key"}})
+                    return False
+                return True
+
+            def do_GET(self) -> None:
+                if not self._authorized():
+                    return
+                if self.path.rstrip("/").endswith("/models"):
+                    self._send(200, {"object": "list", "data": [{"id": "stub-model", "object": "model"}]})
+                else:
+                    self._send(404, {"error": {"message": "not found"}})
+
+            def do_POST(self) -> None:
+                if not self._authorized():
+                    return
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                prompt = body.get("prompt", body.get("messages"))
+                key = json.dumps(prompt, sort_keys=True)
+                with behaviour.lock:
+                    behaviour.attempts[key] += 1
+                    attempt = behaviour.attempts[key]
+                    behaviour.in_flight += 1
+                    behaviour.most_in_flight = max(behaviour.most_in_flight, behaviour.in_flight)
+                try:
+                    if attempt <= behaviour.failures_per_prompt:
+                        self._send(behaviour.failure_status, {"error": {"message": "try again"}})
+                    elif self.path.endswith("/chat/completions"):
+                        message = {"role": "assistant", "content": answer_for(prompt)}
+                        self._send(200, {"choices": [{"index": 0, "message": message}]})
+                    elif body.get("echo") and body.get("logprobs") is not None:
+                        self._send(*self._scored(prompt))
+                    else:
+                        self._send(200, {"choices": [{"index": 0, "text": answer_for(prompt)}]})
+                finally:
+                    with behaviour.lock:
+                        behaviour.in_flight -= 1
+
+            def _scored(self, prompt: Any) -> tuple[int, dict[str, Any]]:
+                if not behaviour.prompt_logprobs:
+                    return 400, {"error": {"message": "echo is not supported with logprobs"}}
+                tokens = prompt if isinstance(prompt, list) else list(range(len(str(prompt).split())))
+                values = [None] + [-0.5 - (t % 7) / 10 for t in tokens[1:]]
+                tops = [None] + [{"x": -0.5} for _ in tokens[1:]]
+                logprobs = {"tokens": [str(t) for t in tokens], "token_logprobs": values, "top_logprobs": tops}
+                return 200, {"choices": [{"index": 0, "text": "", "logprobs": logprobs}]}
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self) -> OpenAIStub:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.shutdown()
+        self.server.server_close()

