@@ -65,8 +65,10 @@ demo-vlm: install
 	$(VENV)/bin/torchrun --nproc_per_node=$(NPROC) -m evalkit \
 		--model $(DEMO)/tiny-$(VLM_FAMILY) --tasks vlm_demo --output $(DEMO)/results-vlm --batch-size 4 --device cpu
 
+# Test files run in parallel (pytest-xdist, one worker per core; a file's tests stay together
+# so its session fixtures are built once).
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 # The vllm backend and a real `vllm serve` on localhost, in .venv-vllm (tests/test_vllm.py).
 test-vllm: install-vllm

@@ -9,14 +9,18 @@ import importlib.util
 import json
 import threading
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from openai_stub import OpenAIStub, StubBehaviour
 from test_bad_input import assert_usage_error
 
 from evalkit.cli import parse_config
+from evalkit.config import RunConfig
 from evalkit.errors import UsageError
-from evalkit.models.openai_api import Server, ServerError, run_concurrently
+from evalkit.models import registry
+from evalkit.models.openai_api import OpenAICompletions, Server, ServerError, run_concurrently
 
 from conftest import TINY_MODEL, free_port, run_evalkit
 
@@ -124,29 +128,44 @@ def test_unreachable_base_url_ends_every_rank(tmp_path):
     assert_usage_error(run, "cannot reach an OpenAI-compatible server", dead, ranks=2)
 
 
-@pytest.mark.parametrize(
-    ("behaviour", "backend", "extra", "fragments"),
-    [
-        (
-            StubBehaviour(prompt_logprobs=False),
-            "openai-completions",
-            [],
-            ["returns no prompt logprobs", "--backend vllm"],
-        ),
-        (StubBehaviour(), "openai-chat", [], ["runs generate_until requests, not loglikelihood"]),
-        (StubBehaviour(api_key="right"), "openai-completions", [], ["HTTP 401"]),
-    ],
-    ids=["no-prompt-logprobs", "chat-loglikelihood", "wrong-key"],
-)
-def test_server_that_cannot_serve_the_run_is_refused(tmp_path, behaviour, backend, extra, fragments):
-    with OpenAIStub(behaviour) as stub:
-        run = run_evalkit(
-            served_args(stub.base_url, "--tasks", "demo_mc", *extra, backend=backend),
-            output=tmp_path / "out",
-            env={"OPENAI_API_KEY": "wrong"},
-        )
+def test_loglikelihood_on_a_server_without_prompt_logprobs_is_refused(tmp_path):
+    with OpenAIStub(StubBehaviour(prompt_logprobs=False)) as stub:
+        run = run_evalkit(served_args(stub.base_url, "--tasks", "demo_mc"), output=tmp_path / "out")
     assert run.returncode == 2
-    assert_usage_error(run, *fragments)
+    assert_usage_error(run, "returns no prompt logprobs", "--backend vllm")
+
+
+def served_config(base_url: str, **fields) -> RunConfig:
+    return RunConfig(
+        model="stub-model",
+        tasks=("demo_mc",),
+        output=Path("unused"),
+        backend="openai-completions",
+        base_url=base_url,
+        tokenizer=str(TINY_MODEL),
+        **fields,
+    ).validate()
+
+
+def test_a_wrong_key_is_refused_before_any_request(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "wrong")
+    with OpenAIStub(StubBehaviour(api_key="right")) as stub:
+        with pytest.raises(UsageError, match="cannot reach an OpenAI-compatible server.*HTTP 401"):
+            OpenAICompletions.load(served_config(stub.base_url), "stub-model", frozenset({"generate_until"}))
+        assert not stub.behaviour.attempts  # no completion was asked for
+
+
+def test_chat_route_refuses_loglikelihood_tasks_before_loading():
+    spec = registry.BACKENDS["openai-chat"]
+    assert "runs generate_until requests, not loglikelihood" in spec.refusal({"loglikelihood"}, False, "demo_mc")
+    assert spec.refusal({"generate_until"}, False, "demo_gen") is None
+
+
+def test_loglikelihood_needs_a_tokenizer(monkeypatch):
+    with OpenAIStub(StubBehaviour(prompt_logprobs=True)) as stub:
+        config = replace(served_config(stub.base_url), tokenizer=None)
+        with pytest.raises(UsageError, match="need the model's tokenizer: pass --tokenizer DIR"):
+            OpenAICompletions.load(config, "stub-model", frozenset({"loglikelihood"}))
 
 
 @pytest.mark.parametrize(

@@ -124,8 +124,9 @@ def test_backend_registry_selects_by_config_and_refuses_what_a_backend_cannot_ru
 
     assert registry.check_name("hf") is None and registry.check_name("auto") is None
     assert "(did you mean 'hf-vlm'?)" in registry.check_name("hf_vlm")
-    with pytest.raises(UsageError, match="--backend 'vllm' is not one of auto, hf, hf-vlm"):
-        registry.select("vllm", str(tmp_path))
+    with pytest.raises(UsageError, match="--backend 'sglang' is not one of auto, hf, hf-vlm, vllm, openai-completions"):
+        registry.select("sglang", str(tmp_path))
+    assert registry.is_served("openai-chat") and not registry.is_served("vllm")
     (tmp_path / "config.json").write_text('{"model_type": "llava", "vision_config": {}}')
     assert registry.select("auto", str(tmp_path)).name == "hf-vlm"
     assert registry.select("hf", str(tmp_path)).name == "hf"
