@@ -23,7 +23,6 @@ import pytest
 
 from conftest import (
     DEMO_TASKS,
-    LOGLIKELIHOOD_TOLERANCE,
     ROLLING_TOLERANCE,
     Run,
     assert_same_docs,
@@ -85,12 +84,12 @@ def test_dp2_under_torchrun_gives_the_one_process_outputs(vllm_one, model32, tmp
 @pytest.mark.multiprocess
 def test_tp2_engine_over_two_ranks_gives_the_one_process_values(vllm_one, model32, tmp_path):
     """One engine split over a TP group of 2 ranks (external_launcher): its all-reduces reorder sums,
-    so values agree to float rounding (measured 1.5e-5), generations exactly."""
+    so values agree to float rounding (measured 1.5e-5, rolling sums 9.4e-5), generations exactly."""
     args = demo_args(model32, "--backend", "vllm", "--tp", "2")
     run = ok(run_evalkit(args, launcher="torchrun", nproc=2, output=tmp_path / "out", env=ENV))
     assert run.results()["parallel"]["placement"] == "vllm" and run.results()["parallel"]["tp"] == 2
     for task in DEMO_TASKS:
-        assert_same_docs(vllm_one.docs(task), run.docs(task), LOGLIKELIHOOD_TOLERANCE)
+        assert_same_docs(vllm_one.docs(task), run.docs(task), ROLLING_TOLERANCE)
 
 
 def test_vllm_agrees_with_the_hf_backend(vllm_one, hf_one):
