@@ -9,7 +9,7 @@ VENV_FLAGS := $(if $(filter 1,$(SYSTEM_CUDA_TORCH)),--system-site-packages,)
 NPROC ?= $(NPROC_DEFAULT)
 DEMO := .demo
 
-.PHONY: install install-vllm demo demo-vlm demo-vllm gpu-check test test-fast test-vllm bench lint style clean eval-7b eval-13b eval-34b eval-70b
+.PHONY: install install-vllm demo demo-vlm demo-vllm gpu-check test test-fast test-vllm bench bench-vllm lint style clean eval-7b eval-13b eval-34b eval-70b
 
 # Per model size: make eval-34b MODEL=/models/yi-34b TASKS=arc_easy,gsm8k [NPROC=8] [OUT=...] [EVAL_FLAGS=...]
 # NPROC defaults to the GPUs on this machine (2 processes on a machine without GPUs).
@@ -93,6 +93,10 @@ bench: install
 	$(PY) benchmarks/vs_lmeval.py
 	$(PY) benchmarks/layouts.py
 	$(PY) benchmarks/task_building.py
+
+# On a CUDA machine: the hf and vllm backends side by side on a generation and an MC task.
+bench-vllm: install-vllm
+	$(VLLM_VENV)/bin/python benchmarks/vllm_vs_hf.py
 
 lint: install
 	$(VENV)/bin/ruff check evalkit tests

@@ -126,6 +126,10 @@ def run_evalkit(
         HF_EVALUATE_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
         PYTHONUNBUFFERED="1",
+        # One intra-op thread per process, as torchrun gives each rank: the test models are tiny, and
+        # several processes share few cores (test files run in parallel), where extra threads only spin.
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
     )
     env.update(extra)
     start = time.monotonic()
@@ -212,3 +216,10 @@ def assert_same_metrics(ref: dict, ours: list[dict], results: dict, rel: float =
             assert results[key] == pytest.approx(value, rel=rel), key
         else:
             assert results[key] == value, key
+
+
+def pytest_configure(config) -> None:
+    """In-process tests use one intra-op thread too (see ``run_evalkit``)."""
+    import torch
+
+    torch.set_num_threads(1)

@@ -219,3 +219,18 @@ def test_deal_keeps_a_context_on_one_rank_and_balances_cost():
                     assert owner.setdefault(r.args[0], rank) == rank, "a context's requests on one rank"
         costs = [sum(r.cost for r in share) for share in shares]
         assert max(costs) < 1.3 * min(costs)
+
+
+def test_vllm_cpu_shm_segments_of_only_this_tp_group_are_removed(tmp_path):
+    from types import SimpleNamespace
+
+    from evalkit.models.vllm_engine import CpuShmSegments
+    from evalkit.parallel import Layout, Placement
+
+    layout = Layout(world_size=4, tp=2, placement=Placement.VLLM_TP)
+    names = ["-tp:0-[0-1]-cpushm_0", "-tp:0-[0-1]-cpushm_1", "-tp:0-[2-3]-cpushm_0", "psm_1234"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    topo = SimpleNamespace(layout=layout, dp_rank=0, tp_group=None)
+    CpuShmSegments(topo, folder=tmp_path).release()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["-tp:0-[2-3]-cpushm_0", "psm_1234"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from evalkit.errors import UsageError
@@ -60,6 +61,37 @@ def checkpoint_dtype(hf_config: Any) -> str:
     text_config = getattr(hf_config, "text_config", None) or hf_config
     dtype = getattr(text_config, "dtype", None) or getattr(hf_config, "dtype", None)
     return str(dtype).removeprefix("torch.") if dtype is not None else "auto"
+
+
+class CpuShmSegments:
+    """vLLM's CPU tensor parallelism all-reduces through shared-memory segments named only by the TP
+    group's ranks (``/dev/shm/-tp:0-[0-1]-cpushm_<rank>``) and removes them only at a normal
+    interpreter exit, which a distributed evalkit rank never has (it ends with ``os._exit``); a
+    segment left behind makes the next run with the same group fail with "create shm ... errno: 17".
+
+    Every rank of the group has mapped every segment once the engine is built (vLLM joins them
+    behind a barrier), so their names are removed right then: nothing is left behind, however the
+    run ends. Segments of this group left by an earlier run are removed before the engine starts.
+    """
+
+    def __init__(self, topo: Topology, folder: Path = Path("/dev/shm")) -> None:
+        ranks = topo.layout.tp_ranks(topo.dp_rank)
+        self.pattern = f"*-[[]{'-'.join(str(r) for r in ranks)}[]]-cpushm_*"
+        self.folder = folder
+        self.group = topo.tp_group
+
+    def _remove(self) -> None:
+        for segment in self.folder.glob(self.pattern) if self.folder.is_dir() else []:
+            segment.unlink(missing_ok=True)
+
+    def remove_stale(self) -> None:
+        self._remove()
+        import torch.distributed as dist
+
+        dist.barrier(group=self.group)  # no rank creates its segment before every rank has cleaned
+
+    def release(self) -> None:
+        self._remove()
 
 
 def chunked(items: Sequence[Any], size: int) -> Iterator[tuple[int, Sequence[Any]]]:
@@ -109,10 +141,15 @@ class VLLMBackend:
             options["distributed_executor_backend"] = "external_launcher"
         if topo.device.type == "cpu":
             options["enforce_eager"] = True  # compiling graphs on CPU costs more than a tiny run saves
+        shm = CpuShmSegments(topo) if topo.device.type == "cpu" and topo.layout.tp > 1 else None
+        if shm is not None:
+            shm.remove_stale()
         try:
             engine = vllm.LLM(**options)
         except (ValueError, RuntimeError, OSError) as exc:
             raise UsageError(f"vLLM cannot load {path}: {str(exc).splitlines()[0][:300]}") from None
+        if shm is not None:
+            shm.release()
         chunk = config.batch_size if isinstance(config.batch_size, int) else DEFAULT_CHUNK
         return cls(
             path,
