@@ -179,6 +179,10 @@ class RunConfig:
             problems.append(f"--base-url {self.base_url!r} must start with http:// or https://")
         if served and (self.tp > 1 or self.gpus_per_rank > 1):
             problems.append(f"--backend {self.backend}: the server splits its model; drop --tp and --gpus-per-rank")
+        if self.backend == "openai-chat" and self.apply_chat_template:
+            problems.append(
+                "--backend openai-chat: the server applies the model's chat template; drop --apply-chat-template"
+            )
         if self.backend == "vllm" and self.gpus_per_rank > 1:
             problems.append("--backend vllm splits a model over GPUs with --tp, not --gpus-per-rank")
         if self.concurrency < 1:

@@ -25,9 +25,10 @@ def _sha(data: Any) -> str:
 
 
 def model_fingerprint(path: str, dtype: str, backend: str) -> dict[str, Any]:
-    """The backend that runs it (engines differ in their last digits), path, config, a weights fingerprint (each file's size and its first and last 64 KiB) and the
-    content of every file that shapes prompts or generation: tokenizer, chat template, processor
-    (image sizes, pixel limits) and generation defaults.
+    """Path, config, a weights fingerprint (each file's size and its first and last 64 KiB), the
+    content of every file that shapes prompts or generation (tokenizer, chat template, processor
+    image sizes and pixel limits, generation defaults) and the backend that runs it: engines differ
+    in their last digits, so a vllm run is never resumed by hf.
 
     Reading the edges instead of whole files keeps this instant for a 140 GB checkpoint while
     still telling apart re-saved or fine-tuned weights (safetensors headers hold every tensor's

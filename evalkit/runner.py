@@ -125,10 +125,6 @@ def check_inputs(config: RunConfig, topo: Topology) -> tuple[str, BackendSpec]:
     and a writable output folder."""
     if registry.is_served(config.backend):
         model_path, spec = config.model, registry.BACKENDS[config.backend]
-        if config.apply_chat_template and spec.name == "openai-chat":
-            raise UsageError(
-                "--backend openai-chat: the server applies the model's chat template; drop --apply-chat-template"
-            )
     else:
         model_path = check_model_source(config.model)
         spec = registry.select(config.backend, model_path)

@@ -176,8 +176,19 @@ def test_loglikelihood_needs_a_tokenizer(monkeypatch):
         (["--backend", "openai-completions", "--base-url", "localhost:8000"], ["must start with http://"]),
         (["--backend", "openai-chat", "--base-url", "http://x/v1", "--concurrency", "0"], ["--concurrency 0"]),
         (["--backend", "vllmm"], ["did you mean 'vllm'"]),
+        (
+            ["--backend", "openai-chat", "--base-url", "http://x/v1", "--apply-chat-template"],
+            ["the server applies the model's chat template"],
+        ),
     ],
-    ids=["no-base-url", "base-url-without-server-backend", "base-url-scheme", "concurrency", "backend-typo"],
+    ids=[
+        "no-base-url",
+        "base-url-without-server-backend",
+        "base-url-scheme",
+        "concurrency",
+        "backend-typo",
+        "chat-template",
+    ],
 )
 def test_bad_server_flags(args, fragments):
     with pytest.raises(UsageError) as error:

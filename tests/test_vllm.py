@@ -39,6 +39,7 @@ pytestmark = pytest.mark.skipif(
 VLLM_HF_TOLERANCE = 1e-3
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 SERVER_START_S = 300
+SHM = Path("/dev/shm")
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +126,7 @@ class VLLMServer:
 
     def __init__(self, model: Path, port: int, log: Path) -> None:
         self.port, self.log = port, log
+        self.shm_before = set(SHM.glob("psm_*"))
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
         cmd += ["--dtype", "float32", "--port", str(port), "--enforce-eager", "--host", "127.0.0.1"]
         self.proc = subprocess.Popen(
@@ -149,10 +151,24 @@ class VLLMServer:
         return sum('"POST /v1/completions HTTP/1.1" 200' in line for line in self.log.read_text().splitlines())
 
     def kill(self) -> None:
-        """SIGKILL to the server's whole process group: a crash, not a shutdown."""
+        """SIGKILL to the server's whole process group: a crash, not a shutdown. The shared memory
+        its engine processes held (``/dev/shm/psm_*``) stays behind, as after any crash; it is removed
+        here so that test runs do not pile it up."""
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=60)
+            time.sleep(1)  # the group's other processes are gone once the kernel has reaped them
+            for segment in set(SHM.glob("psm_*")) - self.shm_before:
+                segment.unlink(missing_ok=True)
+
+    def stop(self) -> None:
+        """A clean shutdown (SIGTERM), after which vLLM releases its shared memory itself."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.kill()
 
 
 def saved_results(output: Path) -> int:
@@ -188,7 +204,7 @@ def test_served_model_matches_in_process_vllm_and_resumes_after_the_server_dies(
         resumed = ok(run_evalkit([*args, "--base-url", restarted.base_url, "--resume"], output=out, env=ENV))
         served = restarted.completions_served()
     finally:
-        restarted.kill()
+        restarted.stop()
     assert resumed.results()["resume"] == {"reused": saved, "computed": total - saved}
     # Nothing saved was asked again: one completion per pending request, one more for the logprobs probe.
     assert served == total - saved + 1

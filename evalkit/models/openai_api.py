@@ -264,14 +264,15 @@ class OpenAICompletions:
         return self._score([self.tokens.encode_pair(c, x) for c, x in pairs], progress)
 
     def _score(self, encoded: list[tuple[list[int], list[int]]], progress: Progress) -> list[tuple[float, bool]]:
-        def one(context: list[int], continuation: list[int]) -> tuple[float, bool]:
-            tokens, context_len = prompt_in_window(context, continuation, self.window)
-            scored = self._prompt_logprobs(tokens)[max(context_len, 1) - 1 :]
-            # The same greedy test as lm-eval's API models: the token is the server's top choice.
-            return sum(v for v, _ in scored), all(v >= best for v, best in scored)
-
-        calls = [lambda c=c, x=x: one(c, x) for c, x in encoded]
+        calls = [lambda c=c, x=x: self._score_one(c, x) for c, x in encoded]
         return run_concurrently(calls, self.batch_size, progress)
+
+    def _score_one(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+        """(summed log-prob, greedy) of one continuation from one echo request."""
+        tokens, context_len = prompt_in_window(context, continuation, self.window)
+        scored = self._prompt_logprobs(tokens)[max(context_len, 1) - 1 :]
+        # The same greedy test as lm-eval's API models: the token is the server's top choice.
+        return sum(v for v, _ in scored), all(v >= best for v, best in scored)
 
     def loglikelihood_rolling(self, texts: list[str], progress: Progress) -> list[float]:
         assert self.tokens is not None
@@ -279,16 +280,9 @@ class OpenAICompletions:
 
         def one(text: str) -> float:
             windows = rolling_windows(tokens.encode(text), tokens.prefix_token_id, self.window - 1)
-            return sum(self._score_serial(windows))
+            return sum(self._score_one(context, scored)[0] for context, scored in windows)
 
         return run_concurrently([lambda t=t: one(t) for t in texts], self.batch_size, progress)
-
-    def _score_serial(self, windows: list[tuple[list[int], list[int]]]) -> list[float]:
-        out = []
-        for context, continuation in windows:
-            tokens, context_len = prompt_in_window(context, continuation, self.window)
-            out.append(sum(v for v, _ in self._prompt_logprobs(tokens)[max(context_len, 1) - 1 :]))
-        return out
 
     # -- generation ---------------------------------------------------------------------------
 
