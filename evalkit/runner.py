@@ -143,14 +143,22 @@ def check_backend_fits(spec: BackendSpec, requests: list[Request]) -> None:
     """Refuse, before loading, requests the backend cannot run (loglikelihood on hf-vlm, images on hf)."""
     kinds: dict[str, set[str]] = {}
     with_images: set[str] = set()
+    scored_images: set[str] = set()
     for request in requests:
         kinds.setdefault(request.kind, set()).add(request.task)
         if request.visuals is not None or not isinstance(request.args[0], str):  # images or chat messages
             with_images.add(request.task)
+            if request.kind != "generate_until":
+                scored_images.add(request.task)
     tasks = sorted({t for kind, names in kinds.items() if kind not in spec.kinds for t in names} or with_images)
     problem = spec.refusal(set(kinds), bool(with_images), ", ".join(tasks[:5]) + (" ..." if len(tasks) > 5 else ""))
     if problem:
         raise UsageError(problem)
+    if scored_images:
+        raise UsageError(
+            f"task(s) {', '.join(sorted(scored_images)[:5])} score answers to images by loglikelihood; "
+            "evalkit gives images to generate_until tasks only"
+        )
 
 
 def chat_template(config: RunConfig, model_path: str) -> Callable[..., str] | None:

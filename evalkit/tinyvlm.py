@@ -197,7 +197,7 @@ def _llava_next(tokenizer, template: str):
 def _qwen2_vl(tokenizer, template: str):
     from transformers import Qwen2VLConfig, Qwen2VLImageProcessorPil, Qwen2VLProcessor
 
-    from evalkit.models.hf_vlm import image_only
+    from evalkit.models.vlm_prompts import image_only
 
     ids = tokenizer.convert_tokens_to_ids
     config = Qwen2VLConfig(
@@ -230,7 +230,7 @@ def _qwen2_vl(tokenizer, template: str):
 def _internvl(tokenizer, template: str):
     from transformers import GotOcr2ImageProcessorPil, InternVLConfig, InternVLProcessor, Qwen2Config
 
-    from evalkit.models.hf_vlm import image_only
+    from evalkit.models.vlm_prompts import image_only
 
     config = InternVLConfig(
         vision_config={
@@ -336,8 +336,12 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def build_tiny_vlm(family: str, out_dir: Path, *, seed: int = 0) -> Path:
-    """Build the tokenizer, processor and a seeded tiny model of ``family``; save them to ``out_dir``."""
+def build_tiny_vlm(family: str, out_dir: Path, *, seed: int = 0, head_dim: int | None = None) -> Path:
+    """Build the tokenizer, processor and a seeded tiny model of ``family``; save them to ``out_dir``.
+
+    ``head_dim`` overrides the language model's attention head size (default 16); vLLM's CPU
+    attention needs 32 or more. Qwen2-VL's rotary sections grow with it.
+    """
     import torch
     from transformers import AutoModelForImageTextToText
 
@@ -348,6 +352,8 @@ def build_tiny_vlm(family: str, out_dir: Path, *, seed: int = 0) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = _train_tokenizer(list(spec.specials), bos=spec.bos, eos=spec.eos, pad=spec.pad, extra=dict(spec.extra))
     config, processor = spec.build(tokenizer, spec.template)
+    if head_dim:
+        _set_head_dim(config.text_config, head_dim)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32).eval()
     head = model.get_output_embeddings().weight
@@ -360,13 +366,24 @@ def build_tiny_vlm(family: str, out_dir: Path, *, seed: int = 0) -> Path:
     return out_dir
 
 
+def _set_head_dim(text_config: Any, head_dim: int) -> None:
+    default = HIDDEN // text_config.num_attention_heads
+    if head_dim % default:
+        raise ValueError(f"head_dim must be a multiple of {default}, got {head_dim}")
+    text_config.head_dim = head_dim
+    rope = getattr(text_config, "rope_parameters", None) or {}
+    if "mrope_section" in rope:  # the sections split half a head's rotary dimensions
+        rope["mrope_section"] = [n * head_dim // default for n in rope["mrope_section"]]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m evalkit.tinyvlm", description=__doc__.split("\n")[0])
     parser.add_argument("family", choices=sorted(FAMILIES))
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--head-dim", type=int, help="attention head size (default 16; vLLM on CPU needs 32 or more)")
     args = parser.parse_args(argv)
-    out = build_tiny_vlm(args.family, args.out_dir, seed=args.seed)
+    out = build_tiny_vlm(args.family, args.out_dir, seed=args.seed, head_dim=args.head_dim)
     print(f"wrote tiny {args.family} model and processor to {out}")
 
 

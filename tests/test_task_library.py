@@ -123,7 +123,7 @@ def test_five_shot_groups_match_lm_eval(five_shot):
 LAYOUTS = [
     ("torchrun", 2, ["--batch-size", "8"]),
     ("torchrun", 4, ["--batch-size", "3"]),
-    ("torchrun", 2, ["--tp", "2"]),
+    ("torchrun", 2, ["--tp", "2", "--batch-size", "8"]),
 ]
 
 

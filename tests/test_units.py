@@ -130,8 +130,10 @@ def test_backend_registry_selects_by_config_and_refuses_what_a_backend_cannot_ru
     (tmp_path / "config.json").write_text('{"model_type": "llava", "vision_config": {}}')
     assert registry.select("auto", str(tmp_path)).name == "hf-vlm"
     assert registry.select("hf", str(tmp_path)).name == "hf"
+    assert registry.select("vllm", str(tmp_path)).refusal({"loglikelihood", "generate_until"}, True, "x") is None
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     assert registry.select("auto", str(tmp_path)).name == "hf"
+    assert "vision-language" in registry.select("vllm", str(tmp_path)).refusal({"generate_until"}, True, "vlm_demo")
     vlm, text = registry.BACKENDS["hf-vlm"], registry.BACKENDS["hf"]
     assert "not loglikelihood" in vlm.refusal({"loglikelihood", "generate_until"}, False, "demo_mc")
     assert "--backend hf-vlm" in text.refusal({"generate_until"}, True, "vlm_demo")
@@ -140,6 +142,24 @@ def test_backend_registry_selects_by_config_and_refuses_what_a_backend_cannot_ru
     assert "--tp-backend deepspeed" in registry.layout_refusal(vlm, hybrid)
     assert registry.layout_refusal(text, hybrid) is None
     assert registry.layout_refusal(vlm, Layout(world_size=4, tp=2, placement=Placement.DEEPSPEED_TP)) is None
+
+
+def test_images_in_loglikelihood_requests_are_refused_for_a_backend_that_takes_images(tmp_path):
+    from evalkit.models import registry
+    from evalkit.runner import check_backend_fits
+    from evalkit.tasks.requests import Request, Visuals
+
+    (tmp_path / "config.json").write_text('{"model_type": "llava", "vision_config": {}}')
+    vllm = registry.select("vllm", str(tmp_path))
+    scored = Request(
+        0, "seed_mc", 0, 0, 0, "loglikelihood", ("USER: <image> Q", " A"), visuals=Visuals("seed_mc", 0, ("d1",))
+    )
+    answered = Request(
+        1, "vlm_demo", 0, 0, 0, "generate_until", ("USER: <image> Q", {}), visuals=Visuals("vlm_demo", 0, ("d2",))
+    )
+    check_backend_fits(vllm, [answered])
+    with pytest.raises(UsageError, match="seed_mc score answers to images by loglikelihood"):
+        check_backend_fits(vllm, [answered, scored])
 
 
 def test_gpu_check_skips_with_one_line_without_cuda():

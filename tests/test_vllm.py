@@ -40,6 +40,7 @@ VLLM_HF_TOLERANCE = 1e-3
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 SERVER_START_S = 300
 SHM = Path("/dev/shm")
+VLM_FAMILIES = ("llava", "qwen2_vl", "internvl")
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +117,50 @@ def test_resuming_a_vllm_run_with_the_hf_backend_is_refused(vllm_one, model32):
     run = run_evalkit(demo_args(model32, "--backend", "hf", "--resume"), output=vllm_one.output)
     assert run.returncode == 2
     assert "different model" in run.stderr and "backend vllm" in run.stderr
+
+
+# -- a vision-language model ----------------------------------------------------------------------
+
+
+def torchvision_imports() -> bool:
+    try:
+        from torchvision.transforms.v2 import functional  # noqa: F401
+    except (ImportError, RuntimeError, OSError):
+        return False
+    return True
+
+
+@pytest.mark.skipif(
+    not torchvision_imports(),
+    reason="vLLM's vision-language models need torchvision, and no torchvision wheel loads with torch 2.13.0+cpu",
+)
+@pytest.mark.parametrize("family", VLM_FAMILIES)
+def test_vision_language_model_gives_the_hf_vlm_generations(family, tmp_path):
+    """The bundled image task: vLLM expands each image placeholder itself and must answer as hf-vlm."""
+    from evalkit.tinyvlm import build_tiny_vlm
+
+    model = build_tiny_vlm(family, tmp_path / "model", head_dim=32)
+    args = ["--model", str(model), "--tasks", "vlm_demo", "--device", "cpu"]
+    hf = ok(run_evalkit([*args, "--backend", "hf-vlm", "--batch-size", "4"], output=tmp_path / "hf", env=ENV))
+    vl = ok(run_evalkit([*args, "--backend", "vllm"], output=tmp_path / "vllm", env=ENV))
+    docs = {task: (hf.docs(task), vl.docs(task)) for task in hf.results()["configs"]}
+    pairs = [(a, b) for want, have in docs.values() for a, b in zip(want, have, strict=True)]
+    assert len(pairs) >= 20 and all(a["doc_id"] == b["doc_id"] for a, b in pairs)
+    differing = sum(a["resps"] != b["resps"] for a, b in pairs)
+    assert differing == 0, f"{differing} of {len(pairs)} greedy answers differ between hf-vlm and vllm ({family})"
+    assert [a["metrics"] for a, _ in pairs] == [b["metrics"] for _, b in pairs]
+
+
+@pytest.mark.skipif(torchvision_imports(), reason="torchvision imports here")
+def test_vision_language_model_without_torchvision_is_refused_in_one_line(tmp_path):
+    from evalkit.tinyvlm import build_tiny_vlm
+
+    model = build_tiny_vlm("llava", tmp_path / "model", head_dim=32)
+    run = run_evalkit(["--model", str(model), "--tasks", "vlm_demo", "--backend", "vllm"], output=tmp_path / "out")
+    assert run.returncode == 2
+    line = run.stderr.strip().splitlines()[-1]
+    assert line.startswith("evalkit: error:") and "only with torchvision" in line and "--backend hf-vlm" in line
+    assert not (tmp_path / "out" / "results.json").exists()
 
 
 # -- a real server ------------------------------------------------------------------------------

@@ -4,14 +4,17 @@ request order, images decoded only when their requests come up, and a reproducib
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
 import transformers
 from PIL import Image, ImageDraw
 
-from evalkit.models.hf_vlm import LOOKAHEAD_BATCHES, HFVisionLM, collate, load_processor, to_messages
+from evalkit.models.hf_vlm import LOOKAHEAD_BATCHES, HFVisionLM, collate
 from evalkit.models.protocol import GenerationInput, ImageInput
+from evalkit.models.vllm_engine import VLLMBackend
+from evalkit.models.vlm_prompts import ChatPrompts, load_processor, to_messages
 from evalkit.tinyvlm import FAMILIES, build_tiny_vlm
 
 GREEDY = {"until": ["\n\n"], "max_gen_toks": 12}
@@ -196,3 +199,57 @@ def test_collate_left_pads_tokens_and_stacks_images():
     assert batch["input_ids"].tolist() == [[0, 0, 5, 6], [0, 7, 8, 9], [0, 7, 8, 9]]
     assert batch["attention_mask"].tolist() == [[0, 0, 1, 1], [0, 1, 1, 1], [0, 1, 1, 1]]
     assert batch["pixel_values"].shape == (2, 3, 3) and batch["pixel_values"][0, 2].sum() == 0
+
+
+class RecordingEngine:
+    """Stands in for a vLLM engine: keeps the prompts it is given and answers each with fixed tokens."""
+
+    def __init__(self, answer: list[int]) -> None:
+        self.prompts: list[dict] = []
+        self.answer = answer
+
+    def generate(self, prompts, params, use_tqdm=False):
+        self.prompts += prompts
+        return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=self.answer)]) for _ in prompts]
+
+
+def test_vllm_backend_sends_the_chat_prompt_with_one_placeholder_per_image(tiny):
+    """What the vllm backend hands its engine for a vision-language model: hf-vlm's chat prompt as
+    token ids, each image a single placeholder (vLLM expands it), and the request's own images."""
+    family, path, model = tiny
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    engine = RecordingEngine(tokenizer.encode(" a red circle\n\nmore", add_special_tokens=False))
+    chat = ChatPrompts(load_processor(str(path)), "vllm")
+    backend = VLLMBackend(
+        str(path),
+        engine=engine,
+        tokenizer=tokenizer,
+        max_length=1024,
+        engine_length=1024,
+        chunk=3,
+        sampling=dict,
+        chat=chat,
+    )
+    loads = Loads()
+    items = requests(loads)
+    assert backend.generate_until(items, progress=lambda finished: None) == [" a red circle"] * len(items)
+    assert loads.count == sum(1 for r in items if r.images is not None)
+
+    image_token = model.config.image_token_id
+    hf = HFVisionLM(str(path), model=model, device=torch.device("cpu"), batch=1)
+    for item, sent in zip(items, engine.prompts, strict=True):
+        ids = sent["prompt_token_ids"]
+        count = len(item.images) if item.images is not None else 0
+        assert ids.count(image_token) == count, (family, item.context)
+        expanded = hf.encode(hf.prompts.text(item), item.images)["input_ids"][0].tolist()
+        assert expanded.count(image_token) > count or count == 0  # the processor expands, the engine gets one each
+        assert ids[:2].count(tokenizer.bos_token_id) <= 1 and ids[-3:] == expanded[-3:]
+        images = sent.get("multi_modal_data", {}).get("image", [])
+        digests = item.images.digests if item.images is not None else ()
+        assert [im.tobytes() for im in images] == [picture(int(d)).tobytes() for d in digests]
+
+    text_only = VLLMBackend(
+        str(path), engine=engine, tokenizer=tokenizer, max_length=1024, engine_length=1024, chunk=3, sampling=dict
+    )
+    with pytest.raises(ValueError, match="not a vision-language model"):
+        text_only.generate_until(items[:1], progress=lambda finished: None)

@@ -1,8 +1,7 @@
 """The transformers vision-language backend: generate_until on prompts that carry images.
 
-Every prompt goes through the processor's chat template as one user turn (images where the
-context's ``<image>`` markers are, or first), so each family gets its own image tokens; the
-processor then expands them to the image's feature count.
+Every prompt is the processor's chat template of the request (``vlm_prompts``); the processor then
+expands its image tokens to each image's feature count.
 
 A request's answer never depends on the batch it ran in. Each request is processed alone, its
 token length after image expansion picks its padded width (``batching.padded_width``, a function
@@ -19,17 +18,14 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-import transformers
-from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
-from transformers.utils import is_torchvision_available
 
 from evalkit.models.batching import BatchLimit, width_batches
 from evalkit.models.hf import AUTO_CPU_TOKENS, ROWS_PER_CHUNK, announce_auto, stops_and_limits, tokens_from_free_memory
 from evalkit.models.lm_rules import ensure_pad_token, generation_groups, model_max_length
-from evalkit.models.protocol import GenerationInput, ImageInput, Messages, Progress
+from evalkit.models.protocol import GenerationInput, ImageInput, Progress
 from evalkit.models.stopping import StopOnSequences, cut_at_stop
+from evalkit.models.vlm_prompts import ChatPrompts, load_processor
 
-IMAGE_MARKER = "<image>"
 # Images are decoded this many batches of requests at a time: a request's exact length (and so
 # its width) is known only after decoding, and a wider window lets more requests of one width
 # share a batch.
@@ -76,16 +72,11 @@ class HFVisionLM:
         self.tp_group = tp_group
         self.num_parameters_local = num_parameters_local
         self.processor = load_processor(path, trust_remote_code=trust_remote_code)
-        if not getattr(self.processor, "chat_template", None):
-            raise ValueError(
-                "its processor has no chat template, which hf-vlm renders every prompt with; "
-                "add chat_template.jinja (or chat_template.json) from the model's release"
-            )
+        self.prompts = ChatPrompts(self.processor, self.name)
         self.tokenizer = ensure_pad_token(self.processor.tokenizer)
         self.tokenizer.padding_side = "left"
         self.model = model.eval()
         self.max_length = max_length or model_max_length(self.model.config, self.tokenizer)
-        self.bos_text = self.tokenizer.bos_token
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -105,17 +96,10 @@ class HFVisionLM:
 
     # -- prompts ------------------------------------------------------------------------------
 
-    def prompt(self, request: GenerationInput) -> str:
-        """The request as chat-template text, image placeholders not yet expanded."""
-        count = len(request.images) if request.images is not None else 0
-        messages = to_messages(request.context, count)
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
     def encode(self, prompt: str, images: ImageInput | None) -> dict[str, torch.Tensor]:
         """Token ids (image tokens expanded) and pixel tensors of one request; decodes its images."""
         pil = images.load() if images is not None else []
-        # A template that writes the BOS text itself must not get a second one from the tokenizer.
-        special = not (self.bos_text and prompt.startswith(self.bos_text))
+        special = self.prompts.adds_special_tokens(prompt)
         encoded = self.processor(
             text=[prompt], images=pil or None, add_special_tokens=special, padding=False, return_tensors="pt"
         )
@@ -137,7 +121,7 @@ class HFVisionLM:
         self, requests: list[GenerationInput], kwargs: dict[str, Any], budget: int
     ) -> Iterator[list[tuple[int, str]]]:
         """(position, text) pairs per finished batch, for requests sharing generation arguments."""
-        prompts = [self.prompt(r) for r in requests]
+        prompts = [self.prompts.text(r) for r in requests]
         estimate = [
             (len(r.images) if r.images is not None else 0, len(self.tokenizer.tokenize(p)))
             for r, p in zip(requests, prompts, strict=True)
@@ -190,33 +174,6 @@ class HFVisionLM:
         ]
 
 
-def to_messages(context: str | Messages, images: int) -> Messages:
-    """One user turn from prompt text (images at its ``<image>`` markers, or first), or the
-    request's own chat messages, checked to hold one image part per image."""
-    if isinstance(context, list):
-        parts = [part for message in context if not isinstance(message["content"], str) for part in message["content"]]
-        found = sum(1 for part in parts if part.get("type") == "image")
-        if found != images:
-            raise ValueError(f"the chat messages have {found} image parts for {images} images")
-        return context
-    pieces = context.split(IMAGE_MARKER)
-    if len(pieces) == 1:
-        content = [{"type": "image"}] * images + [{"type": "text", "text": context}]
-    elif len(pieces) - 1 != images:
-        raise ValueError(f"the prompt has {len(pieces) - 1} {IMAGE_MARKER} markers for {images} images")
-    else:
-        content = []
-        for i, piece in enumerate(pieces):
-            # The template writes its own separator around an image.
-            text = piece.lstrip() if i > 0 else piece
-            text = text.rstrip() if i < len(pieces) - 1 else text
-            if i > 0:
-                content.append({"type": "image"})
-            if text:
-                content.append({"type": "text", "text": text})
-    return [{"role": "user", "content": content}]
-
-
 def collate(batch: list[dict[str, torch.Tensor]], width: int, pad_id: int) -> dict[str, torch.Tensor]:
     """One model input from requests processed alone: per-token values left-padded to ``width``,
     per-image tensors concatenated (zero-padded where their shapes differ, as a batched
@@ -242,33 +199,3 @@ def _pad_to(value: torch.Tensor, shape: list[int]) -> torch.Tensor:
     padded = value.new_zeros((value.shape[0], *shape))
     padded[(slice(None), *(slice(0, n) for n in value.shape[1:]))] = value
     return padded
-
-
-def load_processor(path: str, *, trust_remote_code: bool = False) -> transformers.ProcessorMixin:
-    """``AutoProcessor.from_pretrained``, except where transformers would refuse an image model.
-
-    Some processors (Qwen2-VL, InternVL, ...) also hold a video processor, and in transformers 5
-    every video processor needs torchvision, so without it they cannot load at all. Images alone
-    do not need it: there the processor loads without its video part.
-    """
-    if is_torchvision_available():
-        return transformers.AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-    processor_dict, _ = transformers.ProcessorMixin.get_processor_dict(path, trust_remote_code=trust_remote_code)
-    name = processor_dict.get("processor_class")
-    if name is None:
-        model_type = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).model_type
-        name = PROCESSOR_MAPPING_NAMES.get(model_type)
-    cls = getattr(transformers, name or "", None)
-    if cls is None or "video_processor" not in cls.get_attributes():
-        return transformers.AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-    return image_only(cls).from_pretrained(path, trust_remote_code=trust_remote_code)
-
-
-def image_only(cls: type[transformers.ProcessorMixin]) -> type[transformers.ProcessorMixin]:
-    """``cls`` without its video processor, under the same name, so it saves and loads the same
-    files and ``AutoProcessor`` finds it wherever torchvision is installed."""
-
-    def get_attributes(klass) -> list[str]:
-        return [a for a in cls.get_attributes() if a != "video_processor"]
-
-    return type(cls.__name__, (cls,), {"get_attributes": classmethod(get_attributes), "__module__": cls.__module__})

@@ -1,7 +1,8 @@
 """The model backends ``--backend`` selects from, by name, with "did you mean" for a typo.
 
 ``auto`` (the default) picks by the checkpoint: a config with a ``vision_config`` is a
-vision-language model (``hf-vlm``), anything else a causal language model (``hf``). Each entry
+vision-language model (``hf-vlm``), anything else a causal language model (``hf``). ``vllm``
+takes images when the checkpoint is a vision-language model. Each entry
 says which request kinds it runs, whether it takes images and whether the model is served
 elsewhere (``--model`` is then the name the server knows), so a run a backend cannot serve is
 refused before any weights load.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,7 +43,7 @@ class BackendSpec:
         if images and not self.accepts_images:
             return (
                 f"task(s) {tasks} give the model images or chat messages, which backend {self.name} cannot take; "
-                f"use a vision-language model (--backend hf-vlm)"
+                f"use a vision-language model (--backend hf-vlm, or vllm with a vision-language checkpoint)"
             )
         return None
 
@@ -170,7 +171,9 @@ def select(name: str, model_path: str) -> BackendSpec:
     problem = check_name(name)
     if problem:
         raise UsageError(problem)
-    if name != AUTO:
+    if name not in (AUTO, "vllm"):
         return BACKENDS[name]
-    config = json.loads((Path(model_path) / "config.json").read_text())
-    return BACKENDS["hf-vlm" if "vision_config" in config else "hf"]
+    vision = "vision_config" in json.loads((Path(model_path) / "config.json").read_text())
+    if name == "vllm":
+        return replace(BACKENDS[name], accepts_images=True) if vision else BACKENDS[name]
+    return BACKENDS["hf-vlm" if vision else "hf"]

@@ -8,7 +8,10 @@ own ``data_parallel_size`` would run them in lockstep with dummy batches), so a 
 work finishes early.
 
 Requests become tokens by lm-eval's rules with the model's own tokenizer (as the hf backend), so
-prompts are the same token ids under both; log-probs come from vLLM's prompt logprobs.
+prompts are the same token ids under both; log-probs come from vLLM's prompt logprobs. A
+vision-language checkpoint's generation prompts are its processor's chat template, as under
+``hf-vlm`` (``vlm_prompts``), sent as token ids with one placeholder per image; vLLM expands each
+placeholder to the image's features.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from evalkit.models.lm_rules import (
     scoring_window,
 )
 from evalkit.models.protocol import GenerationInput, Progress
+from evalkit.models.vlm_prompts import ChatPrompts, load_processor
 
 if TYPE_CHECKING:
     from evalkit.config import RunConfig
@@ -48,11 +52,31 @@ def import_vllm() -> Any:
     try:
         import vllm
     except (ImportError, RuntimeError, OSError) as exc:  # a broken install fails in its native libraries
-        problem = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise UsageError(
-            f"--backend vllm needs the vllm package, which does not import here ({problem}); {INSTALL_HINT}"
+            f"--backend vllm needs the vllm package, which does not import here ({first_lines(exc, 1)}); {INSTALL_HINT}"
         ) from None
     return vllm
+
+
+def require_torchvision(path: str) -> None:
+    """vLLM's vision-language models import transformers' torchvision image processors, so without a
+    working torchvision they cannot load; say so in one line instead of vLLM's architecture error."""
+    try:
+        from torchvision.transforms.v2 import functional  # noqa: F401
+    except (ImportError, RuntimeError, OSError) as exc:
+        import torch
+
+        raise UsageError(
+            f"vLLM runs the vision-language model {path} only with torchvision, which does not import here "
+            f"({first_lines(exc, 1)}); install the torchvision build made for torch {torch.__version__}, "
+            "or use --backend hf-vlm"
+        ) from None
+
+
+def first_lines(exc: BaseException, count: int = 3) -> str:
+    """An exception's first lines as one line (a validation error's detail is on its second)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()][:count]
+    return (" ".join(lines) or type(exc).__name__)[:300]
 
 
 def checkpoint_dtype(hf_config: Any) -> str:
@@ -105,9 +129,19 @@ class VLLMBackend:
     name = "vllm"
 
     def __init__(
-        self, path: str, *, engine: Any, tokenizer: Any, max_length: int, engine_length: int, chunk: int, sampling: Any
+        self,
+        path: str,
+        *,
+        engine: Any,
+        tokenizer: Any,
+        max_length: int,
+        engine_length: int,
+        chunk: int,
+        sampling: Any,
+        chat: ChatPrompts | None = None,
     ) -> None:
         self.path = path
+        self.chat = chat  # a vision-language model's prompts; None for a language model
         self.engine = engine
         self.timings: dict[str, float] = {}
         self.tokens = LMTokenizer(tokenizer, self.timings)
@@ -124,6 +158,11 @@ class VLLMBackend:
 
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
         hf_config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+        chat = None
+        if getattr(hf_config, "vision_config", None) is not None:
+            require_torchvision(path)
+            processor = load_processor(path, trust_remote_code=config.trust_remote_code)
+            chat = ChatPrompts(processor, "the vllm backend with a vision-language model")
         positions = model_max_length(hf_config, tokenizer)
         max_length = config.max_length or positions
         # Two positions past --max-length when the model has them: then scoring windows equal the hf rows.
@@ -147,7 +186,7 @@ class VLLMBackend:
         try:
             engine = vllm.LLM(**options)
         except (ValueError, RuntimeError, OSError) as exc:
-            raise UsageError(f"vLLM cannot load {path}: {str(exc).splitlines()[0][:300]}") from None
+            raise UsageError(f"vLLM cannot load {path}: {first_lines(exc)}") from None
         if shm is not None:
             shm.release()
         chunk = config.batch_size if isinstance(config.batch_size, int) else DEFAULT_CHUNK
@@ -159,6 +198,7 @@ class VLLMBackend:
             engine_length=engine_length,
             chunk=chunk,
             sampling=vllm.SamplingParams,
+            chat=chat,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -215,13 +255,13 @@ class VLLMBackend:
     # -- generation ---------------------------------------------------------------------------
 
     def generate_until(self, requests: list[GenerationInput], progress: Progress) -> list[str]:
-        if any(not isinstance(r.context, str) or r.images for r in requests):
-            raise ValueError("the vllm backend takes text prompts only")
+        if self.chat is None and any(not isinstance(r.context, str) or r.images for r in requests):
+            raise ValueError(f"{self.path} is not a vision-language model; its prompts take text only")
         out = [""] * len(requests)
         for members, kwargs, budget in generation_groups(requests, self.max_length):
             params = self.sampling_params(kwargs)
             for _, chunk in chunked(members, self.batch_size):
-                prompts = [{"prompt_token_ids": self.tokens.encode(requests[i].context)[-budget:]} for i in chunk]
+                prompts = [self.prompt(requests[i], budget) for i in chunk]
                 results = self.engine.generate(prompts, params, use_tqdm=False)
                 done = []
                 for i, result in zip(chunk, results, strict=True):
@@ -229,6 +269,16 @@ class VLLMBackend:
                     done.append((i, out[i]))
                 progress(done)
         return out
+
+    def prompt(self, request: GenerationInput, budget: int) -> dict[str, Any]:
+        """vLLM's prompt for one request; its images are decoded here, when its chunk runs."""
+        if self.chat is None:
+            return {"prompt_token_ids": self.tokens.encode(request.context)[-budget:]}
+        # Image placeholders cannot be cut, so a prompt too long for the engine is refused by vLLM.
+        prompt: dict[str, Any] = {"prompt_token_ids": self.chat.ids(self.chat.text(request))}
+        if request.images:
+            prompt["multi_modal_data"] = {"image": request.images.load()}
+        return prompt
 
     def sampling_params(self, kwargs: dict[str, Any]) -> Any:
         """vLLM's sampling settings for lm-eval's normalized generation kwargs."""
