@@ -1,11 +1,10 @@
 """The model backends ``--backend`` selects from, by name, with "did you mean" for a typo.
 
 ``auto`` (the default) picks by the checkpoint: a config with a ``vision_config`` is a
-vision-language model (``hf-vlm``), anything else a causal language model (``hf``). ``vllm``
-takes images when the checkpoint is a vision-language model. Each entry
-says which request kinds it runs, whether it takes images and whether the model is served
-elsewhere (``--model`` is then the name the server knows), so a run a backend cannot serve is
-refused before any weights load.
+vision-language model (``hf-vlm``), anything else a causal language model (``hf``). Each entry
+says which request kinds it runs, whether it takes images (``vllm`` does for a vision-language
+checkpoint) and whether the model is served elsewhere (``--model`` is then the name the server
+knows), so a run a backend cannot serve is refused before any weights load.
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ class BackendSpec:
     # (config, model path or served name, topology, the request kinds of the whole run)
     build: Callable[[RunConfig, str, Topology, frozenset[str]], Backend]
     served: bool = False  # the model runs behind --base-url, not in this process
+    vision_checkpoints: bool = False  # takes images when the checkpoint is a vision-language model
 
     def refusal(self, kinds: set[str], images: bool, tasks: str) -> str | None:
         """Why this backend cannot run requests of ``kinds`` (with images or not), or None."""
@@ -137,7 +137,7 @@ BACKENDS: dict[str, BackendSpec] = {
             accepts_images=True,
             build=_load_hf_vlm,
         ),
-        BackendSpec(name="vllm", kinds=ALL_KINDS, accepts_images=False, build=_load_vllm),
+        BackendSpec(name="vllm", kinds=ALL_KINDS, accepts_images=False, build=_load_vllm, vision_checkpoints=True),
         BackendSpec(
             name="openai-completions",
             kinds=ALL_KINDS,
@@ -171,9 +171,9 @@ def select(name: str, model_path: str) -> BackendSpec:
     problem = check_name(name)
     if problem:
         raise UsageError(problem)
-    if name not in (AUTO, "vllm"):
+    if name != AUTO and not BACKENDS[name].vision_checkpoints:
         return BACKENDS[name]
     vision = "vision_config" in json.loads((Path(model_path) / "config.json").read_text())
-    if name == "vllm":
-        return replace(BACKENDS[name], accepts_images=True) if vision else BACKENDS[name]
-    return BACKENDS["hf-vlm" if vision else "hf"]
+    if name == AUTO:
+        return BACKENDS["hf-vlm" if vision else "hf"]
+    return replace(BACKENDS[name], accepts_images=True) if vision else BACKENDS[name]
