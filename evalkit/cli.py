@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from evalkit.config import RunConfig, Seeds, deepspeed_settings, read_config_file
-from evalkit.errors import USAGE_EXIT_CODE, UsageError, say
+from evalkit.errors import USAGE_EXIT_CODE, UsageError, raise_all, say
 
 
 class _Parser(argparse.ArgumentParser):
@@ -156,10 +156,14 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
     if values.get("deepspeed"):
         values["deepspeed"] = Path(values["deepspeed"])
         values.update(deepspeed_settings(values["deepspeed"], values))
+    from evalkit.models import registry
+
     try:
-        return RunConfig(**values).validate()
+        config = RunConfig(**values)
     except TypeError as exc:
         raise UsageError(f"bad option: {exc}") from None
+    raise_all(config.problems() + registry.config_problems(config), "bad arguments")
+    return config
 
 
 def entry_point() -> None:

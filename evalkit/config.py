@@ -7,16 +7,18 @@ dataclass does not know is an error naming the file and the closest known key.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from evalkit.errors import UsageError, did_you_mean, one_line, raise_all
-from evalkit.models import registry
 from evalkit.models.batching import MAX_ROWS, BatchLimit
+from evalkit.models.dtypes import DTYPE_NAMES
 
-DTYPES = ("auto", "float32", "float16", "bfloat16")
 TP_BACKENDS = ("deepspeed", "transformers")
 
 
@@ -92,11 +94,6 @@ class RunConfig:
     max_retries: int = 5  # per request, on 429, 5xx, dropped connections and timeouts
     request_timeout: float = 600.0  # seconds one request may take
 
-    @property
-    def tp_placement(self) -> str:
-        """What splits a model over a TP group: the vLLM engine itself under --backend vllm, else --tp-backend."""
-        return "vllm" if self.backend == "vllm" else self.tp_backend
-
     def batch_limit(self) -> BatchLimit:
         """What one model call may hold: --batch-size requests (1 by default), --max-batch-tokens
         tokens (any number of requests unless --batch-size also caps them), or auto."""
@@ -118,12 +115,19 @@ class RunConfig:
         return self.apply_chat_template if self.fewshot_as_multiturn is None else self.fewshot_as_multiturn
 
     def validate(self) -> RunConfig:
+        raise_all(self.problems(), "bad arguments")
+        return self
+
+    def given(self, name: str) -> bool:
+        """Whether option ``name`` differs from its default (a flag or config key set it)."""
+        return getattr(self, name) != DEFAULTS[name]
+
+    def problems(self) -> list[str]:
+        """Every problem with the values themselves, one line each; whether the chosen backend honours
+        them is its BackendSpec's question (``evalkit.models.registry``)."""
         problems = []
         if not self.tasks:
             problems.append("no tasks given; pass --tasks name1,name2")
-        backend_problem = registry.check_name(self.backend)
-        if backend_problem:
-            problems.append(backend_problem)
         if self.batch_size is not None and self.batch_size != "auto":
             if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
                 problems.append(f"--batch-size {self.batch_size!r} must be a positive integer or auto")
@@ -135,8 +139,8 @@ class RunConfig:
             problems.append(f"--limit {self.limit} must be a positive integer or a fraction in (0, 1]")
         if self.num_fewshot is not None and self.num_fewshot < 0:
             problems.append(f"--num-fewshot {self.num_fewshot} must be 0 or more")
-        if self.dtype not in DTYPES:
-            problems.append(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.dtype not in DTYPE_NAMES:
+            problems.append(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
         if self.tp < 1:
             problems.append(f"--tp {self.tp} must be at least 1")
         if self.tp_backend not in TP_BACKENDS:
@@ -157,40 +161,19 @@ class RunConfig:
             problems.append(f"--max-length {self.max_length} must be at least 2 tokens")
         if self.fewshot_as_multiturn and not self.apply_chat_template:
             problems.append("--fewshot-as-multiturn needs --apply-chat-template (few-shot turns are chat turns)")
-        problems += self._backend_problems()
-        if self.bootstrap_iters < 0:
-            problems.append(f"--bootstrap-iters {self.bootstrap_iters} must be 0 (no stderr) or more")
-        for path in self.include_path:
-            if not path.is_dir():
-                problems.append(f"--include-path {path} is not a folder")
-        raise_all(problems, "bad arguments")
-        return self
-
-    def _backend_problems(self) -> list[str]:
-        served = registry.is_served(self.backend)
-        problems = []
-        if served and not self.base_url:
-            problems.append(
-                f"--backend {self.backend} needs --base-url, the server's API root (e.g. http://localhost:8000/v1)"
-            )
-        if self.base_url and not served:
-            problems.append("--base-url is for --backend openai-completions or openai-chat")
         if self.base_url and not self.base_url.startswith(("http://", "https://")):
             problems.append(f"--base-url {self.base_url!r} must start with http:// or https://")
-        if served and (self.tp > 1 or self.gpus_per_rank > 1):
-            problems.append(f"--backend {self.backend}: the server splits its model; drop --tp and --gpus-per-rank")
-        if self.backend == "openai-chat" and self.apply_chat_template:
-            problems.append(
-                "--backend openai-chat: the server applies the model's chat template; drop --apply-chat-template"
-            )
-        if self.backend == "vllm" and self.gpus_per_rank > 1:
-            problems.append("--backend vllm splits a model over GPUs with --tp, not --gpus-per-rank")
         if self.concurrency < 1:
             problems.append(f"--concurrency {self.concurrency} must be at least 1")
         if self.max_retries < 0:
             problems.append(f"--max-retries {self.max_retries} must be 0 or more")
         if self.request_timeout <= 0:
             problems.append(f"--request-timeout {self.request_timeout} must be positive seconds")
+        if self.bootstrap_iters < 0:
+            problems.append(f"--bootstrap-iters {self.bootstrap_iters} must be 0 (no stderr) or more")
+        for path in self.include_path:
+            if not path.is_dir():
+                problems.append(f"--include-path {path} is not a folder")
         return problems
 
     def to_json(self) -> dict:
@@ -203,10 +186,11 @@ class RunConfig:
 
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(RunConfig))
+DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(RunConfig)}
 
 
 def read_config_file(path: Path) -> dict:
-    """Keys of a ``--config`` YAML file, checked against RunConfig's fields."""
+    """Keys of a ``--config`` YAML file, checked against RunConfig's fields and their types."""
     if not path.is_file():
         raise UsageError(f"--config {path}: no such file")
     try:
@@ -220,7 +204,7 @@ def read_config_file(path: Path) -> dict:
         name = str(key).replace("-", "_")
         if name not in FIELD_NAMES:
             problems.append(f"unknown key '{key}'{did_you_mean(name, FIELD_NAMES)}")
-        elif name in VALUE_TYPES and not _has_type(value, VALUE_TYPES[name]):
+        elif not _has_type(value, VALUE_TYPES[name][0]):
             problems.append(f"'{key}' must be {VALUE_TYPES[name][1]}, got {value!r}")
     raise_all(problems, f"--config {path}")
     out = {str(k).replace("-", "_"): v for k, v in data.items()}
@@ -229,50 +213,49 @@ def read_config_file(path: Path) -> dict:
     return out
 
 
-# The YAML type each option needs: flags arrive parsed, a config file's values are checked here.
-VALUE_TYPES = {
-    "batch_size": ((int, str), "an integer or auto"),
-    "max_batch_tokens": (int, "an integer"),
-    "shared_prefix": (bool, "true or false"),
-    "tp": (int, "an integer"),
-    "gpus_per_rank": (int, "an integer"),
-    "num_fewshot": (int, "an integer"),
-    "limit": ((int, float), "a number"),
-    "gpu_mem": ((int, float), "a number"),
-    "timeout": ((int, float), "a number"),
-    "stall_timeout": ((int, float), "a number"),
-    "flush_interval": ((int, float), "a number"),
-    "resume": (bool, "true or false"),
-    "trust_remote_code": (bool, "true or false"),
-    "model": (str, "a path"),
-    "backend": (str, "a backend name"),
-    "dtype": (str, "a dtype name"),
-    "device": (str, "a device name"),
-    "tp_backend": (str, "a backend name"),
-    "on_error": (str, "fail or record"),
-    "output": (str, "a path"),
-    "seed": ((int, str), "an integer or a comma-separated list"),
-    "tasks": ((str, list), "a task name or list"),
-    "max_length": (int, "an integer"),
-    "bootstrap_iters": (int, "an integer"),
-    "apply_chat_template": (bool, "true or false"),
-    "fewshot_as_multiturn": (bool, "true or false"),
-    "confirm_run_unsafe_code": (bool, "true or false"),
-    "system_instruction": (str, "a string"),
-    "gen_kwargs": ((str, dict), "key=value pairs or a mapping"),
-    "include_path": ((str, list), "a folder or list of folders"),
-    "base_url": (str, "a URL"),
-    "api_key_env": (str, "an environment variable name"),
-    "tokenizer": (str, "a folder"),
-    "concurrency": (int, "an integer"),
-    "max_retries": (int, "an integer"),
-    "request_timeout": ((int, float), "a number"),
+# What a YAML file may give for a field of each type (flags arrive parsed; a file's values are
+# checked against these), and how the error names it.
+YAML_FORMS: dict[Any, tuple[tuple[type, ...], str]] = {
+    bool: ((bool,), "true or false"),
+    int: ((int,), "an integer"),
+    float: ((int, float), "a number"),
+    str: ((str,), "a string"),
+    Path: ((str,), "a path"),
+    dict: ((dict, str), "a mapping or key=value pairs"),
+    Seeds: ((int, str), "an integer or comma-separated integers"),
 }
 
 
-def _has_type(value: object, spec: tuple) -> bool:
-    kinds = spec[0]
-    return isinstance(value, kinds) and not (isinstance(value, bool) and kinds in (int, (int, float), (int, str)))
+def _yaml_form(hint: Any) -> tuple[tuple[type, ...], str]:
+    """The YAML types a RunConfig field of type ``hint`` accepts: None is always allowed, a union
+    takes any of its members, a tuple field one value or a list of them."""
+    members = [m for m in typing.get_args(hint) if m is not type(None)] if _is_union(hint) else [hint]
+    kinds: list[type] = [type(None)] if _is_union(hint) and type(None) in typing.get_args(hint) else []
+    words: list[str] = []
+    for member in members:
+        if typing.get_origin(member) is tuple:
+            item_kinds, item_word = _yaml_form(typing.get_args(member)[0])
+            kinds += [*item_kinds, list]
+            words.append(f"{item_word} or a list of them")
+        else:
+            member_kinds, word = YAML_FORMS[typing.get_origin(member) or member]
+            kinds += member_kinds
+            words.append(word)
+    return tuple(dict.fromkeys(kinds)), " or ".join(dict.fromkeys(words))
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+VALUE_TYPES = {name: _yaml_form(hint) for name, hint in typing.get_type_hints(RunConfig).items()}
+
+
+def _has_type(value: object, kinds: tuple[type, ...]) -> bool:
+    """YAML booleans are Python ints; only a boolean field takes them."""
+    if isinstance(value, bool):
+        return bool in kinds
+    return isinstance(value, kinds)
 
 
 DEEPSPEED_DTYPES = {

@@ -1,4 +1,5 @@
-"""Running this rank's requests: results saved as each batch finishes, stops between batches.
+"""Execute: this rank runs its requests; results are saved as each batch finishes, stops come
+between batches.
 
 Results go to this rank's shard the moment a batch returns. SIGINT/SIGTERM ask the loop to stop
 after the current batch; the shard is flushed and the run can be resumed. With
@@ -13,16 +14,15 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-import torch
-import torch.distributed as dist
-
-from evalkit.models.protocol import Backend, GenerationInput, ImageInput, Progress
+from evalkit.config import RunConfig
+from evalkit.errors import UsageError, one_line
+from evalkit.models.protocol import KINDS, Backend, GenerationInput, ImageInput, Progress
 from evalkit.monitor import Monitor
-from evalkit.parallel import Topology
+from evalkit.parallel import CollectiveError, Topology
+from evalkit.plan import RunPlan, load_tasks
 from evalkit.shards import ShardWriter
+from evalkit.tasks.images import VisualSource
 from evalkit.tasks.requests import Request, Visuals
-
-KINDS = ("loglikelihood", "loglikelihood_rolling", "generate_until")
 
 
 class StopRequested(Exception):
@@ -96,7 +96,7 @@ class Executor:
         finished: set[int] = set()
         try:
             call_backend(self.backend, kind, requests, lambda done: self._save(requests, done, finished), self.images)
-        except (StopRequested, dist.DistError):
+        except (StopRequested, CollectiveError):
             raise  # a stop or a broken process group is never one request's fault
         except Exception:
             if self.on_error != "record":
@@ -113,7 +113,7 @@ class Executor:
                 call_backend(
                     self.backend, kind, chunk, lambda done, c=chunk, f=finished: self._save(c, done, f), self.images
                 )
-            except (StopRequested, dist.DistError):
+            except (StopRequested, CollectiveError):
                 raise
             except Exception:
                 for request in [r for i, r in enumerate(chunk) if i not in finished]:
@@ -122,7 +122,7 @@ class Executor:
     def _run_alone(self, kind: str, request: Request) -> None:
         try:
             call_backend(self.backend, kind, [request], lambda done: self._save([request], done, set()), self.images)
-        except (StopRequested, dist.DistError):
+        except (StopRequested, CollectiveError):
             raise
         except Exception as exc:  # noqa: BLE001 - recorded per request, excluded from metrics
             self.errors += 1
@@ -157,10 +157,20 @@ class Executor:
 
     def _should_stop(self) -> bool:
         """A stop must be taken by every rank of a TP group at the same batch, or the others hang."""
-        wanted = self.stop.signal is not None
-        group = self.topo.stop_group
-        if group is None:
-            return wanted
-        flag = torch.tensor([int(wanted)], device=self.topo.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        return bool(flag.item())
+        return self.topo.any_in_tp_group(self.stop.signal is not None)
+
+
+def image_source(
+    config: RunConfig, topo: Topology, model_path: str, plan: RunPlan | None, share: list[Request]
+) -> VisualSource:
+    """Where this rank finds its requests' images: rank 0 in the tasks it built, the other ranks in
+    their own copy of the tasks, loaded here (before the model calls) when their share has images."""
+    if plan is not None:
+        tasks = {p.name: p.task for p in plan.tasks}
+        return VisualSource(lambda: tasks)
+    source = VisualSource(lambda: load_tasks(config, model_path)["tasks"])
+    try:
+        source.prepare({r.visuals.task for r in share if r.visuals is not None})
+    except (KeyError, OSError, ValueError) as exc:
+        raise UsageError(f"loading the image tasks on rank {topo.rank}: {one_line(exc)}") from None
+    return source

@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Callable
 
-import torch.distributed as dist
 from tqdm import tqdm
 
 from evalkit.errors import say
@@ -34,7 +33,7 @@ class Monitor:
         self.done = 0
         self.working = True
         self.last_docs: list[str] = []
-        self.store = dist.distributed_c10d._get_default_store() if topo.distributed else None
+        self.store = topo.store()
         self.bar = tqdm(total=total, desc="requests (all ranks)", disable=not topo.is_main, dynamic_ncols=True)
         self._seen: dict[int, tuple[int, float]] = {}
         self._everyone_seen = False

@@ -1,23 +1,37 @@
-"""The parallel layout: one validated value, and the process group built from it once.
+"""The parallel layout: one validated value, the process group built from it once, and the few
+collectives the loop uses.
 
 The layout comes only from our flags (``--tp``, ``--tp-backend``, ``--gpus-per-rank``) and the
-launcher's RANK / LOCAL_RANK / WORLD_SIZE. Ranks of one tensor-parallel group are consecutive,
-so a TP group shares a node. Data is sharded by dp rank; tp rank 0 of each group carries
-results; global rank 0 scores.
+launcher's RANK / LOCAL_RANK / WORLD_SIZE / LOCAL_WORLD_SIZE, read here and nowhere else. Ranks of
+one tensor-parallel group are consecutive, so a TP group shares a node. Data is sharded by dp
+rank; tp rank 0 of each group carries results; global rank 0 scores.
+
+Every collective of the loop is a ``Topology`` method and a no-op at world size 1. Errors found
+while preparing a run are agreed on by all ranks, so a bad input found on one rank ends every rank
+with the same one-line message instead of leaving the others waiting.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from evalkit.errors import UsageError
+
+T = TypeVar("T")
+# A collective that failed because a peer is gone: never one request's fault.
+CollectiveError = dist.DistError
+
+
+class AgreedError(UsageError):
+    """Bad input that every rank knows about, so ranks may wait for each other before exiting."""
 
 
 class Placement(str, Enum):
@@ -118,6 +132,8 @@ class Topology:
     local_rank: int
     device: torch.device
     backend: str
+    # Processes of this launch on this node (they share its memory and GPUs).
+    local_world_size: int = 1
     # This rank's TP group (None without tensor parallelism): the ranks that run the same batches
     # and so must agree on when to stop.
     tp_group: Any = None
@@ -143,12 +159,55 @@ class Topology:
         return self.layout.world_size > 1
 
     @property
-    def stop_group(self) -> Any:
-        """The group that must take a stop at the same batch (the TP group), or None."""
-        return self.tp_group
+    def world_size(self) -> int:
+        return self.layout.world_size
 
     def describe(self) -> dict:
         return {**self.layout.describe(), "backend": self.backend, "device": self.device.type}
+
+    # -- collectives ---------------------------------------------------------------------------
+
+    def all_gather(self, value: Any) -> list[Any]:
+        return all_gather(self.world_size, value)
+
+    def agreed(self, step: Callable[[], T]) -> T:
+        """Run ``step`` on every rank; if it fails with bad input on any rank, fail on all of them."""
+        return agreed(self.world_size, step)
+
+    def hand_out(self, make: Callable[[], list[T]]) -> T:
+        """Rank 0 makes one value per dp rank and every rank receives its own; every rank of a TP
+        group gets its group's value. Bad input found by ``make`` ends every rank."""
+        per_dp: list[Any] = []
+        status: list[Any] = [None]
+        if self.is_main:
+            try:
+                per_dp = make()
+            except UsageError as exc:
+                status = [str(exc)]
+        if not self.distributed:
+            if status[0] is not None:
+                raise AgreedError(status[0])
+            return per_dp[0]
+        dist.broadcast_object_list(status, src=0)
+        if status[0] is not None:
+            raise AgreedError(status[0])
+        mine: list[Any] = [None]
+        scattered = [per_dp[self.layout.dp_rank(r)] for r in range(self.world_size)] if self.is_main else None
+        dist.scatter_object_list(mine, scattered, src=0)
+        return mine[0]
+
+    def any_in_tp_group(self, flag: bool) -> bool:
+        """Whether any rank of this rank's TP group raised ``flag`` (the flag itself without TP): a
+        stop must be taken by every rank of a group at the same batch, or the others hang."""
+        if self.tp_group is None:
+            return flag
+        value = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.tp_group)
+        return bool(value.item())
+
+    def store(self) -> Any:
+        """The launcher's key-value store (heartbeats), or None at world size 1."""
+        return dist.distributed_c10d._get_default_store() if self.distributed else None
 
 
 def _divisors(n: int) -> list[int]:
@@ -165,14 +224,30 @@ def _env_int(name: str, default: int) -> int:
         raise UsageError(f"environment variable {name}={raw!r} is not an integer") from None
 
 
-def read_launcher_env() -> tuple[int, int, int]:
-    """World size, global rank and local rank from the launcher's environment."""
+@dataclass(frozen=True)
+class LaunchEnv:
+    """What the launcher says about this process."""
+
+    world_size: int
+    rank: int
+    local_rank: int
+    local_world_size: int
+
+
+def read_launcher_env() -> LaunchEnv:
+    """World size, global rank, local rank and the processes on this node, from the launcher."""
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", rank)
     if world_size < 1 or not 0 <= rank < world_size:
         raise UsageError(f"RANK={rank} is outside WORLD_SIZE={world_size}; check the launcher")
-    return world_size, rank, local_rank
+    local_world_size = _env_int("LOCAL_WORLD_SIZE", world_size)
+    return LaunchEnv(world_size, rank, local_rank, max(local_world_size, 1))
+
+
+def launcher_rank() -> str:
+    """This process's rank as the launcher gave it, for messages before (or without) a topology."""
+    return os.environ.get("RANK", "0")
 
 
 def pick_device(requested: str | None, local_rank: int, world_size: int, gpus_per_rank: int) -> torch.device:
@@ -215,16 +290,15 @@ def build_tp_group(layout: Layout, rank: int, timeout_s: float) -> Any:
 
 
 def init_topology(
-    tp: int, device: str | None, timeout_s: float, gpus_per_rank: int = 1, tp_backend: str = "deepspeed"
+    tp: int, device: str | None, timeout_s: float, gpus_per_rank: int = 1, tp_placement: str = "deepspeed"
 ) -> Topology:
     """Build the process group once, prove it works, then agree on the layout on every rank.
 
     The group comes first so that a bad layout is reported by every rank together.
     """
-    from evalkit.collectives import agreed
-
-    world_size, rank, local_rank = read_launcher_env()
-    dev = pick_device(device, local_rank, world_size, gpus_per_rank)
+    env = read_launcher_env()
+    world_size, rank = env.world_size, env.rank
+    dev = pick_device(device, env.local_rank, world_size, gpus_per_rank)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -240,9 +314,40 @@ def init_topology(
         dist.all_reduce(check)
         if int(check.item()) != world_size:
             raise RuntimeError(f"startup all_reduce saw {int(check.item())} ranks, expected {world_size}")
-    layout = agreed(world_size, lambda: Layout.from_flags(world_size, tp, tp_backend, gpus_per_rank))
-    tp_group = build_tp_group(layout, rank, timeout_s)
-    return Topology(layout=layout, rank=rank, local_rank=local_rank, device=dev, backend=backend, tp_group=tp_group)
+    layout = agreed(world_size, lambda: Layout.from_flags(world_size, tp, tp_placement, gpus_per_rank))
+    return Topology(
+        layout=layout,
+        rank=rank,
+        local_rank=env.local_rank,
+        local_world_size=env.local_world_size,
+        device=dev,
+        backend=backend,
+        tp_group=build_tp_group(layout, rank, timeout_s),
+    )
+
+
+def all_gather(world_size: int, value: Any) -> list[Any]:
+    if world_size == 1:
+        return [value]
+    out: list[Any] = [None] * world_size
+    dist.all_gather_object(out, value)
+    return out
+
+
+def agreed(world_size: int, step: Callable[[], T]) -> T:
+    """Run ``step`` on every rank; if it fails with bad input on any rank, fail on all of them."""
+    result, error = None, None
+    try:
+        result = step()
+    except UsageError as exc:
+        error = str(exc)
+    errors = [(rank, e) for rank, e in enumerate(all_gather(world_size, error)) if e is not None]
+    if errors:
+        rank, message = errors[0]
+        if message != error and error is None:
+            message = f"{message} (found on rank {rank})"
+        raise AgreedError(message)
+    return result
 
 
 def settle_before_exit() -> None:
@@ -254,6 +359,9 @@ def settle_before_exit() -> None:
             dist.barrier()
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown() -> bool:
+    """End the process group; whether there was one."""
+    if not dist.is_initialized():
+        return False
+    dist.destroy_process_group()
+    return True

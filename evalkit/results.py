@@ -1,4 +1,4 @@
-"""Rank 0 turns gathered model outputs into ``results.json``, per-task samples and a table.
+"""Score and write: rank 0 turns gathered model outputs into ``results.json``, per-task samples and a table.
 
 ``results.json`` is lm-eval's document (``results``, ``groups``, ``group_subtasks``, ``configs``,
 ``versions``, ``n-shot``, ``higher_is_better``, ``n-samples``, ``task_hashes``) plus evalkit's
@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lm_eval.utils import make_table
 
 from evalkit.config import RunConfig
 from evalkit.errors import UsageError
 from evalkit.parallel import Topology
+from evalkit.plan import RunPlan
 from evalkit.report import git_hash, package_versions, write_json_atomic, write_jsonl_atomic
 from evalkit.tasks.requests import TaskPlan
 from evalkit.tasks.scoring import ProcessBatch, score, task_hash
 from evalkit.timings import Phases
-
-if TYPE_CHECKING:
-    from evalkit.runner import RunPlan
 
 
 def sandboxed_scoring(config: RunConfig, model_path: str) -> ProcessBatch:

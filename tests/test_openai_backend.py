@@ -20,7 +20,8 @@ from evalkit.cli import parse_config
 from evalkit.config import RunConfig
 from evalkit.errors import UsageError
 from evalkit.models import registry
-from evalkit.models.openai_api import OpenAICompletions, Server, ServerError, run_concurrently
+from evalkit.models.openai_api import OpenAICompletions, Server, ServerError, ServerOptions, run_concurrently
+from evalkit.models.registry import BuildContext, RunKinds
 
 from conftest import TINY_MODEL, free_port, run_evalkit
 
@@ -147,25 +148,33 @@ def served_config(base_url: str, **fields) -> RunConfig:
     ).validate()
 
 
+def server_options(config: RunConfig, scores: bool) -> ServerOptions:
+    kinds = frozenset({"loglikelihood"} if scores else {"generate_until"})
+    return registry._server_options(config, BuildContext(model=config.model, topo=None, kinds=kinds))
+
+
 def test_a_wrong_key_is_refused_before_any_request(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "wrong")
     with OpenAIStub(StubBehaviour(api_key="right")) as stub:
         with pytest.raises(UsageError, match="cannot reach an OpenAI-compatible server.*HTTP 401"):
-            OpenAICompletions.load(served_config(stub.base_url), "stub-model", frozenset({"generate_until"}))
+            OpenAICompletions.load(server_options(served_config(stub.base_url), scores=False))
         assert not stub.behaviour.attempts  # no completion was asked for
 
 
 def test_chat_route_refuses_loglikelihood_tasks_before_loading():
     spec = registry.BACKENDS["openai-chat"]
-    assert "runs generate_until requests, not loglikelihood" in spec.refusal({"loglikelihood"}, False, "demo_mc")
-    assert spec.refusal({"generate_until"}, False, "demo_gen") is None
+    config = replace(served_config("http://127.0.0.1:1/v1"), backend="openai-chat", tokenizer=None)
+    scoring = RunKinds(tasks={"loglikelihood": frozenset({"demo_mc"})})
+    (problem,) = spec.problems(config, kinds=scoring)
+    assert "runs generate_until requests, not loglikelihood (demo_mc)" in problem
+    assert spec.problems(config, kinds=RunKinds(tasks={"generate_until": frozenset({"demo_gen"})})) == []
 
 
 def test_loglikelihood_needs_a_tokenizer(monkeypatch):
     with OpenAIStub(StubBehaviour(prompt_logprobs=True)) as stub:
         config = replace(served_config(stub.base_url), tokenizer=None)
         with pytest.raises(UsageError, match="need the model's tokenizer: pass --tokenizer DIR"):
-            OpenAICompletions.load(config, "stub-model", frozenset({"loglikelihood"}))
+            OpenAICompletions.load(server_options(config, scores=True))
 
 
 @pytest.mark.parametrize(

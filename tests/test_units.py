@@ -119,47 +119,21 @@ def test_lm_eval_templates_compile_once_and_render_the_same():
     assert lm_eval.utils.apply_template(template, {"question": "2+2?"}) == before == "Question: 2+2?\\nAnswer:"
 
 
-def test_backend_registry_selects_by_config_and_refuses_what_a_backend_cannot_run(tmp_path):
+def test_backend_registry_selects_by_config(tmp_path):
     from evalkit.models import registry
 
     assert registry.check_name("hf") is None and registry.check_name("auto") is None
     assert "(did you mean 'hf-vlm'?)" in registry.check_name("hf_vlm")
     with pytest.raises(UsageError, match="--backend 'sglang' is not one of auto, hf, hf-vlm, vllm, openai-completions"):
         registry.select("sglang", str(tmp_path))
-    assert registry.is_served("openai-chat") and not registry.is_served("vllm")
+    assert registry.SERVED == ("openai-completions", "openai-chat")
     (tmp_path / "config.json").write_text('{"model_type": "llava", "vision_config": {}}')
     assert registry.select("auto", str(tmp_path)).name == "hf-vlm"
     assert registry.select("hf", str(tmp_path)).name == "hf"
-    assert registry.select("vllm", str(tmp_path)).refusal({"loglikelihood", "generate_until"}, True, "x") is None
+    assert registry.select("vllm", str(tmp_path)).images
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     assert registry.select("auto", str(tmp_path)).name == "hf"
-    assert "vision-language" in registry.select("vllm", str(tmp_path)).refusal({"generate_until"}, True, "vlm_demo")
-    vlm, text = registry.BACKENDS["hf-vlm"], registry.BACKENDS["hf"]
-    assert "not loglikelihood" in vlm.refusal({"loglikelihood", "generate_until"}, False, "demo_mc")
-    assert "--backend hf-vlm" in text.refusal({"generate_until"}, True, "vlm_demo")
-    assert vlm.refusal({"generate_until"}, True, "vlm_demo") is None
-    hybrid = Layout(world_size=4, tp=2, placement=Placement.TRANSFORMERS_TP)
-    assert "--tp-backend deepspeed" in registry.layout_refusal(vlm, hybrid)
-    assert registry.layout_refusal(text, hybrid) is None
-    assert registry.layout_refusal(vlm, Layout(world_size=4, tp=2, placement=Placement.DEEPSPEED_TP)) is None
-
-
-def test_images_in_loglikelihood_requests_are_refused_for_a_backend_that_takes_images(tmp_path):
-    from evalkit.models import registry
-    from evalkit.runner import check_backend_fits
-    from evalkit.tasks.requests import Request, Visuals
-
-    (tmp_path / "config.json").write_text('{"model_type": "llava", "vision_config": {}}')
-    vllm = registry.select("vllm", str(tmp_path))
-    scored = Request(
-        0, "seed_mc", 0, 0, 0, "loglikelihood", ("USER: <image> Q", " A"), visuals=Visuals("seed_mc", 0, ("d1",))
-    )
-    answered = Request(
-        1, "vlm_demo", 0, 0, 0, "generate_until", ("USER: <image> Q", {}), visuals=Visuals("vlm_demo", 0, ("d2",))
-    )
-    check_backend_fits(vllm, [answered])
-    with pytest.raises(UsageError, match="seed_mc score answers to images by loglikelihood"):
-        check_backend_fits(vllm, [answered, scored])
+    assert not registry.select("vllm", str(tmp_path)).images
 
 
 def test_gpu_check_skips_with_one_line_without_cuda():
@@ -209,7 +183,7 @@ def test_batch_options_make_one_limit():
 def test_deal_keeps_a_context_on_one_rank_and_balances_cost():
     from types import SimpleNamespace
 
-    from evalkit.runner import deal
+    from evalkit.plan import deal
     from evalkit.tasks.requests import Request
 
     rng = random.Random(0)
@@ -228,7 +202,7 @@ def test_deal_keeps_a_context_on_one_rank_and_balances_cost():
         done={0, 1},
     )
     for dp in (2, 3):
-        shares = deal(plan, dp)
+        shares = [work.requests for work in deal(plan, dp)]
         indices = [r.index for share in shares for r in share]
         assert sorted(indices) == list(range(2, len(requests)))
         assert all([r.index for r in share] == sorted(r.index for r in share) for share in shares)

@@ -26,7 +26,7 @@ from accelerate.utils import compute_module_sizes, get_max_layer_size
 from accelerate.utils.modeling import clean_device_map
 
 from evalkit.errors import UsageError
-from evalkit.models.placement import DTYPES
+from evalkit.models.dtypes import DTYPE_NAMES, torch_dtype
 
 # The last name part of the modules (or parameters) that hold a VLM's vision tower and projector.
 VISION_PARTS = frozenset({"vision_tower", "visual", "vision_model", "multi_modal_projector", "image_newline"})
@@ -164,9 +164,9 @@ def _resolve_dtype(dtype: torch.dtype | str, config: transformers.PretrainedConf
         saved = getattr(config, "dtype", None)
         saved = getattr(torch, saved) if isinstance(saved, str) else saved
         return saved if isinstance(saved, torch.dtype) else torch.float32
-    if dtype not in DTYPES:
-        raise UsageError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    if dtype not in DTYPE_NAMES:
+        raise UsageError(f"dtype {dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
+    return torch_dtype(dtype)
 
 
 @contextmanager

@@ -7,15 +7,14 @@ as lm-eval's hf model cuts them.
 from __future__ import annotations
 
 import functools
-import os
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 import transformers
 
-from evalkit.errors import say
+from evalkit.errors import UsageError, one_line, say
 from evalkit.models.batching import (
     BatchLimit,
     largest_fitting,
@@ -32,6 +31,7 @@ from evalkit.models.lm_rules import (
 from evalkit.models.packing import PACKED_WIDTH, Encoded, Pack, block_attention, context_group, pack_requests
 from evalkit.models.protocol import GenerationInput, Progress
 from evalkit.models.stopping import StopOnSequences, cut_at_stop
+from evalkit.parallel import Topology
 
 AUTO_CPU_TOKENS = 4096  # --batch-size auto without CUDA: CPU tokens/s is flat from ~1k to 8k per call (BENCHMARKS.md)
 AUTO_MEMORY_SHARE = 0.5  # of the free GPU memory, when the budget is estimated rather than probed
@@ -40,6 +40,53 @@ ROWS_PER_CHUNK = 16  # requests per retry chunk (and rolling texts per call) und
 # packing is judged broken for a model: float rounding is far below, a block that sees another
 # block or a shifted position far above.
 PROBE_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TransformersOptions:
+    """What a transformers backend is built from: the checkpoint, where this rank sits, and how
+    its model calls are batched."""
+
+    path: str
+    topo: Topology
+    dtype: str
+    trust_remote_code: bool
+    batch: BatchLimit
+    shared_prefix: bool
+    max_length: int | None
+
+
+def load_transformers(cls: type, options: TransformersOptions, auto_class: type | None = None) -> Any:
+    """A ``cls`` backend on the model loaded where the layout's placement puts it; a checkpoint that
+    does not load is a one-line usage error."""
+    from evalkit.models.placement import input_device, load_model, local_parameter_count
+
+    topo = options.topo
+    try:
+        model = load_model(
+            options.path, options.dtype, topo, trust_remote_code=options.trust_remote_code, auto_class=auto_class
+        )
+        return cls(
+            options.path,
+            model=model,
+            device=input_device(model, topo),
+            batch=options.batch,
+            shared_prefix=options.shared_prefix,
+            tp_group=topo.tp_group,
+            num_parameters_local=local_parameter_count(model),
+            trust_remote_code=options.trust_remote_code,
+            max_length=options.max_length,
+            rank=topo.rank,
+        )
+    except (OSError, ValueError) as exc:
+        if "custom code" in str(exc) or "trust_remote_code" in str(exc):
+            raise UsageError(
+                f"{options.path} needs its own Python code to load; evalkit runs it only with "
+                f"--trust-remote-code (read that code first)"
+            ) from None
+        raise UsageError(
+            f"cannot load model from {options.path} with backend {cls.name}: {one_line(exc)[:300]}"
+        ) from None
 
 
 class HFCausalLM:
@@ -64,7 +111,9 @@ class HFCausalLM:
         trust_remote_code: bool = False,
         max_length: int | None = None,
         shared_prefix: bool = True,
+        rank: int = 0,
     ) -> None:
+        self.rank = rank
         self.device = device
         self.tp_group = tp_group
         self.timings: dict[str, float] = {}
@@ -80,10 +129,13 @@ class HFCausalLM:
         self.max_length = max_length or model_max_length(self.model.config, self.tokenizer)
         inner = unwrap(self.model)
         self.attention = getattr(inner.config, "_attn_implementation", None)
-        self.limit = BatchLimit(rows=2)  # for the probe below
         self.shared_prefix, self.shared_prefix_note = self._check_packing() if shared_prefix else (False, "off")
         self.limit = self._resolve(BatchLimit.of(batch))
         self.batch_size = self.limit.rows if self.limit.tokens is None else ROWS_PER_CHUNK
+
+    @classmethod
+    def load(cls, options: TransformersOptions) -> HFCausalLM:
+        return load_transformers(cls, options)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -135,7 +187,7 @@ class HFCausalLM:
             width = min(self.max_length, PACKED_WIDTH)
             tokens = largest_fitting(lambda n: self._fits(width, n), start=width)
             how = f"the largest that ran at width {width} on {torch.cuda.get_device_name(self.device)}"
-        return announce_auto(limit, tokens, how)
+        return announce_auto(limit, tokens, how, self.rank)
 
     def _guard(self, fn: Any) -> Any:
         """Batches that run out of GPU memory are halved, except under TP (a lone rank retrying
@@ -325,9 +377,9 @@ def tokens_from_free_memory(model: Any, device: torch.device, group: Any = None)
     return max(int(budget.item()), 1)
 
 
-def announce_auto(limit: BatchLimit, tokens: int, how: str) -> BatchLimit:
+def announce_auto(limit: BatchLimit, tokens: int, how: str, rank: int) -> BatchLimit:
     """``limit`` with the token budget ``--batch-size auto`` picked, said on stderr."""
-    say(f"evalkit: rank {os.environ.get('RANK', '0')}: --batch-size auto: {tokens} tokens per model call ({how})")
+    say(f"evalkit: rank {rank}: --batch-size auto: {tokens} tokens per model call ({how})")
     return replace(limit, tokens=tokens, auto=False)
 
 

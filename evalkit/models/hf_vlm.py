@@ -20,7 +20,15 @@ from typing import Any
 import torch
 
 from evalkit.models.batching import BatchLimit, width_batches
-from evalkit.models.hf import AUTO_CPU_TOKENS, ROWS_PER_CHUNK, announce_auto, stops_and_limits, tokens_from_free_memory
+from evalkit.models.hf import (
+    AUTO_CPU_TOKENS,
+    ROWS_PER_CHUNK,
+    TransformersOptions,
+    announce_auto,
+    load_transformers,
+    stops_and_limits,
+    tokens_from_free_memory,
+)
 from evalkit.models.lm_rules import ensure_pad_token, generation_groups, model_max_length
 from evalkit.models.protocol import GenerationInput, ImageInput, Progress
 from evalkit.models.stopping import StopOnSequences, cut_at_stop
@@ -57,6 +65,7 @@ class HFVisionLM:
         trust_remote_code: bool = False,
         max_length: int | None = None,
         shared_prefix: bool = False,  # generation only: nothing to share
+        rank: int = 0,
     ) -> None:
         self.path = path
         self.device = device
@@ -67,7 +76,7 @@ class HFVisionLM:
                 tokens, how = tokens_from_free_memory(model, device, tp_group), "estimated from free GPU memory"
             else:
                 tokens, how = AUTO_CPU_TOKENS, "the CPU default"
-            self.limit = announce_auto(self.limit, tokens, how)
+            self.limit = announce_auto(self.limit, tokens, how, rank)
         self.batch_size = self.limit.rows if self.limit.tokens is None else ROWS_PER_CHUNK
         self.tp_group = tp_group
         self.num_parameters_local = num_parameters_local
@@ -77,6 +86,12 @@ class HFVisionLM:
         self.tokenizer.padding_side = "left"
         self.model = model.eval()
         self.max_length = max_length or model_max_length(self.model.config, self.tokenizer)
+
+    @classmethod
+    def load(cls, options: TransformersOptions) -> HFVisionLM:
+        import transformers
+
+        return load_transformers(cls, options, auto_class=transformers.AutoModelForImageTextToText)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -11,9 +11,8 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from evalkit.models.protocol import GenerationInput
+from evalkit.models.protocol import DEFAULT_MAX_GEN_TOKS, GenerationInput
 from evalkit.models.stopping import cut_at_stop
-from evalkit.tasks.requests import DEFAULT_MAX_GEN_TOKS
 
 DEFAULT_MAX_LENGTH = 2048
 TOKENIZER_UNSET = int(1e30)  # transformers' "no limit" model_max_length is ~1e30

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from evalkit.errors import UsageError, one_line
 from evalkit.models.lm_rules import (
@@ -39,15 +39,11 @@ from evalkit.models.lm_rules import (
 from evalkit.models.protocol import GenerationInput, Progress
 from evalkit.models.stopping import cut_at_stop
 
-if TYPE_CHECKING:
-    from evalkit.config import RunConfig
-
 RETRY_STATUS = (408, 409, 429, 500, 502, 503, 504)
 MAX_BACKOFF_S = 30.0
 PROBE_TIMEOUT_S = 30.0
 # Generation kwargs from task files that the OpenAI API takes under the same name.
 API_SAMPLING_KEYS = ("top_p", "seed", "presence_penalty", "frequency_penalty")
-SCORING_KINDS = frozenset({"loglikelihood", "loglikelihood_rolling"})
 
 
 class ServerError(RuntimeError):
@@ -99,13 +95,29 @@ class Server:
         raise ServerError(f"{problem} (after {retries + 1} attempts)")
 
 
-def server_from_config(config: RunConfig) -> Server:
-    return Server(
-        base_url=config.base_url or "",
-        api_key_env=config.api_key_env,
-        timeout=config.request_timeout,
-        max_retries=config.max_retries,
-    )
+@dataclass(frozen=True, kw_only=True)
+class ServerOptions:
+    """What a served-model backend is built from."""
+
+    model: str  # the name the server knows
+    base_url: str
+    api_key_env: str  # the environment variable holding the key (never the key)
+    request_timeout: float
+    max_retries: int
+    concurrency: int  # requests in flight per rank
+    tokenizer: str | None  # local tokenizer folder (default: the model name when it is a folder)
+    trust_remote_code: bool
+    max_length: int | None
+    seed: int
+    scores: bool  # the run has loglikelihood requests: the server must return prompt logprobs
+
+    def server(self) -> Server:
+        return Server(
+            base_url=self.base_url,
+            api_key_env=self.api_key_env,
+            timeout=self.request_timeout,
+            max_retries=self.max_retries,
+        )
 
 
 def run_concurrently(
@@ -176,32 +188,30 @@ class OpenAICompletions:
         self.seed = seed
 
     @classmethod
-    def load(cls, config: RunConfig, model: str, kinds: frozenset[str]) -> OpenAICompletions:
-        server = server_from_config(config)
+    def load(cls, options: ServerOptions) -> OpenAICompletions:
+        server = options.server()
         check_reachable(server)
-        tokenizer_path = config.tokenizer or (model if (Path(model) / "config.json").is_file() else None)
-        tokenizer, positions = None, config.max_length or DEFAULT_MAX_LENGTH
+        model = options.model
+        tokenizer_path = options.tokenizer or (model if (Path(model) / "config.json").is_file() else None)
+        tokenizer, positions = None, options.max_length or DEFAULT_MAX_LENGTH
         if tokenizer_path is not None:
             import transformers
 
-            tokenizer = transformers.AutoTokenizer.from_pretrained(
-                tokenizer_path, trust_remote_code=config.trust_remote_code
-            )
+            remote = options.trust_remote_code
+            tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=remote)
             if (Path(tokenizer_path) / "config.json").is_file():
-                hf_config = transformers.AutoConfig.from_pretrained(
-                    tokenizer_path, trust_remote_code=config.trust_remote_code
-                )
+                hf_config = transformers.AutoConfig.from_pretrained(tokenizer_path, trust_remote_code=remote)
                 positions = model_max_length(hf_config, tokenizer)
         backend = cls(
             model,
             server=server,
-            concurrency=config.concurrency,
+            concurrency=options.concurrency,
             tokenizer=tokenizer,
-            max_length=config.max_length or positions,
+            max_length=options.max_length or positions,
             positions=positions,
-            seed=config.seed.torch,
+            seed=options.seed,
         )
-        if kinds & SCORING_KINDS:
+        if options.scores:
             backend.check_scoring()
         return backend
 
@@ -342,9 +352,6 @@ class OpenAIChat(OpenAICompletions):
 
     name = "openai-chat"
     route = "/chat/completions"
-
-    def check_scoring(self) -> None:
-        raise UsageError(f"{self.name} returns no prompt logprobs; run loglikelihood tasks with openai-completions")
 
     def _prompt(self, context: str, budget: int) -> dict[str, Any]:
         return {"messages": [{"role": "user", "content": context}]}

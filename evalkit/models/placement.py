@@ -18,16 +18,20 @@ import torch
 import transformers
 
 from evalkit.errors import UsageError
+from evalkit.models.device_map import split_device_map
+from evalkit.models.dtypes import torch_dtype
 from evalkit.parallel import Placement, Topology
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
 
 
 def _from_pretrained(path: str, dtype: str, trust_remote_code: bool, auto_class: type, **kwargs) -> torch.nn.Module:
     # safetensors whenever present, so a pickled .bin next to it is never unpickled.
     safetensors = any(Path(path).glob("*.safetensors")) if Path(path).is_dir() else False
     return auto_class.from_pretrained(
-        path, dtype=DTYPES[dtype], use_safetensors=safetensors or None, trust_remote_code=trust_remote_code, **kwargs
+        path,
+        dtype=torch_dtype(dtype),
+        use_safetensors=safetensors or None,
+        trust_remote_code=trust_remote_code,
+        **kwargs,
     )
 
 
@@ -130,8 +134,6 @@ def _split_over_own_gpus(
     ``device_map="auto"`` is not passed to transformers: under a launcher it may pick tensor
     parallelism by itself, and it would consider every visible GPU.
     """
-    from evalkit.models.device_map import split_device_map
-
     if topo.device.type != "cuda":
         raise UsageError("--gpus-per-rank needs CUDA devices; use --tp for tensor parallelism on CPU")
     mine = rank_gpus(topo.local_rank, topo.layout.gpus_per_rank, torch.cuda.device_count())

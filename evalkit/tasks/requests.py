@@ -10,31 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from lm_eval.evaluator_utils import get_sample_size
 
 from evalkit.errors import UsageError
-from evalkit.tasks.images import DIGEST_PREFIX, as_images, digests, image_label, is_image
+from evalkit.models.protocol import KINDS, Kind
+from evalkit.tasks.images import DIGEST_PREFIX, Visuals, as_images, digests, image_label, is_image
 from evalkit.tasks.problems import TaskLoadError, explain
 
-Kind = Literal["loglikelihood", "loglikelihood_rolling", "generate_until"]
-KINDS: tuple[Kind, ...] = ("loglikelihood", "loglikelihood_rolling", "generate_until")
-# lm-eval's default for a generate_until task that does not say how many tokens to generate.
-DEFAULT_MAX_GEN_TOKS = 256
 # What one image weighs when requests are balanced across ranks, in characters of prompt text.
 IMAGE_COST = 2048
-
-
-@dataclass(frozen=True)
-class Visuals:
-    """The images of one request, by reference: the rank that evaluates the request loads them
-    from its own copy of the task (``task.doc_to_image`` of doc ``doc_id``), so images are never
-    shipped between ranks; ``digests`` name their content (resume keys hash them)."""
-
-    task: str
-    doc_id: int
-    digests: tuple[str, ...]
 
 
 @dataclass(frozen=True)

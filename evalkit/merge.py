@@ -1,0 +1,33 @@
+"""Merge: rank 0 streams every rank's shard (this launch's and earlier ones') into one output per
+request, by global index, with an exactly-once check against what the ranks say they wrote."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from evalkit.plan import RunPlan
+from evalkit.sharding import merge_shards
+from evalkit.shards import read_records, shard_files
+from evalkit.tasks.scoring import RequestError
+
+
+def merge_results(output: Path, plan: RunPlan, launch: str, written: int) -> list[Any]:
+    """Every request's result (or its recorded error) by global index; this launch's count must
+    equal what the ranks wrote."""
+    index_of = plan.index_of
+    counted = {"now": 0}
+
+    def pairs() -> Iterator[tuple[int, Any]]:
+        for path in shard_files(output):
+            for record in read_records(path):
+                counted["now"] += path.name.startswith(launch)
+                index = index_of.get(record.get("k"))
+                if index is not None:
+                    yield index, record["r"] if "r" in record else RequestError(record["error"])
+
+    outputs = merge_shards([pairs()], len(plan.requests), replaceable=lambda r: isinstance(r, RequestError))
+    if counted["now"] != written:
+        raise AssertionError(f"ranks reported {written} results this run but the shards hold {counted['now']}")
+    return outputs

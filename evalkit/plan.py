@@ -1,0 +1,168 @@
+"""Plan: rank 0 builds every request of the run with lm-eval, in global order, names each by its
+content, finds those an earlier run saved, and deals the rest to the dp ranks by cost.
+
+Requests are built once, as lm-eval builds them on one process, so a doc's prompt never depends
+on the number of ranks. Saved results are keyed by what produced them (model, task configuration,
+request), so a run resumed on any number of processes finds every result it already has.
+"""
+
+from __future__ import annotations
+
+import functools
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from evalkit.config import RunConfig
+from evalkit.errors import UsageError
+from evalkit.identity import model_fingerprint, request_key, served_fingerprint, task_config_hash
+from evalkit.models.packing import context_group
+from evalkit.outdir import check_folder
+from evalkit.preflight import Inputs
+from evalkit.sharding import shard_indices
+from evalkit.shards import read_all
+from evalkit.tasks.library import TaskLibrary
+from evalkit.tasks.requests import PromptOptions, Request, TaskPlan, build_plans, number_requests
+
+
+@dataclass
+class RunPlan:
+    """Everything rank 0 knows about the run: lm-eval's tasks and groups, and every request."""
+
+    model_path: str
+    tasks: list[TaskPlan]
+    groups: dict[str, Any]
+    requests: list[Request]
+    model: dict[str, Any]
+    task_hashes: dict[str, str]
+    done: set[int]
+
+    @functools.cached_property
+    def index_of(self) -> dict[str, int]:
+        """Global index of each request, by its content key (how saved results are found)."""
+        return {r.key: r.index for r in self.requests}
+
+
+@dataclass(frozen=True)
+class Work:
+    """What one rank is handed: its share of the pending requests, and facts about the whole run."""
+
+    requests: list[Request]
+    pending: int
+    launch: str  # names this launch's shard files
+    kinds: frozenset[str]  # request kinds of the whole run (a backend checks at load that it can serve them)
+
+
+def load_tasks(config: RunConfig, model_path: str) -> dict[str, Any]:
+    """lm-eval's task objects (and ``"groups"``) for --tasks, loaded the same way on every rank."""
+    from evalkit.compat import install_compat
+
+    install_compat()
+    library = TaskLibrary(config.include_path, metadata=config.task_metadata(model_path))
+    return library.load_checked(list(config.tasks))
+
+
+def prompt_options(config: RunConfig) -> PromptOptions:
+    return PromptOptions(
+        num_fewshot=config.num_fewshot,
+        limit=config.limit,
+        fewshot_seed=config.seed.fewshot,
+        gen_kwargs=config.gen_kwargs,
+        apply_chat_template=config.apply_chat_template,
+        fewshot_as_multiturn=config.multiturn,
+        system_instruction=config.system_instruction,
+    )
+
+
+def chat_template(config: RunConfig, model_path: str) -> Callable[..., str] | None:
+    """The tokenizer's chat template as lm-eval's HF model applies it, when asked for."""
+    if not config.apply_chat_template:
+        return None
+    import transformers
+
+    folder = config.tokenizer or model_path
+    if not Path(folder).is_dir():
+        raise UsageError(
+            f"--apply-chat-template renders prompts with a local tokenizer; pass --tokenizer DIR for {folder}"
+        )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=config.trust_remote_code)
+    if not getattr(tokenizer, "chat_template", None):
+        raise UsageError(f"--apply-chat-template: the tokenizer in {folder} has no chat template")
+
+    def apply(history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return tokenizer.apply_chat_template(
+            history,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=not add_generation_prompt,
+        )
+
+    return apply
+
+
+def build_requests(config: RunConfig, model_path: str, tasks: dict[str, Any]) -> tuple[list[TaskPlan], list[Request]]:
+    """Every prompt and request of the run, numbered in global order."""
+    plans = build_plans(tasks, prompt_options(config), chat_template(config, model_path))
+    return plans, number_requests(plans)
+
+
+def identify(
+    config: RunConfig, inputs: Inputs, tasks: list[TaskPlan], groups: dict[str, Any], requests: list[Request]
+) -> RunPlan:
+    """The plan with each request named by its content, and the indices earlier runs finished.
+
+    The output folder is checked here: it must be empty, or (with --resume) hold this model's
+    and these task configurations' results.
+    """
+    backend = inputs.spec.name
+    if inputs.spec.served:
+        model = served_fingerprint(inputs.model, backend, config.tokenizer)
+    else:
+        model = model_fingerprint(inputs.model, config.dtype, backend)
+    settings = {
+        "seed": config.seed.fewshot,
+        "chat_template": config.apply_chat_template,
+        "multiturn": config.multiturn,
+        "system_instruction": config.system_instruction,
+        "gen_kwargs": config.gen_kwargs,
+        "backend": backend,
+    }
+    task_hashes = {p.name: task_config_hash(p, settings) for p in tasks}
+    check_folder(config.output, resume=config.resume, model=model, tasks=task_hashes)
+    keyed = [replace(r, key=request_key(model["hash"], task_hashes[r.task], r)) for r in requests]
+    plan = RunPlan(inputs.model, tasks, groups, keyed, model, task_hashes, done=set())
+    plan.done = finished_indices(config.output, plan.index_of)
+    return plan
+
+
+def finished_indices(output: Path, index_of: dict[str, int]) -> set[int]:
+    """Global indices of requests whose results earlier runs saved (read by rank 0 only)."""
+    return {index_of[r["k"]] for r in read_all(output) if r.get("k") in index_of and "r" in r}
+
+
+def deal(plan: RunPlan, dp: int) -> list[Work]:
+    """Each dp rank's share of the pending requests, balanced by cost. Loglikelihood requests with
+    the same context (a doc's choices) go to one rank together, where they share a row."""
+    pending = [r for r in plan.requests if r.index not in plan.done]
+    units: dict[Any, list[Request]] = {}
+    for request in pending:
+        group = context_group(request.args[0]) if request.kind == "loglikelihood" else None
+        units.setdefault(request.index if group is None else ("context", group), []).append(request)
+    grouped = list(units.values())
+    costs = [unit_cost(unit) for unit in grouped]
+    launch = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+    kinds = frozenset(r.kind for r in pending)
+    shares = []
+    for rank in range(dp):
+        share = sorted((r for i in shard_indices(costs, rank, dp) for r in grouped[i]), key=lambda r: r.index)
+        shares.append(Work(requests=share, pending=len(pending), launch=launch, kinds=kinds))
+    return shares
+
+
+def unit_cost(requests: list[Request]) -> int:
+    """A shared context is computed once: the longest request plus the others' continuations."""
+    longest = max(r.cost for r in requests)
+    return longest + sum(len(r.args[1]) for r in requests[1:])
