@@ -87,11 +87,12 @@ test-vllm: install-vllm
 	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm.py
 
 # The demo tasks through vLLM on 2 processes (each its own engine); the tiny model gets 32-dim
-# attention heads, the smallest vLLM's CPU attention takes.
+# attention heads, the smallest vLLM's CPU attention takes. Each engine's KV cache is sized by
+# evalkit from the node's memory unless VLLM_CPU_KVCACHE_SPACE is set.
 demo-vllm: install-vllm
 	$(VLLM_VENV)/bin/python -m evalkit.tinymodel --head-dim 32 $(DEMO)/tiny-llama-h32
 	rm -rf $(DEMO)/results-vllm
-	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(VLLM_VENV)/bin/torchrun --nproc_per_node=$(NPROC) -m evalkit \
+	$(VLLM_VENV)/bin/torchrun --nproc_per_node=$(NPROC) -m evalkit \
 		--model $(DEMO)/tiny-llama-h32 --tasks demo --output $(DEMO)/results-vllm --backend vllm $(if $(filter 0,$(GPUS)),--device cpu,)
 
 test-fast: install

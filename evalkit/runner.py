@@ -20,6 +20,8 @@ import signal
 import sys
 import time
 import traceback
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,6 +36,7 @@ from evalkit.monitor import Monitor
 from evalkit.outdir import write_manifest
 from evalkit.parallel import AgreedError, Topology, init_topology, launcher_rank, settle_before_exit, shutdown
 from evalkit.shards import SHARD_DIR, ShardWriter
+from evalkit.tasks.images import VisualSource
 from evalkit.timings import Phases
 
 
@@ -73,11 +76,18 @@ def plan_run(config: RunConfig, topo: Topology, inputs: preflight.Inputs) -> pla
     return plan.identify(config, inputs, tasks, loaded.get("groups", {}), requests)
 
 
-def evaluate(config: RunConfig, topo: Topology) -> None:
-    started = time.time()
-    phases = Phases()
-    quiet_libraries()
-    set_seeds(config)
+@dataclass
+class Ready:
+    """What a rank holds before its model calls; ``plan`` only on rank 0."""
+
+    work: plan.Work
+    plan: plan.RunPlan | None
+    images: VisualSource
+    backend: Backend
+
+
+def prepare(config: RunConfig, topo: Topology, phases: Phases) -> Ready:
+    """Preflight on every rank, the plan on rank 0 (each rank handed its share), images, model."""
     inputs = topo.agreed(lambda: preflight.check_inputs(config, topo))
     box: dict[str, plan.RunPlan] = {}
 
@@ -92,20 +102,21 @@ def evaluate(config: RunConfig, topo: Topology) -> None:
         images = topo.agreed(lambda: execute.image_source(config, topo, inputs.model, run_plan, work.requests))
     with phases.phase("model_load"):
         context = BuildContext(model=inputs.model, topo=topo, kinds=work.kinds)
-        backend: Backend = topo.agreed(lambda: inputs.spec.build(config, context))
-    if run_plan is not None:
-        write_manifest(config.output, model=run_plan.model, tasks=run_plan.task_hashes)
+        backend = topo.agreed(lambda: inputs.spec.build(config, context))
+    return Ready(work=work, plan=run_plan, images=images, backend=backend)
+
+
+def run_requests(config: RunConfig, topo: Topology, ready: Ready, phases: Phases) -> list[dict[str, Any]]:
+    """This rank's model calls, saved to its shard as they finish; every rank's stats, gathered."""
+    work, backend = ready.work, ready.backend
     shard = config.output / SHARD_DIR / f"{work.launch}-rank{topo.rank:05d}.jsonl"
     writer = ShardWriter(shard, interval=config.flush_interval) if topo.carries_results else None
     monitor = Monitor(
-        topo,
-        total=work.pending,
-        stall_timeout=config.stall_timeout,
-        before_exit=writer.sync if writer else lambda: None,
+        topo, total=work.pending, stall_timeout=config.stall_timeout, before_exit=writer.sync if writer else None
     )
     stop = execute.StopFlag()
     stop.install()
-    executor = execute.Executor(topo, backend, writer, monitor, stop, config.on_error, images=images.images)
+    executor = execute.Executor(topo, backend, writer, monitor, stop, config.on_error, images=ready.images.images)
     t0 = time.time()
     try:
         with writer or contextlib.nullcontext(), phases.phase("model_calls"):
@@ -131,12 +142,25 @@ def evaluate(config: RunConfig, topo: Topology) -> None:
     )
     monitor.close()
     phases.add("gather", time.monotonic() - gathering)
-    if run_plan is not None:
+    return stats
+
+
+def evaluate(config: RunConfig, topo: Topology) -> None:
+    started = time.time()
+    phases = Phases()
+    quiet_libraries()
+    set_seeds(config)
+    ready = prepare(config, topo, phases)
+    if ready.plan is not None:
+        write_manifest(config.output, model=ready.plan.model, tasks=ready.plan.task_hashes)
+    stats = run_requests(config, topo, ready, phases)
+    if ready.plan is not None:
         with phases.phase("merge"):
-            outputs = merge.merge_results(config.output, run_plan, work.launch, sum(s["written"] for s in stats))
-        resume = {"reused": len(run_plan.done), "computed": work.pending}
-        described = {"backend": backend.name, **backend.describe()}
-        results.write_outputs(config, topo, run_plan, outputs, described, stats, started, resume, phases)
+            written = sum(s["written"] for s in stats)
+            outputs = merge.merge_results(config.output, ready.plan, ready.work.launch, written)
+        resume = {"reused": len(ready.plan.done), "computed": ready.work.pending}
+        described = {"backend": ready.backend.name, **ready.backend.describe()}
+        results.write_outputs(config, topo, ready.plan, outputs, described, stats, started, resume, phases)
 
 
 def run_guarded(config: RunConfig) -> int:

@@ -71,11 +71,12 @@ def hf_one(model32, tmp_path_factory) -> Run:
 
 
 @pytest.mark.multiprocess
-def test_dp2_under_torchrun_gives_the_one_process_outputs(vllm_one, model32, tmp_path):
+def test_dp2_under_torchrun_gives_the_one_process_outputs(vllm_one, model32, tmp_path, monkeypatch):
+    """Without VLLM_CPU_KVCACHE_SPACE, as a user runs it: evalkit sizes each rank's KV cache from the
+    node's memory, where vLLM alone would give each rank most of the node."""
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     run = ok(
-        run_evalkit(
-            demo_args(model32, "--backend", "vllm"), launcher="torchrun", nproc=2, output=tmp_path / "out", env=ENV
-        )
+        run_evalkit(demo_args(model32, "--backend", "vllm"), launcher="torchrun", nproc=2, output=tmp_path / "out")
     )
     assert run.results()["parallel"]["dp"] == 2
     for task in DEMO_TASKS:

@@ -32,6 +32,7 @@ from evalkit.models.lm_rules import (
     scoring_window,
 )
 from evalkit.models.protocol import GenerationInput, Progress
+from evalkit.models.vllm_memory import memory_options
 from evalkit.models.vlm_prompts import ChatPrompts, load_processor
 from evalkit.parallel import Topology
 
@@ -192,6 +193,7 @@ class VLLMBackend:
             engine_options["distributed_executor_backend"] = "external_launcher"
         if topo.device.type == "cpu":
             engine_options["enforce_eager"] = True  # compiling graphs on CPU costs more than a tiny run saves
+        engine_options.update(memory_options(hf_config, path, engine_options, checkpoint_dtype(hf_config), topo))
         shm = CpuShmSegments(topo) if topo.device.type == "cpu" and topo.layout.tp > 1 else None
         if shm is not None:
             shm.remove_stale()
