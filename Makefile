@@ -111,9 +111,11 @@ bench: install
 bench-vllm: install-vllm
 	$(VLLM_VENV)/bin/python benchmarks/vllm_vs_hf.py
 
+# ruff, and the import contract: layers only import downward, no circles (tests/test_import_layers.py).
 lint: install
 	$(VENV)/bin/ruff check evalkit tests
 	$(VENV)/bin/ruff format --check evalkit tests
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_import_layers.py
 
 style: install
 	$(VENV)/bin/ruff check --fix evalkit tests

@@ -205,6 +205,11 @@ class Topology:
         dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.tp_group)
         return bool(value.item())
 
+    def tp_barrier(self) -> None:
+        """Every rank of this rank's TP group has reached this point (nothing without TP)."""
+        if self.tp_group is not None:
+            dist.barrier(group=self.tp_group)
+
     def store(self) -> Any:
         """The launcher's key-value store (heartbeats), or None at world size 1."""
         return dist.distributed_c10d._get_default_store() if self.distributed else None

@@ -114,7 +114,7 @@ class CpuShmSegments:
         ranks = topo.layout.tp_ranks(topo.dp_rank)
         self.pattern = f"*-[[]{'-'.join(str(r) for r in ranks)}[]]-cpushm_*"
         self.folder = folder
-        self.group = topo.tp_group
+        self.topo = topo
 
     def _remove(self) -> None:
         for segment in self.folder.glob(self.pattern) if self.folder.is_dir() else []:
@@ -122,9 +122,7 @@ class CpuShmSegments:
 
     def remove_stale(self) -> None:
         self._remove()
-        import torch.distributed as dist
-
-        dist.barrier(group=self.group)  # no rank creates its segment before every rank has cleaned
+        self.topo.tp_barrier()  # no rank creates its segment before every rank has cleaned
 
     def release(self) -> None:
         self._remove()
