@@ -24,11 +24,11 @@ def _sha(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str, ensure_ascii=False).encode()).hexdigest()
 
 
-def model_fingerprint(path: str, dtype: str, backend: str) -> dict[str, Any]:
+def model_fingerprint(path: str, dtype: str, backend: str, *, keyed_by_backend: bool = True) -> dict[str, Any]:
     """Path, config, a weights fingerprint (each file's size and its first and last 64 KiB), the
     content of every file that shapes prompts or generation (tokenizer, chat template, processor
-    image sizes and pixel limits, generation defaults) and the backend that runs it: engines differ
-    in their last digits, so a vllm run is never resumed by hf.
+    image sizes and pixel limits, generation defaults) and, where ``keyed_by_backend``, the backend
+    that runs it: engines differ in their last digits, so a vllm run is never resumed by hf.
 
     Reading the edges instead of whole files keeps this instant for a 140 GB checkpoint while
     still telling apart re-saved or fine-tuned weights (safetensors headers hold every tensor's
@@ -55,7 +55,7 @@ def model_fingerprint(path: str, dtype: str, backend: str) -> dict[str, Any]:
     identity = {"path": str(folder.resolve()), "config": config, "weights": weights, "dtype": dtype}
     if settings:
         identity["settings"] = settings
-    if backend not in ("hf", "hf-vlm"):  # these two score alike; earlier folders of theirs stay resumable
+    if keyed_by_backend:
         identity["backend"] = backend
     return {"path": identity["path"], "dtype": dtype, "backend": backend, "hash": _sha(identity)}
 

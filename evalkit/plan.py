@@ -121,7 +121,7 @@ def identify(
     if inputs.spec.served:
         model = served_fingerprint(inputs.model, backend, config.tokenizer)
     else:
-        model = model_fingerprint(inputs.model, config.dtype, backend)
+        model = model_fingerprint(inputs.model, config.dtype, backend, keyed_by_backend=inputs.spec.keyed_by_backend)
     settings = {
         "seed": config.seed.fewshot,
         "chat_template": config.apply_chat_template,

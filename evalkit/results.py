@@ -20,7 +20,7 @@ from evalkit.parallel import Topology
 from evalkit.plan import RunPlan
 from evalkit.report import git_hash, package_versions, write_json_atomic, write_jsonl_atomic
 from evalkit.tasks.requests import TaskPlan
-from evalkit.tasks.scoring import ProcessBatch, score, task_hash
+from evalkit.tasks.scoring import ProcessBatch, Scored, score, task_hash
 from evalkit.timings import Phases
 
 
@@ -49,25 +49,29 @@ def sandboxed_scoring(config: RunConfig, model_path: str) -> ProcessBatch:
     return run
 
 
-def write_outputs(
-    config: RunConfig,
-    topo: Topology,
-    plan: RunPlan,
-    outputs: list[Any],
-    model: dict[str, Any],
-    rank_stats: list[dict[str, Any]],
-    started: float,
-    resume: dict[str, int],
-    phases: Phases,
-) -> None:
+def score_outputs(config: RunConfig, plan: RunPlan, outputs: list[Any], phases: Phases) -> Scored:
+    """lm-eval's metrics, groups and sample rows for the merged outputs (rank 0)."""
     with phases.phase("scoring"):
-        scored = score(
+        return score(
             plan.tasks,
             plan.groups,
             outputs,
             bootstrap_iters=config.bootstrap_iters,
             sandboxed=sandboxed_scoring(config, plan.model_path),
         )
+
+
+def write_outputs(
+    config: RunConfig,
+    topo: Topology,
+    scored: Scored,
+    model: dict[str, Any],
+    rank_stats: list[dict[str, Any]],
+    started: float,
+    resume: dict[str, int],
+    phases: Phases,
+) -> None:
+    """results.json, samples_<task>.jsonl and the table, written atomically."""
     carried = [s for s in rank_stats if topo.layout.carries_results(s["rank"])]
     document = {
         **scored.results,

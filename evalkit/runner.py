@@ -159,8 +159,9 @@ def evaluate(config: RunConfig, topo: Topology) -> None:
             written = sum(s["written"] for s in stats)
             outputs = merge.merge_results(config.output, ready.plan, ready.work.launch, written)
         resume = {"reused": len(ready.plan.done), "computed": ready.work.pending}
+        scored = results.score_outputs(config, ready.plan, outputs, phases)
         described = {"backend": ready.backend.name, **ready.backend.describe()}
-        results.write_outputs(config, topo, ready.plan, outputs, described, stats, started, resume, phases)
+        results.write_outputs(config, topo, scored, described, stats, started, resume, phases)
 
 
 def run_guarded(config: RunConfig) -> int:

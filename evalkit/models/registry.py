@@ -105,6 +105,9 @@ class BackendSpec:
     vision_checkpoints: bool = False  # takes images when the checkpoint is a vision-language model
     tp_placement: Placement | None = None  # splits a TP group itself (else --tp-backend does)
     single_replica: frozenset[Placement] = frozenset()  # placements it runs only at dp=1
+    # Its results name it in the model's identity, so a run resumed by another engine (whose scores
+    # differ in their last digits) recomputes them; the transformers backends score alike.
+    keyed_by_backend: bool = True
     needs: tuple[str, ...] = ()  # options it cannot run without
     hints: Mapping[str, str] = field(default_factory=dict)  # how to fix a refused flag or layout
 
@@ -282,6 +285,7 @@ BACKENDS: dict[str, BackendSpec] = {
             placements=IN_PROCESS,
             options=_transformers_options,
             load=_load_hf,
+            keyed_by_backend=False,
             hints={"tokenizer": "; it reads the tokenizer from --model"},
         ),
         BackendSpec(
@@ -292,6 +296,7 @@ BACKENDS: dict[str, BackendSpec] = {
             placements=IN_PROCESS,
             options=_transformers_options,
             load=_load_hf_vlm,
+            keyed_by_backend=False,
             # transformers 5 meets DTensor and Tensor in the vision tower's convolution once there are
             # several TP meshes; DeepSpeed AutoTP runs the same layout correctly.
             single_replica=frozenset({Placement.TRANSFORMERS_TP}),
