@@ -42,7 +42,7 @@ def build_model(folder: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from evalkit.tinymodel import DEFAULT_TASKS_DIR, build_tiny_llama, corpus_from_tasks
+    from evalkit.testing.tinymodel import DEFAULT_TASKS_DIR, build_tiny_llama, corpus_from_tasks
 
     tiny = build_tiny_llama(folder / "tiny", corpus_from_tasks(DEFAULT_TASKS_DIR))
     tokenizer = AutoTokenizer.from_pretrained(tiny)

@@ -1,7 +1,7 @@
 """evalkit against lm-eval 0.4.13 (``--model hf``): speed and per-request parity, side by side.
 
 What runs: a ~18M-parameter Llama (fp32, random seeded weights, a byte-level BPE tokenizer trained
-with evalkit.tinymodel on the benchmark's own text) on three plain lm-eval YAML tasks with local,
+with evalkit.testing.tinymodel on the benchmark's own text) on three plain lm-eval YAML tasks with local,
 synthetic, seeded jsonl data, grouped under the tag ``bench`` (1,860 requests):
 
 - ``bench_mc_fewshot``: ARC-like multiple choice, 4 choices of 5-10 words, 5-shot, 300 docs;
@@ -306,7 +306,7 @@ def build_model(out_dir: Path, tasks_dir: Path) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from evalkit.tinymodel import DEFAULT_TASKS_DIR, _train_tokenizer, corpus_from_tasks
+    from evalkit.testing.tinymodel import DEFAULT_TASKS_DIR, _train_tokenizer, corpus_from_tasks
 
     tokenizer = _train_tokenizer(corpus_from_tasks(tasks_dir) + corpus_from_tasks(DEFAULT_TASKS_DIR))
     tokenizer.model_max_length = MAX_POSITIONS

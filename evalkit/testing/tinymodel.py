@@ -13,7 +13,7 @@ sometimes emits "\n\n" and generation stop sequences get exercised.
 
 Usage::
 
-    python -m evalkit.tinymodel OUT_DIR [--tasks-dir DIR] [--seed N]
+    python -m evalkit.testing.tinymodel OUT_DIR [--tasks-dir DIR] [--seed N]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
-DEFAULT_TASKS_DIR = Path(__file__).resolve().parent / "bundled_tasks" / "demo"
+DEFAULT_TASKS_DIR = Path(__file__).resolve().parent.parent / "bundled_tasks" / "demo"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 VOCAB_SIZE = 512
 MAX_POSITIONS = 128
@@ -147,7 +147,7 @@ def with_chat_template(model_dir: Path, out_dir: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m evalkit.tinymodel", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m evalkit.testing.tinymodel", description=__doc__.split("\n")[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument(
         "--tasks-dir", type=Path, default=DEFAULT_TASKS_DIR, help="folder whose *.jsonl files form the tokenizer corpus"
