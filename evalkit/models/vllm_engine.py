@@ -27,7 +27,7 @@ from evalkit.models.lm_rules import (
     generation_groups,
     model_max_length,
     prompt_in_window,
-    rolling_windows,
+    rolling_loglikelihoods,
     scoring_window,
 )
 from evalkit.models.protocol import GenerationInput, Progress
@@ -240,17 +240,15 @@ class VLLMBackend:
     def loglikelihood_rolling(self, texts: list[str], progress: Progress) -> list[float]:
         # A window's prompt (its context and the tokens it scores) is at most one token longer than
         # its scored tokens, so windows of ``self.window - 1`` tokens fit (the hf windows when they can).
-        totals = [0.0] * len(texts)
-        for start, chunk in chunked(texts, max(self.batch_size // 4, 1)):
-            windows, owners = [], []
-            for owner, text in enumerate(chunk, start=start):
-                for window in rolling_windows(self.tokens.encode(text), self.tokens.prefix_token_id, self.window - 1):
-                    windows.append(window)
-                    owners.append(owner)
-            for owner, (logprob, _) in zip(owners, self._score(windows, lambda finished: None), strict=True):
-                totals[owner] += logprob
-            progress([(owner, totals[owner]) for owner in sorted(set(owners))])
-        return totals
+        return rolling_loglikelihoods(
+            texts,
+            self.tokens.encode,
+            self.tokens.prefix_token_id,
+            self.window - 1,
+            max(self.batch_size // 4, 1),
+            lambda windows: self._score(windows, lambda finished: None),
+            progress,
+        )
 
     # -- generation ---------------------------------------------------------------------------
 
