@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from evalkit.errors import UsageError
+from evalkit.errors import UsageError, one_line
 from evalkit.models.lm_rules import (
     LMTokenizer,
     generation_groups,
@@ -53,7 +53,7 @@ def import_vllm() -> Any:
         import vllm
     except (ImportError, RuntimeError, OSError) as exc:  # a broken install fails in its native libraries
         raise UsageError(
-            f"--backend vllm needs the vllm package, which does not import here ({first_lines(exc, 1)}); {INSTALL_HINT}"
+            f"--backend vllm needs the vllm package, which does not import here ({one_line(exc, lines=1, limit=300)}); {INSTALL_HINT}"
         ) from None
     return vllm
 
@@ -68,15 +68,9 @@ def require_torchvision(path: str) -> None:
 
         raise UsageError(
             f"vLLM runs the vision-language model {path} only with torchvision, which does not import here "
-            f"({first_lines(exc, 1)}); install the torchvision build made for torch {torch.__version__}, "
+            f"({one_line(exc, lines=1, limit=300)}); install the torchvision build made for torch {torch.__version__}, "
             "or use --backend hf-vlm"
         ) from None
-
-
-def first_lines(exc: BaseException, count: int = 3) -> str:
-    """An exception's first lines as one line (a validation error's detail is on its second)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()][:count]
-    return (" ".join(lines) or type(exc).__name__)[:300]
 
 
 def checkpoint_dtype(hf_config: Any) -> str:
@@ -186,7 +180,7 @@ class VLLMBackend:
         try:
             engine = vllm.LLM(**options)
         except (ValueError, RuntimeError, OSError) as exc:
-            raise UsageError(f"vLLM cannot load {path}: {first_lines(exc)}") from None
+            raise UsageError(f"vLLM cannot load {path}: {one_line(exc, lines=3, limit=300)}") from None
         if shm is not None:
             shm.release()
         chunk = config.batch_size if isinstance(config.batch_size, int) else DEFAULT_CHUNK
