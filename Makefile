@@ -63,7 +63,7 @@ endif
 	touch $@
 
 demo: install
-	$(PY) -m evalkit.tinymodel $(DEMO)/tiny-llama
+	$(PY) -m evalkit.testing.tinymodel $(DEMO)/tiny-llama
 	rm -rf $(DEMO)/results
 	$(VENV)/bin/torchrun --nproc_per_node=$(NPROC) -m evalkit \
 		--model $(DEMO)/tiny-llama --tasks demo --output $(DEMO)/results --batch-size 4 --device cpu
@@ -72,7 +72,7 @@ demo: install
 # counts, positions; lmms-eval task format) on 2 processes. VLM_FAMILY=qwen2_vl or internvl for the others.
 VLM_FAMILY ?= llava
 demo-vlm: install
-	$(PY) -m evalkit.tinyvlm $(VLM_FAMILY) $(DEMO)/tiny-$(VLM_FAMILY)
+	$(PY) -m evalkit.testing.tinyvlm $(VLM_FAMILY) $(DEMO)/tiny-$(VLM_FAMILY)
 	rm -rf $(DEMO)/results-vlm
 	$(VENV)/bin/torchrun --nproc_per_node=$(NPROC) -m evalkit \
 		--model $(DEMO)/tiny-$(VLM_FAMILY) --tasks vlm_demo --output $(DEMO)/results-vlm --batch-size 4 --device cpu
@@ -90,7 +90,7 @@ test-vllm: install-vllm
 # attention heads, the smallest vLLM's CPU attention takes. Each engine's KV cache is sized by
 # evalkit from the node's memory unless VLLM_CPU_KVCACHE_SPACE is set.
 demo-vllm: install-vllm
-	$(VLLM_VENV)/bin/python -m evalkit.tinymodel --head-dim 32 $(DEMO)/tiny-llama-h32
+	$(VLLM_VENV)/bin/python -m evalkit.testing.tinymodel --head-dim 32 $(DEMO)/tiny-llama-h32
 	rm -rf $(DEMO)/results-vllm
 	$(VLLM_VENV)/bin/torchrun --nproc_per_node=$(NPROC) -m evalkit \
 		--model $(DEMO)/tiny-llama-h32 --tasks demo --output $(DEMO)/results-vllm --backend vllm $(if $(filter 0,$(GPUS)),--device cpu,)

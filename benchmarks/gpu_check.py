@@ -39,33 +39,21 @@ def skip_reason() -> str | None:
 
 def build_model(folder: Path) -> Path:
     """evalkit's tiny tokenizer with a Llama wide enough for GPU timings to mean something."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from evalkit.testing.tinymodel import DEFAULT_TASKS_DIR, build_tiny_llama, corpus_from_tasks
 
-    from evalkit.tinymodel import DEFAULT_TASKS_DIR, build_tiny_llama, corpus_from_tasks
-
-    tiny = build_tiny_llama(folder / "tiny", corpus_from_tasks(DEFAULT_TASKS_DIR))
-    tokenizer = AutoTokenizer.from_pretrained(tiny)
-    tokenizer.model_max_length = 2048
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    return build_tiny_llama(
+        folder / "llama-100m",
+        corpus_from_tasks(DEFAULT_TASKS_DIR),
         hidden_size=1024,
         intermediate_size=2816,
-        num_hidden_layers=8,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        num_layers=8,
+        num_heads=16,
+        num_kv_heads=8,
+        max_positions=2048,
+        init_std=0.02,
         dtype="bfloat16",
+        newline_scale=1.0,
     )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    out = folder / "llama-100m"
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 # (label, tasks, extra flags); MFU is computed for the first only.

@@ -1,7 +1,7 @@
 """evalkit against lm-eval 0.4.13 (``--model hf``): speed and per-request parity, side by side.
 
 What runs: a ~18M-parameter Llama (fp32, random seeded weights, a byte-level BPE tokenizer trained
-with evalkit.tinymodel on the benchmark's own text) on three plain lm-eval YAML tasks with local,
+with evalkit.testing.tinymodel on the benchmark's own text) on three plain lm-eval YAML tasks with local,
 synthetic, seeded jsonl data, grouped under the tag ``bench`` (1,860 requests):
 
 - ``bench_mc_fewshot``: ARC-like multiple choice, 4 choices of 5-10 words, 5-shot, 300 docs;
@@ -303,36 +303,29 @@ def write_tasks(folder: Path) -> Path:
 
 def build_model(out_dir: Path, tasks_dir: Path) -> None:
     """evalkit's tokenizer training on the bench and demo text, then a seeded fp32 Llama."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from safetensors import safe_open
 
-    from evalkit.tinymodel import DEFAULT_TASKS_DIR, _train_tokenizer, corpus_from_tasks
+    from evalkit.testing.tinymodel import DEFAULT_TASKS_DIR, build_tiny_llama, corpus_from_tasks
 
-    tokenizer = _train_tokenizer(corpus_from_tasks(tasks_dir) + corpus_from_tasks(DEFAULT_TASKS_DIR))
-    tokenizer.model_max_length = MAX_POSITIONS
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=MAX_POSITIONS,
-        initializer_range=0.02,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-        dtype="float32",
-    )
-    torch.manual_seed(SEED)
-    model = LlamaForCausalLM(config).to(torch.float32).eval()
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    build_tiny_llama(
+        tmp,
+        corpus_from_tasks(tasks_dir) + corpus_from_tasks(DEFAULT_TASKS_DIR),
+        seed=SEED,
+        hidden_size=512,
+        intermediate_size=1376,
+        num_layers=6,
+        num_heads=8,
+        num_kv_heads=4,
+        max_positions=MAX_POSITIONS,
+        init_std=0.02,
+        newline_scale=1.0,
+    )
     tmp.rename(out_dir)  # a half-written model is never mistaken for a cached one
-    print(f"built {out_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)", flush=True)
+    with safe_open(out_dir / "model.safetensors", "pt") as weights:
+        params = sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
+    print(f"built {out_dir} ({params / 1e6:.1f}M parameters)", flush=True)
 
 
 def ensure_model(out_dir: Path, tasks_dir: Path) -> Path:

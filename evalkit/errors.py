@@ -39,6 +39,17 @@ def say(line: str) -> None:
     os.write(sys.stderr.fileno(), (line.rstrip("\n") + "\n").encode())
 
 
-def one_line(exc: BaseException) -> str:
-    """An exception's message with its whitespace and newlines folded, for one-line errors."""
-    return " ".join(str(exc).split())
+def one_line(exc: BaseException | str, lines: int | None = None, limit: int | None = None) -> str:
+    """An exception's message on one line, for one-line errors.
+
+    By default all of it, its whitespace and newlines folded. With ``lines``, only its first that
+    many non-blank lines, each stripped, joined by spaces (a validation error's detail is on its
+    second), or the exception's type name when it has no message. ``limit`` cuts the result to
+    that many characters.
+    """
+    if lines is None:
+        text = " ".join(str(exc).split())
+    else:
+        kept = [line.strip() for line in str(exc).splitlines() if line.strip()][:lines]
+        text = " ".join(kept) or type(exc).__name__
+    return text if limit is None else text[:limit]

@@ -62,7 +62,7 @@ def test_num_fewshot_override_follows_lm_eval(tmp_path):
 
 def test_instruct_prompts_follow_lm_eval(tmp_path):
     """--apply-chat-template, --fewshot-as-multiturn, --system-instruction and --gen-kwargs as lm-eval means them."""
-    from evalkit.tinymodel import with_chat_template
+    from evalkit.testing.tinymodel import with_chat_template
 
     chat_model = with_chat_template(TINY_MODEL, tmp_path / "tiny-chat")
     args = ["--model", str(chat_model), "--device", "cpu", "--tasks", "demo_mc_fewshot,demo_gen", "--limit", "12"]

@@ -8,7 +8,7 @@ import shutil
 import pytest
 from test_bad_input import assert_usage_error
 
-from evalkit.tinymodel import DEFAULT_TASKS_DIR, build_tiny_llama, corpus_from_tasks
+from evalkit.testing.tinymodel import DEFAULT_TASKS_DIR, build_tiny_llama, corpus_from_tasks
 
 from conftest import REPO, TASK_FIXTURES, TINY_MODEL, model_args, run_evalkit
 

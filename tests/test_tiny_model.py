@@ -1,11 +1,11 @@
-"""The committed test model is exactly what ``python -m evalkit.tinymodel`` builds (what `make demo` runs)."""
+"""The committed test model is exactly what ``python -m evalkit.testing.tinymodel`` builds (what `make demo` runs)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 
-from evalkit.tinymodel import DEFAULT_TASKS_DIR, build_tiny_llama, corpus_from_tasks
+from evalkit.testing.tinymodel import DEFAULT_TASKS_DIR, build_tiny_llama, corpus_from_tasks
 
 from conftest import TINY_MODEL
 

@@ -45,7 +45,7 @@ VLM_FAMILIES = ("llava", "qwen2_vl", "internvl")
 
 @pytest.fixture(scope="module")
 def model32(tmp_path_factory) -> Path:
-    from evalkit.tinymodel import DEFAULT_TASKS_DIR, build_tiny_llama, corpus_from_tasks
+    from evalkit.testing.tinymodel import DEFAULT_TASKS_DIR, build_tiny_llama, corpus_from_tasks
 
     return build_tiny_llama(tmp_path_factory.mktemp("m") / "tiny32", corpus_from_tasks(DEFAULT_TASKS_DIR), head_dim=32)
 
@@ -138,7 +138,7 @@ def torchvision_imports() -> bool:
 @pytest.mark.parametrize("family", VLM_FAMILIES)
 def test_vision_language_model_gives_the_hf_vlm_generations(family, tmp_path):
     """The bundled image task: vLLM expands each image placeholder itself and must answer as hf-vlm."""
-    from evalkit.tinyvlm import build_tiny_vlm
+    from evalkit.testing.tinyvlm import build_tiny_vlm
 
     model = build_tiny_vlm(family, tmp_path / "model", head_dim=32)
     args = ["--model", str(model), "--tasks", "vlm_demo", "--device", "cpu"]
@@ -154,7 +154,7 @@ def test_vision_language_model_gives_the_hf_vlm_generations(family, tmp_path):
 
 @pytest.mark.skipif(torchvision_imports(), reason="torchvision imports here")
 def test_vision_language_model_without_torchvision_is_refused_in_one_line(tmp_path):
-    from evalkit.tinyvlm import build_tiny_vlm
+    from evalkit.testing.tinyvlm import build_tiny_vlm
 
     model = build_tiny_vlm("llava", tmp_path / "model", head_dim=32)
     run = run_evalkit(["--model", str(model), "--tasks", "vlm_demo", "--backend", "vllm"], output=tmp_path / "out")

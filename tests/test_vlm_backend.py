@@ -15,7 +15,7 @@ from evalkit.models.hf_vlm import LOOKAHEAD_BATCHES, HFVisionLM, collate
 from evalkit.models.protocol import GenerationInput, ImageInput
 from evalkit.models.vllm_engine import VLLMBackend
 from evalkit.models.vlm_prompts import ChatPrompts, load_processor, to_messages
-from evalkit.tinyvlm import FAMILIES, build_tiny_vlm
+from evalkit.testing.tinyvlm import FAMILIES, build_tiny_vlm
 
 GREEDY = {"until": ["\n\n"], "max_gen_toks": 12}
 # (width, height), colour, shape: sizes differ so dynamic-resolution families get different token counts.

@@ -31,7 +31,7 @@ BOUND_SECONDS = 60
 @pytest.fixture(scope="session")
 def tiny_vlm(tmp_path_factory):
     """Builds each family's tiny model once per test session."""
-    from evalkit.tinyvlm import build_tiny_vlm
+    from evalkit.testing.tinyvlm import build_tiny_vlm
 
     built: dict[str, Path] = {}
 

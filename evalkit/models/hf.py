@@ -26,7 +26,7 @@ from evalkit.models.lm_rules import (
     LMTokenizer,
     generation_groups,
     model_max_length,
-    rolling_windows,
+    rolling_loglikelihoods,
 )
 from evalkit.models.packing import PACKED_WIDTH, Encoded, Pack, block_attention, context_group, pack_requests
 from evalkit.models.protocol import GenerationInput, Progress
@@ -300,19 +300,16 @@ class HFCausalLM:
         )
 
     def loglikelihood_rolling(self, texts: list[str], progress: Progress) -> list[float]:
-        totals = [0.0] * len(texts)
         # A few texts at a time, so finished texts are reported while the rest are still running.
-        for start in range(0, len(texts), self.limit.rows):
-            windows, owners = [], []
-            for owner in range(start, min(start + self.limit.rows, len(texts))):
-                for window in rolling_windows(self.encode(texts[owner]), self.prefix_token_id, self.max_length):
-                    windows.append(window)
-                    owners.append(owner)
-            scores = self.score_tokens(windows, progress=lambda finished: None)
-            for owner, (logprob, _) in zip(owners, scores, strict=True):
-                totals[owner] += logprob
-            progress([(owner, totals[owner]) for owner in sorted(set(owners))])
-        return totals
+        return rolling_loglikelihoods(
+            texts,
+            self.encode,
+            self.prefix_token_id,
+            self.max_length,
+            self.limit.rows,
+            lambda windows: self.score_tokens(windows, progress=lambda finished: None),
+            progress,
+        )
 
     # -- generation ---------------------------------------------------------------------------
 

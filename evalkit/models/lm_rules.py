@@ -8,10 +8,10 @@ summed, and long texts are scored in rolling windows that predict every token ex
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from evalkit.models.protocol import DEFAULT_MAX_GEN_TOKS, GenerationInput
+from evalkit.models.protocol import DEFAULT_MAX_GEN_TOKS, GenerationInput, Progress
 from evalkit.models.stopping import cut_at_stop
 
 DEFAULT_MAX_LENGTH = 2048
@@ -137,6 +137,34 @@ def rolling_windows(tokens: list[int], prefix: int, max_len: int) -> list[tuple[
         done = end
     # Context and scored tokens overlap except for the first scored token; keep them disjoint.
     return [(ctx[: len(ctx) - (len(scored) - 1)], scored) for ctx, scored in windows]
+
+
+def rolling_loglikelihoods(
+    texts: Sequence[str],
+    encode: Callable[[str], list[int]],
+    prefix: int,
+    max_len: int,
+    chunk: int,
+    score: Callable[[list[tuple[list[int], list[int]]]], Sequence[tuple[float, bool]]],
+    progress: Progress,
+) -> list[float]:
+    """The rolling log-likelihood of each text: the summed scores of its :func:`rolling_windows`.
+
+    Texts go ``chunk`` at a time: the windows of a chunk's texts are scored in one ``score`` call
+    (a (log-prob, greedy) per (context, scored tokens) window), and the chunk's finished texts
+    are reported to ``progress`` while the rest are still to run.
+    """
+    totals = [0.0] * len(texts)
+    for start in range(0, len(texts), chunk):
+        windows, owners = [], []
+        for owner in range(start, min(start + chunk, len(texts))):
+            for window in rolling_windows(encode(texts[owner]), prefix, max_len):
+                windows.append(window)
+                owners.append(owner)
+        for owner, (logprob, _) in zip(owners, score(windows), strict=True):
+            totals[owner] += logprob
+        progress([(owner, totals[owner]) for owner in sorted(set(owners))])
+    return totals
 
 
 def model_max_length(config: Any, tokenizer: Any) -> int:

@@ -33,7 +33,7 @@ from evalkit.models.lm_rules import (
     generation_groups,
     model_max_length,
     prompt_in_window,
-    rolling_windows,
+    rolling_loglikelihoods,
     scoring_window,
 )
 from evalkit.models.protocol import GenerationInput, Progress
@@ -289,8 +289,16 @@ class OpenAICompletions:
         tokens = self.tokens
 
         def one(text: str) -> float:
-            windows = rolling_windows(tokens.encode(text), tokens.prefix_token_id, self.window - 1)
-            return sum(self._score_one(context, scored)[0] for context, scored in windows)
+            """One text, its windows one after another: the texts are the concurrent calls."""
+            return rolling_loglikelihoods(
+                [text],
+                tokens.encode,
+                tokens.prefix_token_id,
+                self.window - 1,
+                1,
+                lambda windows: [self._score_one(context, scored) for context, scored in windows],
+                lambda finished: None,
+            )[0]
 
         return run_concurrently([lambda t=t: one(t) for t in texts], self.batch_size, progress)
 

@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evalkit.errors import UsageError
+from evalkit.errors import UsageError, one_line
 from evalkit.models.lm_rules import (
     LMTokenizer,
     generation_groups,
     model_max_length,
     prompt_in_window,
-    rolling_windows,
+    rolling_loglikelihoods,
     scoring_window,
 )
 from evalkit.models.protocol import GenerationInput, Progress
@@ -65,7 +65,7 @@ def import_vllm() -> Any:
         import vllm
     except (ImportError, RuntimeError, OSError) as exc:  # a broken install fails in its native libraries
         raise UsageError(
-            f"--backend vllm needs the vllm package, which does not import here ({first_lines(exc, 1)}); {INSTALL_HINT}"
+            f"--backend vllm needs the vllm package, which does not import here ({one_line(exc, lines=1, limit=300)}); {INSTALL_HINT}"
         ) from None
     return vllm
 
@@ -80,15 +80,9 @@ def require_torchvision(path: str) -> None:
 
         raise UsageError(
             f"vLLM runs the vision-language model {path} only with torchvision, which does not import here "
-            f"({first_lines(exc, 1)}); install the torchvision build made for torch {torch.__version__}, "
+            f"({one_line(exc, lines=1, limit=300)}); install the torchvision build made for torch {torch.__version__}, "
             "or use --backend hf-vlm"
         ) from None
-
-
-def first_lines(exc: BaseException, count: int = 3) -> str:
-    """An exception's first lines as one line (a validation error's detail is on its second)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()][:count]
-    return (" ".join(lines) or type(exc).__name__)[:300]
 
 
 def checkpoint_dtype(hf_config: Any) -> str:
@@ -198,7 +192,7 @@ class VLLMBackend:
         try:
             engine = vllm.LLM(**engine_options)
         except (ValueError, RuntimeError, OSError) as exc:
-            raise UsageError(f"vLLM cannot load {path}: {first_lines(exc)}") from None
+            raise UsageError(f"vLLM cannot load {path}: {one_line(exc, lines=3, limit=300)}") from None
         if shm is not None:
             shm.release()
         return cls(
@@ -251,17 +245,15 @@ class VLLMBackend:
     def loglikelihood_rolling(self, texts: list[str], progress: Progress) -> list[float]:
         # A window's prompt (its context and the tokens it scores) is at most one token longer than
         # its scored tokens, so windows of ``self.window - 1`` tokens fit (the hf windows when they can).
-        totals = [0.0] * len(texts)
-        for start, chunk in chunked(texts, max(self.batch_size // 4, 1)):
-            windows, owners = [], []
-            for owner, text in enumerate(chunk, start=start):
-                for window in rolling_windows(self.tokens.encode(text), self.tokens.prefix_token_id, self.window - 1):
-                    windows.append(window)
-                    owners.append(owner)
-            for owner, (logprob, _) in zip(owners, self._score(windows, lambda finished: None), strict=True):
-                totals[owner] += logprob
-            progress([(owner, totals[owner]) for owner in sorted(set(owners))])
-        return totals
+        return rolling_loglikelihoods(
+            texts,
+            self.tokens.encode,
+            self.tokens.prefix_token_id,
+            self.window - 1,
+            max(self.batch_size // 4, 1),
+            lambda windows: self._score(windows, lambda finished: None),
+            progress,
+        )
 
     # -- generation ---------------------------------------------------------------------------
 

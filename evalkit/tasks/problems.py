@@ -132,19 +132,6 @@ def _installed_package(top: str) -> str | None:
     return f"{top} {version}" if version else None
 
 
-def missing_package(exc: BaseException) -> str | None:
-    """The name of the package whose import failed because it is not installed, if that is what happened.
-
-    A missing submodule of an installed package is not a missing package (see :func:`reason`)."""
-    for err in causes(exc):
-        if isinstance(err, ModuleNotFoundError) and err.name:
-            top = err.name.split(".")[0]
-            if top in ("lm_eval", "evalkit") or ("." in err.name and _installed(top)):
-                continue
-            return _package_name(top)
-    return None
-
-
 _CANNOT_IMPORT = re.compile(r"cannot import name '([^']+)' from '([^']+)'")
 
 

@@ -297,7 +297,9 @@ def main() -> None:
         sys.exit(f"unknown runs {sorted(unknown)}")
 
     if not (MODEL_DIR / "model.safetensors").exists():
-        sys.exit(f"missing {MODEL_DIR}; build it first: python -m evalkit.tinymodel {MODEL_DIR.relative_to(REPO)}")
+        sys.exit(
+            f"missing {MODEL_DIR}; build it first: python -m evalkit.testing.tinymodel {MODEL_DIR.relative_to(REPO)}"
+        )
     version = subprocess.run(
         [args.python, "-c", "import importlib.metadata as m; print(m.version('lm_eval'))"],
         capture_output=True,

@@ -9,7 +9,7 @@ must not depend on lm-eval), e.g.::
 
 and the committed tiny model fixture, built with evalkit::
 
-    python -m evalkit.tinymodel tests/fixtures/tiny-llama
+    python -m evalkit.testing.tinymodel tests/fixtures/tiny-llama
 
 Then, from the repository root (any Python >= 3.11; only the stdlib is used)::
 
@@ -306,7 +306,7 @@ CHAT_FLAGS = [
 
 def make_chat_reference(lm_eval: str) -> dict[str, dict]:
     sys.path.insert(0, str(REPO))
-    from evalkit.tinymodel import with_chat_template
+    from evalkit.testing.tinymodel import with_chat_template
 
     chat_model = with_chat_template(MODEL_DIR, Path(tempfile.mkdtemp(prefix="lmeval-chat-model-")) / "tiny-chat")
     argv, results, _ = run_lm_eval(lm_eval, CHAT_TASKS, CHAT_FLAGS, "chat", model_dir=chat_model)
@@ -324,7 +324,9 @@ def main() -> None:
     args = parser.parse_args()
     python = str(Path(args.lm_eval).with_name("python"))
     if not (MODEL_DIR / "model.safetensors").exists():
-        sys.exit(f"missing {MODEL_DIR}; build it first: python -m evalkit.tinymodel {MODEL_DIR.relative_to(REPO)}")
+        sys.exit(
+            f"missing {MODEL_DIR}; build it first: python -m evalkit.testing.tinymodel {MODEL_DIR.relative_to(REPO)}"
+        )
     version = subprocess.run(
         [python, "-c", "import importlib.metadata as m;print(m.version('lm_eval'))"],
         capture_output=True,

@@ -13,7 +13,7 @@ sometimes emits "\n\n" and generation stop sequences get exercised.
 
 Usage::
 
-    python -m evalkit.tinymodel OUT_DIR [--tasks-dir DIR] [--seed N]
+    python -m evalkit.testing.tinymodel OUT_DIR [--tasks-dir DIR] [--seed N]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
-DEFAULT_TASKS_DIR = Path(__file__).resolve().parent / "bundled_tasks" / "demo"
+DEFAULT_TASKS_DIR = Path(__file__).resolve().parent.parent / "bundled_tasks" / "demo"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 VOCAB_SIZE = 512
 MAX_POSITIONS = 128
@@ -88,11 +88,28 @@ def _train_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
     )
 
 
-def build_tiny_llama(out_dir: Path, corpus: list[str], *, seed: int = 0, head_dim: int | None = None) -> Path:
+def build_tiny_llama(
+    out_dir: Path,
+    corpus: list[str],
+    *,
+    seed: int = 0,
+    head_dim: int | None = None,
+    hidden_size: int = 64,
+    intermediate_size: int = 176,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    max_positions: int = MAX_POSITIONS,
+    init_std: float = 0.2,
+    dtype: str = "float32",
+    newline_scale: float = NEWLINE_LOGIT_SCALE,
+) -> Path:
     """Train the tokenizer on ``corpus``, build a seeded tiny Llama, save both to ``out_dir``.
 
-    ``head_dim`` overrides the default of 16 (hidden size over heads); vLLM's CPU attention
-    takes head sizes from 32 up.
+    The defaults are the test model. ``head_dim`` overrides the default of 16 (hidden size over
+    heads); vLLM's CPU attention takes head sizes from 32 up. The benchmarks build larger models
+    from the same tokenizer with the size keywords; ``max_positions`` is also the tokenizer's
+    ``model_max_length``, and a ``newline_scale`` of 1.0 leaves the output layer as initialised.
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -100,27 +117,28 @@ def build_tiny_llama(out_dir: Path, corpus: list[str], *, seed: int = 0, head_di
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = _train_tokenizer(corpus)
+    tokenizer.model_max_length = max_positions
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=176,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
         **({"head_dim": head_dim} if head_dim else {}),
-        max_position_embeddings=MAX_POSITIONS,
-        initializer_range=0.2,  # large init so the random model's logits are not flat
+        max_position_embeddings=max_positions,
+        initializer_range=init_std,  # the test model's is large, so its random logits are not flat
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
-        dtype="float32",
+        dtype=dtype,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    model = LlamaForCausalLM(config).to(getattr(torch, dtype)).eval()
     newline_id = tokenizer.convert_tokens_to_ids("\u010a")  # byte-level symbol for "\n"
     with torch.no_grad():
-        model.lm_head.weight[newline_id] *= NEWLINE_LOGIT_SCALE
+        model.lm_head.weight[newline_id] *= newline_scale
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir
@@ -147,7 +165,7 @@ def with_chat_template(model_dir: Path, out_dir: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m evalkit.tinymodel", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m evalkit.testing.tinymodel", description=__doc__.split("\n")[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument(
         "--tasks-dir", type=Path, default=DEFAULT_TASKS_DIR, help="folder whose *.jsonl files form the tokenizer corpus"

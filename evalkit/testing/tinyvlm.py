@@ -15,7 +15,7 @@ greedy generation sometimes stops early and stop sequences get exercised.
 
 Usage::
 
-    python -m evalkit.tinyvlm {llava,llava_next,qwen2_vl,internvl} OUT_DIR [--seed N]
+    python -m evalkit.testing.tinyvlm {llava,llava_next,qwen2_vl,internvl} OUT_DIR [--seed N]
 """
 
 from __future__ import annotations
@@ -377,7 +377,7 @@ def _set_head_dim(text_config: Any, head_dim: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m evalkit.tinyvlm", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m evalkit.testing.tinyvlm", description=__doc__.split("\n")[0])
     parser.add_argument("family", choices=sorted(FAMILIES))
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,1 @@
+"""Builders of the small, seeded test models that the test suite and benchmarks run on."""
