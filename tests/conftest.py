@@ -152,7 +152,8 @@ def reference_run(tmp_path_factory) -> Run:
 
 
 def assert_same_docs(expected: list[dict], got: list[dict], tolerance: float) -> None:
-    """Two runs' per-doc records: identical requests, generations and metric keys; values within tolerance."""
+    """Two runs' per-doc records: identical requests, generations, greedy flags and metric keys;
+    values within tolerance."""
     assert len(got) == len(expected)
     for want, have in zip(expected, got, strict=True):
         assert have["doc_id"] == want["doc_id"]
@@ -160,8 +161,9 @@ def assert_same_docs(expected: list[dict], got: list[dict], tolerance: float) ->
         assert have["prompt_hash"] == want["prompt_hash"]
         for want_resps, have_resps in zip(want["resps"], have["resps"], strict=True):
             for a, b in zip(want_resps, have_resps, strict=True):
-                if isinstance(a, list):
+                if isinstance(a, list):  # (loglikelihood, is_greedy)
                     assert abs(a[0] - b[0]) <= tolerance, (want["doc_id"], a, b)
+                    assert b[1] == a[1], ("greedy flag", want["doc_id"], a, b)
                 elif isinstance(a, float):
                     assert abs(a - b) <= tolerance, (want["doc_id"], a, b)
                 else:

@@ -2,7 +2,8 @@
 
 It answers ``/models``, ``/completions`` and ``/chat/completions`` with deterministic text (no
 model), and can fail the first attempts of every prompt (429 or 5xx), refuse prompt logprobs as
-OpenAI's hosted API does, or check the Authorization header. Behaviour against a real model server
+OpenAI's hosted API does, check the Authorization header, or hold its first requests until a given
+number of them are in flight together (so a client's concurrency is observed without timing). Behaviour against a real model server
 is tested with ``vllm serve`` in tests/test_vllm.py.
 """
 
@@ -31,7 +32,17 @@ class StubBehaviour:
     in_flight: int = 0
     most_in_flight: int = 0
     headers_seen: list[str] = field(default_factory=list)
+    # The first ``hold_first`` POSTs are answered only once all of them are in flight at once; one
+    # that waits ``hold_timeout`` seconds in vain is answered anyway and counted in ``hold_missed``.
+    hold_first: int = 0
+    hold_timeout: float = 20.0
+    hold_missed: int = 0
+    posts: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    arrived: threading.Condition = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.arrived = threading.Condition(self.lock)
 
 
 class OpenAIStub:
@@ -79,6 +90,13 @@ class OpenAIStub:
                     attempt = behaviour.attempts[key]
                     behaviour.in_flight += 1
                     behaviour.most_in_flight = max(behaviour.most_in_flight, behaviour.in_flight)
+                    behaviour.posts += 1
+                    if behaviour.posts <= behaviour.hold_first:
+                        behaviour.arrived.notify_all()
+                        if not behaviour.arrived.wait_for(
+                            lambda: behaviour.posts >= behaviour.hold_first, timeout=behaviour.hold_timeout
+                        ):
+                            behaviour.hold_missed += 1
                 try:
                     if attempt <= behaviour.failures_per_prompt:
                         self._send(behaviour.failure_status, {"error": {"message": "try again"}})

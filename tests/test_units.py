@@ -40,11 +40,17 @@ def test_layout_answers_every_layout_question():
 
 @pytest.mark.parametrize("dp", [1, 2, 3, 4])
 def test_shards_cover_every_index_once_and_balance_cost(dp):
-    costs = [random.Random(7).randint(1, 500) for _ in range(101)]
+    # 101 distinct costs in random order: dealing by index alone (round robin, or contiguous blocks)
+    # leaves ranks more than one item apart for every dp > 1 here; only dealing by cost balances them.
+    costs = random.Random(7).sample(range(1, 501), 101)
+    assert len(set(costs)) == len(costs)
+    if dp > 1:
+        round_robin = [sum(costs[r::dp]) for r in range(dp)]
+        assert max(round_robin) - min(round_robin) > max(costs), "the costs must tell cost-blind dealing apart"
     shards = [shard_indices(costs, r, dp) for r in range(dp)]
     assert sorted(i for s in shards for i in s) == list(range(len(costs)))
     loads = [sum(costs[i] for i in s) for s in shards]
-    assert max(loads) - min(loads) <= max(costs)
+    assert max(loads) - min(loads) <= max(costs), loads
 
 
 def test_merge_detects_lost_and_duplicated_results():
