@@ -39,20 +39,27 @@ FLAG_VALUES = {
     "max_retries": {"max_retries": 1},
     "request_timeout": {"request_timeout": 5.0},
 }
-SERVER_ONLY = "{flag} is for --backend openai-completions or openai-chat, not {name}"
+SERVER_FLAGS = {
+    "base_url": "--base-url",
+    "api_key_env": "--api-key-env",
+    "concurrency": "--concurrency",
+    "max_retries": "--max-retries",
+    "request_timeout": "--request-timeout",
+}
+
+
+def server_flags_refused(name: str) -> dict[str, str]:
+    """What an in-process backend says of each flag that belongs to the served backends."""
+    return {
+        field: f"{flag} is for --backend openai-completions or openai-chat, not {name}"
+        for field, flag in SERVER_FLAGS.items()
+    }
+
+
 REFUSED_FLAGS = {
     "hf": {
         "tokenizer": "--tokenizer is for --backend openai-completions or openai-chat, not hf",
-        **{
-            name: SERVER_ONLY.format(flag=flag, name="hf")
-            for name, flag in [
-                ("base_url", "--base-url"),
-                ("api_key_env", "--api-key-env"),
-                ("concurrency", "--concurrency"),
-                ("max_retries", "--max-retries"),
-                ("request_timeout", "--request-timeout"),
-            ]
-        },
+        **server_flags_refused("hf"),
     },
     "hf-vlm": {
         "shared_prefix": "--backend hf-vlm does not take --no-shared-prefix; it runs generation only, where no "
@@ -60,16 +67,7 @@ REFUSED_FLAGS = {
         "apply_chat_template": "--backend hf-vlm does not take --apply-chat-template; it always renders prompts "
         "with the processor's chat template",
         "tokenizer": "--tokenizer is for --backend openai-completions or openai-chat, not hf-vlm",
-        **{
-            name: SERVER_ONLY.format(flag=flag, name="hf-vlm")
-            for name, flag in [
-                ("base_url", "--base-url"),
-                ("api_key_env", "--api-key-env"),
-                ("concurrency", "--concurrency"),
-                ("max_retries", "--max-retries"),
-                ("request_timeout", "--request-timeout"),
-            ]
-        },
+        **server_flags_refused("hf-vlm"),
     },
     "vllm": {
         "batch_size=auto": "--backend vllm does not take --batch-size auto" + VLLM_BATCH,
@@ -80,16 +78,7 @@ REFUSED_FLAGS = {
         "deepspeed": "--backend vllm does not take --deepspeed; vLLM splits the model over the --tp ranks itself "
         "(give --tp)",
         "tokenizer": "--tokenizer is for --backend openai-completions or openai-chat, not vllm",
-        **{
-            name: SERVER_ONLY.format(flag=flag, name="vllm")
-            for name, flag in [
-                ("base_url", "--base-url"),
-                ("api_key_env", "--api-key-env"),
-                ("concurrency", "--concurrency"),
-                ("max_retries", "--max-retries"),
-                ("request_timeout", "--request-timeout"),
-            ]
-        },
+        **server_flags_refused("vllm"),
     },
 }
 for served in ("openai-completions", "openai-chat"):
