@@ -78,10 +78,10 @@ def plan_run(config: RunConfig, topo: Topology, inputs: preflight.Inputs) -> pla
 
 @dataclass
 class Ready:
-    """What a rank holds before its model calls; ``plan`` only on rank 0."""
+    """What a rank holds before its model calls; ``run_plan`` only on rank 0."""
 
     work: plan.Work
-    plan: plan.RunPlan | None
+    run_plan: plan.RunPlan | None
     images: VisualSource
     backend: Backend
 
@@ -103,7 +103,7 @@ def prepare(config: RunConfig, topo: Topology, phases: Phases) -> Ready:
     with phases.phase("model_load"):
         context = BuildContext(model=inputs.model, topo=topo, kinds=work.kinds)
         backend = topo.agreed(lambda: inputs.spec.build(config, context))
-    return Ready(work=work, plan=run_plan, images=images, backend=backend)
+    return Ready(work=work, run_plan=run_plan, images=images, backend=backend)
 
 
 def run_requests(config: RunConfig, topo: Topology, ready: Ready, phases: Phases) -> list[dict[str, Any]]:
@@ -112,7 +112,10 @@ def run_requests(config: RunConfig, topo: Topology, ready: Ready, phases: Phases
     shard = config.output / SHARD_DIR / f"{work.launch}-rank{topo.rank:05d}.jsonl"
     writer = ShardWriter(shard, interval=config.flush_interval) if topo.carries_results else None
     monitor = Monitor(
-        topo, total=work.pending, stall_timeout=config.stall_timeout, before_exit=writer.sync if writer else None
+        topo,
+        total=work.pending,
+        stall_timeout=config.stall_timeout,
+        before_exit=writer.sync if writer else lambda: None,
     )
     stop = execute.StopFlag()
     stop.install()
@@ -151,15 +154,15 @@ def evaluate(config: RunConfig, topo: Topology) -> None:
     quiet_libraries()
     set_seeds(config)
     ready = prepare(config, topo, phases)
-    if ready.plan is not None:
-        write_manifest(config.output, model=ready.plan.model, tasks=ready.plan.task_hashes)
+    if ready.run_plan is not None:
+        write_manifest(config.output, model=ready.run_plan.model, tasks=ready.run_plan.task_hashes)
     stats = run_requests(config, topo, ready, phases)
-    if ready.plan is not None:
+    if ready.run_plan is not None:
         with phases.phase("merge"):
             written = sum(s["written"] for s in stats)
-            outputs = merge.merge_results(config.output, ready.plan, ready.work.launch, written)
-        resume = {"reused": len(ready.plan.done), "computed": ready.work.pending}
-        scored = results.score_outputs(config, ready.plan, outputs, phases)
+            outputs = merge.merge_results(config.output, ready.run_plan, ready.work.launch, written)
+        resume = {"reused": len(ready.run_plan.done), "computed": ready.work.pending}
+        scored = results.score_outputs(config, ready.run_plan, outputs, phases)
         described = {"backend": ready.backend.name, **ready.backend.describe()}
         results.write_outputs(config, topo, scored, described, stats, started, resume, phases)
 
