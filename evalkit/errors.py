@@ -27,10 +27,10 @@ def did_you_mean(name: str, known: Iterable[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def raise_all(problems: list[str], where: str) -> None:
-    """Report every problem found at once rather than one per attempt."""
+def raise_all(problems: list[str], where: str | None = None) -> None:
+    """Report every problem found at once rather than one per attempt (after ``where: `` if given)."""
     if problems:
-        raise UsageError(f"{where}: " + "; ".join(problems))
+        raise UsageError(("" if where is None else f"{where}: ") + "; ".join(problems))
 
 
 def say(line: str) -> None:

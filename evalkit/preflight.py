@@ -42,7 +42,7 @@ def check_inputs(config: RunConfig, topo: Topology) -> Inputs:
     else:
         model = check_model_source(config.model)
         spec = registry.select(config.backend, model)
-    raise_all(spec.problems(config, topo.layout), "bad arguments")
+    raise_all(spec.problems(config, topo.layout))
     check_writable(config.output, topo.rank)
     return Inputs(model=model, spec=spec)
 
@@ -78,7 +78,7 @@ def check_tasks(config: RunConfig, tasks: Mapping[str, Any]) -> None:
 def check_requests(config: RunConfig, topo: Topology, inputs: Inputs, requests: list[Request]) -> None:
     """The backend can run these requests, and the layout holds the longest of them (rank 0)."""
     spec = inputs.spec
-    raise_all(spec.problems(config, topo.layout, run_kinds(requests)), "bad arguments")
+    raise_all(spec.problems(config, topo.layout, run_kinds(requests)))
     # A split over own GPUs is checked by its device map instead, a served model by its server.
     if topo.layout.placement is Placement.SPLIT or spec.served:
         return
