@@ -1,8 +1,9 @@
 """The model backends ``--backend`` selects from: one BackendSpec per backend, and the only place
 that decides what a backend can run.
 
-A spec says which request kinds the backend runs, whether it takes images, video or chat messages,
-the layouts it runs in and the flags it honours. ``problems(config, layout, kinds)`` returns every
+A spec says which request kinds the backend runs, whether it takes images and chat messages (no
+backend takes video yet: video tasks are refused where tasks load), the layouts it runs in and the
+flags it honours. ``problems(config, layout, kinds)`` returns every
 refusal, one line each, and is asked before any weights load: when the flags are parsed, once the
 layout stands, and once rank 0 has built the run's requests. A flag a backend does not honour is
 refused, never ignored. Each backend is built from its own typed options, picked out of the
@@ -57,12 +58,12 @@ def given_flags(config: RunConfig) -> list[str]:
     given = []
     for name in FLAGS:
         if name == "batch_size":
-            set_ = isinstance(config.batch_size, int)
+            on = isinstance(config.batch_size, int)
         elif name == "batch_size=auto":
-            set_ = config.batch_size == "auto"
+            on = config.batch_size == "auto"
         else:
-            set_ = config.given(name)
-        if set_:
+            on = config.given(name)
+        if on:
             given.append(name)
     return given
 
@@ -100,7 +101,6 @@ class BackendSpec:
     placements: frozenset[Placement]  # the layouts it runs in
     options: Callable[[RunConfig, BuildContext], Any]  # its own options, picked out of the config
     load: Callable[[Any], Backend]  # the backend, from those options alone
-    video: bool = False
     served: bool = False  # the model runs behind --base-url, not in this process
     vision_checkpoints: bool = False  # takes images when the checkpoint is a vision-language model
     tp_placement: Placement | None = None  # splits a TP group itself (else --tp-backend does)
