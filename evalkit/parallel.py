@@ -80,9 +80,11 @@ class Layout:
             raise UsageError("bad parallel layout: " + "; ".join(problems))
 
     @classmethod
-    def from_flags(cls, world_size: int, tp: int, tp_backend: str, gpus_per_rank: int) -> Layout:
+    def from_flags(cls, world_size: int, tp: int, tp_placement: str, gpus_per_rank: int) -> Layout:
+        """The layout of ``tp`` and ``gpus_per_rank``; ``tp_placement`` is what splits a TP group
+        (--tp-backend, or a backend that splits models itself)."""
         if tp > 1:
-            placement = Placement(tp_backend)
+            placement = Placement(tp_placement)
         elif gpus_per_rank > 1:
             placement = Placement.SPLIT
         else:
