@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from lm_eval.tasks._index import TaskIndex
 
-from evalkit.errors import UsageError
 from evalkit.tasks.commands import main
 from evalkit.tasks.library import TaskLibrary
 from evalkit.tasks.validate import validate
@@ -128,9 +127,10 @@ def test_group_of_library_group_member(library: TaskLibrary) -> None:
     assert "must have 'task' or 'group' key" in (validate(library, ["t0_eval"])["t0_eval"] or "")
 
 
-def test_unknown_name_is_usage_error(library: TaskLibrary) -> None:
-    with pytest.raises(UsageError, match=r"unknown task 'arc_chalenge' \(did you mean 'arc_challenge'\?\)"):
-        validate(library, ["arc_chalenge"])
+def test_unknown_name_is_one_reason_line(library: TaskLibrary) -> None:
+    results = validate(library, ["arc_chalenge", "arc_easy"])
+    assert results["arc_chalenge"].startswith("unknown task 'arc_chalenge' (did you mean 'arc_challenge'?)")
+    assert results["arc_easy"] is None
 
 
 def test_validation_leaves_lm_eval_as_it_was(library: TaskLibrary) -> None:
@@ -160,10 +160,11 @@ def test_cli_exit_codes(task_files: dict[str, Path], capfd: pytest.CaptureFixtur
 
 
 def test_cli_usage_errors(capfd: pytest.CaptureFixture[str]) -> None:
-    assert main(["validate", "arc_chalenge"]) == 2
-    _, err = capfd.readouterr()
-    assert err.startswith("evalkit: error: unknown task 'arc_chalenge' (did you mean 'arc_challenge'?)")
-    assert len(err.splitlines()) == 1
+    assert main(["validate", "arc_chalenge"]) == 1
+    out, err = capfd.readouterr()
+    lines = out.splitlines()
+    assert lines[0].startswith("arc_chalenge: unknown task 'arc_chalenge' (did you mean 'arc_challenge'?)")
+    assert lines[1:] == ["0 of 1 unknown names valid (0.0%)"] and not err
     assert main(["validate", "--bogus"]) == 2
     _, err = capfd.readouterr()
     assert err.startswith("evalkit: error: unrecognized arguments: --bogus") and len(err.splitlines()) == 1
@@ -175,7 +176,8 @@ def test_cli_list(capfd: pytest.CaptureFixture[str]) -> None:
     assert main(["list"]) == 0
     out, _ = capfd.readouterr()
     lines = out.splitlines()
-    assert "mmlu" in lines and "demo" in lines and "demo_gen" in lines
+    mmlu, demo, demo_gen = "mmlu  [lm-eval]", "demo  [evalkit]", "demo_gen  [evalkit]"
+    assert mmlu in lines and demo in lines and demo_gen in lines
     groups, tags, tasks = (lines.index(h) for h in lines if h.endswith("):"))
-    assert groups < lines.index("mmlu") < tags < lines.index("demo") < tasks < lines.index("demo_gen")
+    assert groups < lines.index(mmlu) < tags < lines.index(demo) < tasks < lines.index(demo_gen)
     assert lines[-1].endswith(" tasks") and "groups" in lines[-1] and "tags" in lines[-1]

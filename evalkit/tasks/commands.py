@@ -1,12 +1,14 @@
 """``python -m evalkit tasks list|validate``: what the task library holds, and what of it is usable.
 
 ``tasks list [--include-path DIR ...]`` prints the names of groups, tags and tasks (one per line,
-under a header per kind) from the cached index only, so it is quick.
+``NAME  [library]``, under a header per kind) from the cached indexes only, so it is quick. The
+library is lm-eval, evalkit (bundled), lmms-eval or --include-path; an lmms-eval name that lm-eval
+also has is listed as ``lmms:NAME``.
 
-``tasks validate [NAME ...] [--include-path DIR ...]`` checks each name (task, group, tag or YAML
-path; no NAME: every task and group in the library) short of loading data or a model, prints
-``NAME: reason`` for each one that is not usable and a summary line, and exits 0 only when all are.
-A bad flag or an unknown name is a usage error: one line, exit 2.
+``tasks validate [NAME ...] [--include-path DIR ...]`` checks each name (task, group, tag, YAML
+path, or ``lmms:NAME``; no NAME: every task and group of both libraries) short of loading data or
+a model, prints ``NAME: reason`` for each one that is not usable (an unknown name among them) and
+a summary line, and exits 0 only when all are. A bad flag is a usage error: one line, exit 2.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from evalkit.errors import USAGE_EXIT_CODE, UsageError, say
 
 PROG = "python -m evalkit tasks"
-KINDS = (("task", "tasks"), ("group", "groups"), ("tag", "tags"), ("file", "task files"))
+KINDS = (("task", "tasks"), ("group", "groups"), ("tag", "tags"), ("file", "task files"), ("unknown", "unknown names"))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,7 +66,7 @@ def list_tasks(include_path: list[Path]) -> int:
     lines: list[str] = []
     for title, names in sections:
         lines.append(f"{title} ({len(names)}):")
-        lines.extend(names)
+        lines.extend(f"{name}  [{library.library_of(name)}]" for name in names)
         lines.append("")
     lines.append(", ".join(f"{len(names)} {title}" for title, names in sections))
     sys.stdout.write("\n".join(lines) + "\n")

@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from importlib.metadata import version
 from pathlib import Path
@@ -29,6 +28,7 @@ from lm_eval.tasks._index import Entry, Kind, TaskIndex
 from lm_eval.tasks._yaml_loader import load_yaml
 
 from evalkit.errors import UsageError, did_you_mean, one_line
+from evalkit.tasks import lmms_index
 from evalkit.tasks.lmms import LmmsTask, is_lmms_config
 from evalkit.tasks.problems import TaskLoadError, dataset_label, explain
 
@@ -55,9 +55,10 @@ def _yaml_files(root: Path) -> Iterator[tuple[str, int, int]]:
                 yield os.path.relpath(path, root), stat.st_mtime_ns, stat.st_size
 
 
-def index_fingerprint(roots: Iterable[Path]) -> str:
-    """What the index depends on: lm-eval's version and every YAML file's path, size and mtime."""
-    digest = hashlib.sha256(f"{INDEX_FORMAT} lm_eval {version('lm_eval')}".encode())
+def index_fingerprint(roots: Iterable[Path], rules: str = "lm_eval") -> str:
+    """What the index depends on: the indexing rules and their library's version, and every YAML
+    file's path, size and mtime."""
+    digest = hashlib.sha256(f"{INDEX_FORMAT} {rules} {version(rules)}".encode())
     for root in roots:
         digest.update(f"\0root {root}".encode())
         for rel, mtime, size in _yaml_files(root):
@@ -76,9 +77,10 @@ def _from_json(data: dict[str, Any]) -> dict[str, Entry]:
     }
 
 
-def cached_index(roots: list[Path]) -> dict[str, Entry]:
-    """lm-eval's index of ``roots`` (later roots override earlier ones), from the cache when fresh."""
-    key = index_fingerprint(roots)
+def cached_index(roots: list[Path], rules: str = "lm_eval") -> dict[str, Entry]:
+    """The index of ``roots`` (later roots override earlier ones) by lm-eval's rules, or by
+    lmms-eval's (``rules="lmms_eval"``, one root), from the cache when fresh."""
+    key = index_fingerprint(roots, rules)
     path = cache_dir() / f"task-index-{key[:32]}.json"
     try:
         return _from_json(json.loads(path.read_text()))
@@ -86,7 +88,7 @@ def cached_index(roots: list[Path]) -> dict[str, Entry]:
         pass
     # lm-eval logs a warning for every duplicate name in its own library; that is not the user's news.
     logging.getLogger("lm_eval.tasks._index").setLevel(logging.ERROR)
-    index = TaskIndex.build(roots)
+    index = lmms_index.build(roots[0]) if rules == "lmms_eval" else TaskIndex.build(roots)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -126,9 +128,15 @@ class _Factory(TaskFactory):
         kwargs = cfg.get("dataset_kwargs")
         if entry.yaml_path and isinstance(kwargs, dict) and "data_files" in kwargs:
             kwargs["data_files"] = _beside(kwargs["data_files"], Path(entry.yaml_path).parent)
-        if entry.kind is Kind.TASK and "class" not in cfg and is_lmms_config(cfg):
+        if entry.kind is Kind.TASK and "class" not in cfg and (is_lmms_config(cfg) or _in_lmms_eval(entry)):
             cfg["class"] = LmmsTask
         return cfg
+
+
+def _in_lmms_eval(entry: Entry) -> bool:
+    """A task from lmms-eval's own folder is an lmms-eval task, whatever keys it has."""
+    root = lmms_index.tasks_dir()
+    return bool(root and entry.yaml_path and Path(entry.yaml_path).is_relative_to(root))
 
 
 def _dataset_of(entry: Entry, overrides: dict[str, Any] | None) -> str | None:
@@ -170,10 +178,13 @@ def compile_templates_once() -> None:
 
 
 class TaskLibrary(TaskManager):
-    """lm-eval's TaskManager over its own tasks, evalkit's bundled tasks and ``include_path``.
+    """lm-eval's TaskManager over its own tasks, evalkit's bundled tasks and ``include_path``, with
+    lmms-eval's task folder (when installed) as a second namespace.
 
-    Built from the cached index instead of re-parsing every YAML file; everything else (loading
-    tasks, tags, groups and YAML paths) is lm-eval's own code.
+    Built from cached indexes instead of re-parsing every YAML file; everything else (loading
+    tasks, tags, groups and YAML paths) is lm-eval's own code. ``lmms:NAME`` always names
+    lmms-eval's task, tag or group; a plain name is lm-eval's (or a bundled or included task's)
+    when it has one, else lmms-eval's. Members of an lmms-eval group resolve in lmms-eval's index.
     """
 
     def __init__(self, include_path: Iterable[Path] = (), metadata: dict[str, Any] | None = None) -> None:
@@ -181,29 +192,95 @@ class TaskLibrary(TaskManager):
         self.include_path = [Path(p) for p in include_path]
         self.metadata = metadata
         self._factory = _Factory(meta=metadata)
-        roots = [LM_EVAL_TASKS, BUNDLED, *(p.resolve() for p in self.include_path)]
-        self._index = cached_index(roots)
-        buckets: dict[Kind, list[str]] = defaultdict(list)
-        for name, entry in self._index.items():
-            buckets[entry.kind].append(name)
-        self._all_tasks = sorted(self._index)
-        self._all_subtasks = sorted(buckets[Kind.TASK] + buckets[Kind.PY_TASK])
-        self._all_groups = sorted(buckets[Kind.GROUP])
-        self._all_tags = sorted(buckets[Kind.TAG])
+        self._roots = [LM_EVAL_TASKS, BUNDLED, *(p.resolve() for p in self.include_path)]
+        self._index = cached_index(self._roots)
+        lmms_root = lmms_index.tasks_dir()
+        self.lmms_index: dict[str, Entry] = cached_index([lmms_root], rules="lmms_eval") if lmms_root else {}
+        self._all_tasks = sorted(self.listed_names())
+        self._all_subtasks = self._listed(Kind.TASK, Kind.PY_TASK)
+        self._all_groups = self._listed(Kind.GROUP)
+        self._all_tags = self._listed(Kind.TAG)
+
+    # ------------------------------------------------------------ names
+
+    def display_name(self, lmms_name: str) -> str:
+        """How a name of lmms-eval's is given: plain unless lm-eval's library has it too."""
+        return lmms_index.PREFIX + lmms_name if lmms_name in self._index else lmms_name
+
+    def listed_names(self) -> dict[str, Entry]:
+        """Every name a user can give, as it is best given, with its entry."""
+        names = dict(self._index)
+        names.update({self.display_name(n): e for n, e in self.lmms_index.items()})
+        return names
+
+    def _listed(self, *kinds: Kind) -> list[str]:
+        return sorted(n for n, e in self.listed_names().items() if e.kind in kinds)
+
+    def resolve(self, name: str) -> tuple[Entry, dict[str, Entry]] | None:
+        """The entry a name stands for, and the index its group members resolve in; None if unknown."""
+        if name.startswith(lmms_index.PREFIX):
+            entry = self.lmms_index.get(lmms_index.strip_prefix(name))
+            return (entry, self.lmms_index) if entry else None
+        if name in self._index:
+            return self._index[name], self._index
+        if name in self.lmms_index:
+            return self.lmms_index[name], self.lmms_index
+        return None
+
+    def library_of(self, name: str) -> str:
+        """Which library a name comes from: lm-eval, evalkit (bundled), lmms-eval, --include-path,
+        or file (a YAML path)."""
+        found = self.resolve(name)
+        if found is None:
+            return "file"
+        if found[1] is self.lmms_index:
+            return "lmms-eval"
+        path = found[0].yaml_path
+        for root, library in ((LM_EVAL_TASKS, "lm-eval"), (BUNDLED, "evalkit")):
+            if path is not None and Path(path).is_relative_to(root):
+                return library
+        return "--include-path"
+
+    def notices(self, names: Iterable[str]) -> list[str]:
+        """One line for each plain name both libraries have: which runs, and how to pick the other."""
+        return [
+            f"'{name}' is lm-eval's; --tasks {lmms_index.PREFIX}{name} selects lmms-eval's"
+            for name in dict.fromkeys(names)
+            if name in self._index and name in self.lmms_index
+        ]
+
+    def unknown(self, name: str) -> str | None:
+        """Why a name cannot be loaded (unknown, or a missing YAML file); None when it can."""
+        if self.resolve(name) is not None:
+            return None
+        if name.endswith((".yaml", ".yml")):
+            return None if Path(name).is_file() else f"task file {name} does not exist"
+        if name.startswith(lmms_index.PREFIX):
+            if not self.lmms_index:
+                return f"unknown task '{name}': lmms-eval is not installed; run make install"
+            bare = lmms_index.strip_prefix(name)
+            hint = did_you_mean(bare, sorted(self.lmms_index)).replace("'", f"'{lmms_index.PREFIX}", 1)
+            return f"unknown task '{name}'{hint}; see python -m evalkit tasks list"
+        return (
+            f"unknown task '{name}'{did_you_mean(name, self._all_tasks)}; "
+            f"see python -m evalkit tasks list, or add --include-path DIR for your own task YAMLs"
+        )
 
     def check_names(self, names: Iterable[str]) -> None:
         """Every name must be a known task, tag, group or an existing YAML file."""
         for name in names:
-            if name in self._index:
-                continue
-            if name.endswith((".yaml", ".yml")):
-                if not Path(name).is_file():
-                    raise UsageError(f"task file {name} does not exist")
-                continue
-            raise UsageError(
-                f"unknown task '{name}'{did_you_mean(name, self._all_tasks)}; "
-                f"see python -m evalkit tasks list, or add --include-path DIR for your own task YAMLs"
-            )
+            problem = self.unknown(name)
+            if problem:
+                raise UsageError(problem)
+
+    # ------------------------------------------------------------ loading
+
+    def _load_spec(self, spec: Any) -> Any:
+        found = self.resolve(spec) if isinstance(spec, str) else None
+        if found is None:
+            return super()._load_spec(spec)
+        entry, registry = found
+        return self._factory.build(entry, overrides=None, registry=registry)
 
     def load_checked(self, names: list[str]) -> dict[str, Any]:
         """lm-eval's ``load`` (tasks, groups, group_map); any failure is one line naming the task."""

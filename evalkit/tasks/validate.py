@@ -289,11 +289,11 @@ def _reason(exc: BaseException, dataset: str | None = None) -> str:
 
 
 def kind_of(library: TaskLibrary, name: str) -> str:
-    """'task', 'group', 'tag' or 'file' (a YAML path)."""
-    entry = library.task_index.get(name)
-    if entry is None:
-        return "file"
-    return {Kind.GROUP: "group", Kind.TAG: "tag"}.get(entry.kind, "task")
+    """'task', 'group', 'tag', 'file' (a YAML path) or 'unknown'."""
+    found = library.resolve(name)
+    if found is None:
+        return "file" if name.endswith((".yaml", ".yml")) else "unknown"
+    return {Kind.GROUP: "group", Kind.TAG: "tag"}.get(found[0].kind, "task")
 
 
 def _explain(err: TaskLoadError, requested: str, index: dict[str, Entry]) -> str:
@@ -444,23 +444,23 @@ def _scope() -> Iterator[None]:
 def validate(library: TaskLibrary, names: list[str]) -> dict[str, str | None]:
     """Each name (task, group, tag or YAML path) to None when valid, else a one-line reason.
 
-    Unknown names raise ``UsageError`` (with a did-you-mean) before anything is built.
+    An unknown name's reason says so (with a did-you-mean).
     """
-    library.check_names(names)
     install_compat()
     _evaluate_failure.cache_clear()  # an evaluate metric may have been made available since
     results: dict[str, str | None] = {}
-    index = library.task_index
     with _LOCK, _scope():
         factory = _ValidatingFactory(library.metadata)
         for name in names:
-            results[name] = _validate_one(factory, index, name)
+            results[name] = library.unknown(name) or _validate_one(factory, library, name)
     return results
 
 
-def _validate_one(factory: _ValidatingFactory, index: dict[str, Entry], name: str) -> str | None:
+def _validate_one(factory: _ValidatingFactory, library: TaskLibrary, name: str) -> str | None:
+    found = library.resolve(name)
+    index = found[1] if found else library.task_index
     try:
-        entry = index.get(name) or TaskIndex.entry_from_path(Path(name))
+        entry = found[0] if found else TaskIndex.entry_from_path(Path(name))
         if entry is None:
             return f"{name} has neither a 'task' nor a 'group' key"
         if not isinstance(entry.name, str):
