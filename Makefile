@@ -3,6 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU wheel on machines without a GPU; on a CUDA machine the same pin is the CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+# lmms-eval is the vision-language task library; its task code's imports are the `lmms` extra.
+LMMS_EVAL_SPEC ?= lmms-eval>=0.7.3,<0.8
 # Reuse a CUDA-enabled torch that the system Python already has instead of downloading one.
 SYSTEM_CUDA_TORCH := $(shell python3 -c "import torch; print(int(bool(torch.version.cuda)))" 2>/dev/null)
 VENV_FLAGS := $(if $(filter 1,$(SYSTEM_CUDA_TORCH)),--system-site-packages,)
@@ -27,7 +29,8 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,tasks]"
+	$(PY) -m pip install -q --no-deps "$(LMMS_EVAL_SPEC)"
+	$(PY) -m pip install -q -e ".[dev,tasks,lmms]"
 	touch $@
 
 # vLLM in its own venv, so the core install stays light. On a CUDA machine the vllm wheel (with the

@@ -29,7 +29,7 @@ from lm_eval.tasks._yaml_loader import load_yaml
 
 from evalkit.errors import UsageError, did_you_mean, one_line
 from evalkit.tasks import lmms_index
-from evalkit.tasks.lmms import LmmsTask, is_lmms_config
+from evalkit.tasks.lmms import LmmsTask, default_hf_home, is_lmms_config
 from evalkit.tasks.problems import TaskLoadError, dataset_label, explain
 
 BUNDLED = Path(__file__).resolve().parent.parent / "bundled_tasks"
@@ -124,6 +124,8 @@ class _Factory(TaskFactory):
             raise TaskLoadError(group_name, exc) from exc
 
     def _load_full_config(self, entry: Entry, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        if _in_lmms_eval(entry):
+            default_hf_home()
         cfg = super()._load_full_config(entry, overrides)
         kwargs = cfg.get("dataset_kwargs")
         if entry.yaml_path and isinstance(kwargs, dict) and "data_files" in kwargs:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import os
 from collections.abc import Callable, Mapping
 from copy import deepcopy
 from pathlib import Path
@@ -51,6 +52,8 @@ LMMS_KEYS = frozenset(
 # Keys only lmms-eval's runner reads; they change nothing in what is evaluated here.
 IGNORED_KEYS = frozenset({"group_alias", "process_results_use_image", "cluster_key", "score_key"})
 EXTRA_KEYS = LMMS_KEYS | IGNORED_KEYS | {"full_docs", "reasoning_tags", "auto_strip_thinking"}
+# Output types only lmms-eval's model classes implement (multi-round chat, agents, visual CoT).
+LMMS_ONLY_OUTPUT_TYPES = frozenset({"generate_until_multi_round", "generate_until_agentic", "generate_visual_cot"})
 # dataset_kwargs entries that steer lmms-eval's downloader, not datasets.load_dataset.
 DOWNLOADER_KWARGS = ("max_retries", "num_proc", "local_files_only", "force_download", "force_unzip", "create_link")
 
@@ -79,6 +82,54 @@ MODEL_NAMES: dict[str, tuple[str, ...]] = {
 
 def is_lmms_config(cfg: Mapping[str, Any]) -> bool:
     return any(key in cfg for key in LMMS_KEYS)
+
+
+def default_hf_home() -> None:
+    """lmms-eval's video tasks read ``os.environ["HF_HOME"]`` when their code is imported (and find
+    clips under it); without the variable they fail with a KeyError. The default is the folder the
+    Hugging Face libraries use when it is unset."""
+    if "HF_HOME" not in os.environ:
+        from huggingface_hub import constants
+
+        os.environ["HF_HOME"] = constants.HF_HOME
+
+
+def adopt_lmms_metrics(metric_list: Any) -> None:
+    """Give lm-eval's registry the metrics and aggregations a task names that only lmms-eval
+    defines (``anls``, ``mean_last30``, ...), as lmms-eval registers them. lmms-eval's metrics
+    module is imported (about 5 s) only when such a name appears."""
+    from lm_eval.api import registry as lm
+
+    wanted = [m for m in metric_list or [] if isinstance(m, Mapping) and isinstance(m.get("metric"), str)]
+    missing_metrics = [m["metric"] for m in wanted if m["metric"] not in lm.metric_registry]
+    missing_aggs = [
+        m["aggregation"]
+        for m in wanted
+        if isinstance(m.get("aggregation"), str) and m["aggregation"] not in lm.aggregation_registry
+    ]
+    if not (missing_metrics or missing_aggs):
+        return
+    try:
+        import lmms_eval.api.metrics  # noqa: F401 - registers lmms-eval's metrics
+        from lmms_eval.api import registry as lmms
+    except ImportError:
+        return  # lm-eval then names the metric it does not know
+    for name in missing_aggs:
+        if name in lmms.AGGREGATION_REGISTRY:
+            lm.register_aggregation(name)(lmms.AGGREGATION_REGISTRY[name])
+    for name in missing_metrics:
+        if name not in lmms.METRIC_REGISTRY:
+            continue
+        aggregate = lmms.METRIC_AGGREGATION_REGISTRY.get(name)
+        agg_name = next((a for a, fn in lmms.AGGREGATION_REGISTRY.items() if fn is aggregate), None)
+        if agg_name and agg_name not in lm.aggregation_registry:
+            lm.register_aggregation(agg_name)(aggregate)
+        details = (
+            {"higher_is_better": lmms.HIGHER_IS_BETTER_REGISTRY[name]} if name in lmms.HIGHER_IS_BETTER_REGISTRY else {}
+        )
+        if agg_name:
+            details["aggregation"] = agg_name
+        lm.register_metric(metric=name, **details)(lmms.METRIC_REGISTRY[name])
 
 
 @functools.lru_cache(maxsize=64)
@@ -163,6 +214,12 @@ class LmmsTask(ConfigurableTask):
     ) -> None:
         config = dict(config or {})
         config.pop("class", None)
+        kind = config.get("output_type")
+        if kind in LMMS_ONLY_OUTPUT_TYPES:
+            raise ValueError(
+                f"output_type '{kind}' is run only by lmms-eval's own model classes; evalkit runs "
+                f"generate_until, loglikelihood, multiple_choice and loglikelihood_rolling"
+            )
         self._lmms = {key: config.pop(key) for key in sorted(EXTRA_KEYS) if key in config}
         if self._lmms.get("reasoning_tags") or self._lmms.get("auto_strip_thinking"):
             raise ValueError("reasoning_tags / auto_strip_thinking (lmms-eval's thinking filters) are not supported")
@@ -181,6 +238,7 @@ class LmmsTask(ConfigurableTask):
         self._own_image = config.get("doc_to_image") is None and (self._visual or self._messages) is not None
         if self._own_image:
             config["doc_to_image"] = self._messages or self._visual
+        adopt_lmms_metrics(config.get("metric_list"))
         super().__init__(data_dir=data_dir, cache_dir=cache_dir, download_mode=download_mode, config=config)
         if generation and self.config.generation_kwargs is not None:
             self.config.generation_kwargs.update(deepcopy(generation))

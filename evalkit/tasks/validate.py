@@ -408,6 +408,9 @@ def _scope() -> Iterator[None]:
     saved_load_dataset = datasets.load_dataset
     saved_disable = logging.root.manager.disable
     saved_env = os.environ.get("HF_EVALUATE_OFFLINE")
+    # lmms-eval's judge tasks build their OpenAI client when imported; a key is only needed to score
+    saved_key = os.environ.get("OPENAI_API_KEY")
+    os.environ.setdefault("OPENAI_API_KEY", "not-needed-to-validate")
     evaluate_config = sys.modules.get("evaluate.config")
     saved_offline = getattr(evaluate_config, "HF_EVALUATE_OFFLINE", None)
     os.environ["HF_EVALUATE_OFFLINE"] = "1"
@@ -425,6 +428,8 @@ def _scope() -> Iterator[None]:
         logging.disable(saved_disable)
         datasets.load_dataset = saved_load_dataset
         lm_factory.ConfigurableTask = saved_task_cls
+        if saved_key is None:
+            os.environ.pop("OPENAI_API_KEY", None)
         if saved_env is None:
             os.environ.pop("HF_EVALUATE_OFFLINE", None)
         else:
