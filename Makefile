@@ -72,13 +72,16 @@ demo: install
 		--model $(DEMO)/tiny-llama --tasks demo --output $(DEMO)/results --batch-size 4 --device cpu
 
 # A tiny LLaVA built from a config evaluates the bundled image task (PIL-drawn shapes, colours,
-# counts, positions; lmms-eval task format) on 2 processes. VLM_FAMILY=qwen2_vl or internvl for the others.
+# counts, positions; lmms-eval task format) and lmms-eval's own `mme` task, by name and unchanged,
+# on local data in MME's hub schema, on 2 processes. VLM_FAMILY=qwen2_vl or internvl for the others.
 VLM_FAMILY ?= llava
 demo-vlm: install
 	$(PY) -m evalkit.testing.tinyvlm $(VLM_FAMILY) $(DEMO)/tiny-$(VLM_FAMILY)
+	$(PY) -m evalkit.testing.lmms_data $(DEMO)/lmms-data
 	rm -rf $(DEMO)/results-vlm
-	$(VENV)/bin/torchrun --nproc_per_node=$(NPROC) -m evalkit \
-		--model $(DEMO)/tiny-$(VLM_FAMILY) --tasks vlm_demo --output $(DEMO)/results-vlm --batch-size 4 --device cpu
+	cd $(DEMO)/lmms-data && $(abspath $(VENV))/bin/torchrun --nproc_per_node=$(NPROC) -m evalkit \
+		--model $(abspath $(DEMO))/tiny-$(VLM_FAMILY) --tasks vlm_demo,mme --output $(abspath $(DEMO))/results-vlm \
+		--batch-size 4 --device cpu
 
 # Test files run in parallel (pytest-xdist, one worker per core; a file's tests stay together
 # so its session fixtures are built once).

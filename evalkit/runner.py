@@ -59,6 +59,11 @@ def quiet_libraries() -> None:
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    with contextlib.suppress(ImportError):  # lmms-eval's task code logs through loguru at INFO
+        from loguru import logger
+
+        logger.remove()
+        logger.add(sys.stderr, level="WARNING")
 
 
 def set_seeds(config: RunConfig) -> None:

@@ -235,9 +235,12 @@ class TaskLibrary(TaskManager):
         found = self.resolve(name)
         if found is None:
             return "file"
-        if found[1] is self.lmms_index:
+        entry, registry = found
+        if registry is self.lmms_index:
             return "lmms-eval"
-        path = found[0].yaml_path
+        if entry.kind is Kind.TAG and entry.tags:  # a tag has no file: its first member's library
+            return self.library_of(sorted(entry.tags)[0])
+        path = entry.yaml_path
         for root, library in ((LM_EVAL_TASKS, "lm-eval"), (BUNDLED, "evalkit")):
             if path is not None and Path(path).is_relative_to(root):
                 return library

@@ -1,0 +1,80 @@
+"""lmms-eval's installed task folder as evalkit's second task library: names, indexing, listing."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from lm_eval.tasks._index import Kind
+
+from evalkit.tasks import lmms_index
+from evalkit.tasks.commands import main
+from evalkit.tasks.library import LM_EVAL_TASKS, TaskLibrary
+
+pytest.importorskip("lmms_eval", reason="lmms-eval is installed by make install")
+LMMS_KIND = {"task": Kind.TASK, "python_task": Kind.PY_TASK, "group": Kind.GROUP, "tag": Kind.TAG}
+
+
+@pytest.fixture(scope="module")
+def library() -> TaskLibrary:
+    return TaskLibrary()
+
+
+def test_index_follows_lmms_evals_own_rules(library: TaskLibrary) -> None:
+    from lmms_eval.tasks import TaskManager
+
+    manager = TaskManager.__new__(TaskManager)  # its indexer alone, without loading anything
+    manager.logger = logging.getLogger("lmms-eval-index")
+    theirs = manager._get_task_and_group(str(lmms_index.tasks_dir()))
+    ours = library.lmms_index
+    assert set(ours) == set(theirs)
+    assert {n: ours[n].kind for n in ours} == {n: LMMS_KIND[e["type"]] for n, e in theirs.items()}
+    tags = {n: sorted(e["task"]) for n, e in theirs.items() if e["type"] == "tag"}
+    assert {n: sorted(ours[n].tags) for n in tags} == tags
+    # lmms-eval's older form: a task YAML with `group:` is a task, and its group a tag
+    assert ours["refcoco_bbox_val"].kind is Kind.TASK and "refcoco_bbox_val" in ours["refcoco_bbox"].tags
+
+
+def test_names_resolve_by_library(library: TaskLibrary) -> None:
+    entry, registry = library.resolve("mme")
+    assert registry is library.lmms_index and entry is library.lmms_index["mme"]
+    assert library.resolve("lmms:mme") == (entry, registry)
+    lm_entry, lm_registry = library.resolve("mmlu")
+    assert lm_registry is library.task_index and Path(lm_entry.yaml_path).is_relative_to(LM_EVAL_TASKS)
+    assert library.resolve("lmms:mmlu")[1] is library.lmms_index
+    assert library.resolve("lmms:no_such_task") is None
+    assert [library.library_of(n) for n in ("mmlu", "demo", "mme", "lmms:mmlu")] == [
+        "lm-eval",
+        "evalkit",
+        "lmms-eval",
+        "lmms-eval",
+    ]
+
+
+def test_a_shared_name_is_lm_evals_and_says_so(library: TaskLibrary) -> None:
+    assert library.notices(["mmlu", "mme", "lmms:gsm8k", "mmlu"]) == [
+        "'mmlu' is lm-eval's; --tasks lmms:mmlu selects lmms-eval's"
+    ]
+
+
+def test_unknown_lmms_name_suggests_the_closest(library: TaskLibrary) -> None:
+    assert (
+        library.unknown("lmms:mmee")
+        == "unknown task 'lmms:mmee' (did you mean 'lmms:mme'?); see python -m evalkit tasks list"
+    )
+    assert library.unknown("lmms:mme") is None
+
+
+def test_list_names_each_library(capfd: pytest.CaptureFixture[str]) -> None:
+    assert main(["list"]) == 0
+    lines = capfd.readouterr()[0].splitlines()
+    for line in ("mmlu  [lm-eval]", "lmms:mmlu  [lmms-eval]", "mme  [lmms-eval]", "coco2014_cap  [lmms-eval]"):
+        assert line in lines
+
+
+def test_validate_takes_lmms_names_and_reports_unknown_ones(capfd: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", "lmms:mme", "lmms:docvqa_val", "lmms:pope_full", "lmms:mmee"]) == 1
+    lines = capfd.readouterr()[0].splitlines()
+    assert lines[0].startswith("lmms:mmee: unknown task 'lmms:mmee' (did you mean 'lmms:mme'?)")
+    assert lines[1] == "2 of 2 tasks valid (100.0%), 1 of 1 groups valid (100.0%), 0 of 1 unknown names valid (0.0%)"
