@@ -78,3 +78,27 @@ def test_validate_takes_lmms_names_and_reports_unknown_ones(capfd: pytest.Captur
     lines = capfd.readouterr()[0].splitlines()
     assert lines[0].startswith("lmms:mmee: unknown task 'lmms:mmee' (did you mean 'lmms:mme'?)")
     assert lines[1] == "2 of 2 tasks valid (100.0%), 1 of 1 groups valid (100.0%), 0 of 1 unknown names valid (0.0%)"
+
+
+def test_an_audio_task_is_refused_in_one_line_naming_it(tmp_path, monkeypatch) -> None:
+    import datasets
+
+    from evalkit.errors import UsageError
+
+    monkeypatch.chdir(tmp_path)
+    features = datasets.Features({"audio": datasets.Audio(decode=False), "answer": datasets.Value("string")})
+    rows = {"audio": [{"bytes": b"RIFF0000WAVE", "path": None}], "answer": ["yes"]}
+    (tmp_path / "data").mkdir()
+    # cast at the arrow level: encoding audio would need torchcodec, which this torch cannot load
+    datasets.Dataset.from_dict(rows).cast(features).to_parquet("data/test.parquet")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "clip_qa.yaml").write_text(
+        "task: clip_qa\ndataset_path: parquet\ndataset_kwargs:\n  data_files:\n    test: data/test.parquet\n"
+        "test_split: test\noutput_type: generate_until\ndoc_to_visual: audio\ndoc_to_text: 'What is said?'\n"
+        "doc_to_target: answer\nmetric_list:\n  - metric: exact_match\n"
+    )
+    with pytest.raises(UsageError) as caught:
+        TaskLibrary([tmp_path / "tasks"]).load_checked(["clip_qa"])
+    message = str(caught.value)
+    assert "task 'clip_qa' is an audio task (its data has audio column audio)" in message
+    assert "\n" not in message

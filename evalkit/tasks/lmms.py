@@ -171,6 +171,16 @@ def _choose_block(blocks: Any, names: tuple[str, ...], missing: Any) -> Any:
     return next((blocks[n] for n in names if n in blocks), blocks.get("default", missing))
 
 
+def _audio_columns(features: Any) -> list[str]:
+    """Top-level columns holding audio (an Audio feature, or a list of them)."""
+    found = []
+    for name, feature in (features or {}).items():
+        inner = getattr(feature, "feature", feature)  # datasets.Sequence / List
+        if isinstance(feature, datasets.Audio) or isinstance(inner, datasets.Audio):
+            found.append(name)
+    return found
+
+
 def _takes_two(fn: Callable) -> bool:
     try:
         return len(inspect.signature(fn).parameters) == 2
@@ -253,8 +263,15 @@ class LmmsTask(ConfigurableTask):
             options.pop(key, None)
         if options.pop("load_from_disk", False):
             self.dataset = datasets.load_from_disk(self.DATASET_PATH)
-            return
-        super().download(options or None, **kwargs)
+        else:
+            super().download(options or None, **kwargs)
+        splits = self.dataset.values() if isinstance(self.dataset, Mapping) else [self.dataset]
+        audio = sorted({name for split in splits for name in _audio_columns(split.features)})
+        if audio:
+            raise ValueError(
+                f"task '{self.config.task}' is an audio task (its data has audio column {', '.join(audio)}); "
+                f"evalkit evaluates text, images and image-text tasks"
+            )
 
     # ------------------------------------------------------------ what lm-eval asks the task
 
