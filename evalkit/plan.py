@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from evalkit.config import RunConfig
-from evalkit.errors import UsageError, say
+from evalkit.errors import UsageError
 from evalkit.identity import model_fingerprint, request_key, served_fingerprint, task_config_hash
 from evalkit.models.packing import context_group
 from evalkit.outdir import check_folder
@@ -62,10 +62,9 @@ def load_tasks(config: RunConfig, model_path: str) -> dict[str, Any]:
 
     install_compat()
     library = TaskLibrary(config.include_path, metadata=config.task_metadata(model_path))
-    loaded = library.load_checked(list(config.tasks))
-    for line in library.notices(config.tasks):
-        say(f"evalkit: {line}")
-    return loaded
+    for line in library.notices(config.tasks):  # information, so on stdout: stderr is for what went wrong
+        print(f"evalkit: {line}", flush=True)
+    return library.load_checked(list(config.tasks))
 
 
 def prompt_options(config: RunConfig) -> PromptOptions:

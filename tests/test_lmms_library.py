@@ -102,3 +102,19 @@ def test_an_audio_task_is_refused_in_one_line_naming_it(tmp_path, monkeypatch) -
     message = str(caught.value)
     assert "task 'clip_qa' is an audio task (its data has audio column audio)" in message
     assert "\n" not in message
+
+
+def test_a_run_of_a_shared_name_says_which_library_runs(tmp_path) -> None:
+    from conftest import TINY_MODEL, run_evalkit
+
+    # no gsm8k data here: the run stops at loading it, after saying whose gsm8k it is
+    run = run_evalkit(
+        ["--model", str(TINY_MODEL), "--device", "cpu", "--tasks", "gsm8k,mme"],
+        output=tmp_path / "out",
+        cwd=tmp_path,
+    )
+    assert run.returncode == 2
+    assert "evalkit: 'gsm8k' is lm-eval's; --tasks lmms:gsm8k selects lmms-eval's" in run.stdout.splitlines()
+    assert "mme" not in run.stdout
+    assert len(run.stderr.strip().splitlines()) == 1 and "gsm8k" in run.stderr
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]

@@ -1,12 +1,17 @@
-"""Vision-language models end to end: the bundled lmms-eval-format image task on tiny VLMs of three
-families, at every layout, killed and resumed, crashing; and image tasks in both task-file forms.
+"""Vision-language models end to end: the bundled lmms-eval-format image task and lmms-eval's own
+`mme` task (by name, unchanged, on local data in its hub schema) on tiny VLMs of three families, at
+every layout, killed and resumed, crashing; and image tasks in both task-file forms.
 
 Every run is real: ``python -m evalkit`` or torchrun on CPU with gloo, models built from a config.
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +22,7 @@ pytestmark = pytest.mark.multiprocess
 
 FAULTS = str(REPO / "tests" / "fault_entry.py")
 TASK = "vlm_demo"
+LAYOUT_TASKS = "vlm_demo,mme"  # mme: lmms-eval's own task folder
 FAMILIES = ("llava", "qwen2_vl", "internvl")
 REFERENCE = "1 process, batch 4"
 LAYOUTS = {
@@ -47,8 +53,20 @@ def vlm_args(model: Path, *extra: str) -> list[str]:
     return ["--model", str(model), "--device", "cpu", *extra]
 
 
-def evaluate(model: Path, output: Path, layout: str = REFERENCE, *extra: str, tasks: str = TASK, **kwargs):
+@functools.cache
+def lmms_data() -> Path:
+    """A working folder holding lmms-lab-encoder/MME in the hub schema, written once per process."""
+    from evalkit.testing.lmms_data import write_mme
+
+    folder = Path(tempfile.mkdtemp(prefix="lmms-data-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    write_mme(folder)
+    return folder
+
+
+def evaluate(model: Path, output: Path, layout: str = REFERENCE, *extra: str, tasks: str = LAYOUT_TASKS, **kwargs):
     launcher, nproc, flags = LAYOUTS[layout]
+    kwargs.setdefault("cwd", lmms_data())
     return run_evalkit(
         vlm_args(model, "--tasks", tasks, *flags, *extra), launcher=launcher, nproc=nproc, output=output, **kwargs
     )
@@ -104,7 +122,8 @@ def test_killed_vlm_run_resumes_on_another_world_size(tiny_vlm, llava_reference,
     model = tiny_vlm("llava")
     output = tmp_path / "out"
     killed = run_evalkit(
-        vlm_args(model, "--tasks", TASK, "--batch-size", "1", "--flush-interval", "0.001"),
+        vlm_args(model, "--tasks", LAYOUT_TASKS, "--batch-size", "1", "--flush-interval", "0.001"),
+        cwd=lmms_data(),
         launcher="torchrun",
         nproc=2,
         output=output,
