@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--gen-kwargs", help="generation settings for generate_until tasks, e.g. temperature=0,max_gen_toks=64"
     )
     p.add_argument(
+        "--think-end-token",
+        metavar="TEXT",
+        help="reasoning models: a generation's answer is the text after the last TEXT (e.g. </think>), "
+        "as lm-eval's think_end_token",
+    )
+    p.add_argument(
         "--confirm-run-unsafe-code",
         action="store_true",
         default=None,

@@ -84,6 +84,7 @@ class RunConfig:
     fewshot_as_multiturn: bool | None = None
     system_instruction: str | None = None
     gen_kwargs: dict | None = None
+    think_end_token: str | None = None  # a generation's answer is what follows the last one
     confirm_run_unsafe_code: bool = False
     bootstrap_iters: int = 100_000
     # A model behind an OpenAI-compatible server (--backend openai-completions / openai-chat).
@@ -139,6 +140,10 @@ class RunConfig:
             problems.append(f"--limit {self.limit} must be a positive integer or a fraction in (0, 1]")
         if self.num_fewshot is not None and self.num_fewshot < 0:
             problems.append(f"--num-fewshot {self.num_fewshot} must be 0 or more")
+        if self.think_end_token is not None and (not self.think_end_token.strip() or self.think_end_token.isdigit()):
+            problems.append(
+                f"--think-end-token {self.think_end_token!r} must be the token's text, e.g. '</think>' (not its id)"
+            )
         if self.dtype not in DTYPE_NAMES:
             problems.append(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
         if self.tp < 1:

@@ -118,3 +118,17 @@ def test_a_run_of_a_shared_name_says_which_library_runs(tmp_path) -> None:
     assert "mme" not in run.stdout
     assert len(run.stderr.strip().splitlines()) == 1 and "gsm8k" in run.stderr
     assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+
+
+def test_an_output_type_only_lmms_eval_runs_is_refused_in_one_line(tmp_path) -> None:
+    from evalkit.errors import UsageError
+
+    (tmp_path / "cot.yaml").write_text(
+        "task: visual_cot_demo\ndataset_path: parquet\ntest_split: test\noutput_type: generate_visual_cot\n"
+        "doc_to_visual: image\ndoc_to_text: question\ndoc_to_target: answer\n"
+    )
+    with pytest.raises(UsageError) as caught:
+        TaskLibrary([tmp_path]).load_checked(["visual_cot_demo"])
+    message = str(caught.value)
+    assert "visual_cot_demo" in message and "\n" not in message
+    assert "output_type 'generate_visual_cot' is run only by lmms-eval's own model classes" in message

@@ -51,3 +51,12 @@ def cut_at_stop(text: str, stops: list[str]) -> str:
         if stop:
             text = text.split(stop)[0]
     return text
+
+
+def drop_thinking(text: str, think_end: str | None) -> str:
+    """lm-eval's ``think_end_token``: the answer is what follows the last ``think_end`` (leading
+    whitespace dropped); a generation without it is kept whole. Applied to text already cut at its
+    first stop sequence, so the answer never depends on how long the batch went on generating."""
+    if not think_end:
+        return text
+    return text.split(think_end)[-1].lstrip()
