@@ -55,3 +55,17 @@ def test_failed_requests_leave_their_docs_out(tmp_path):
     rows = scored.samples["median_task"]
     assert [r["doc_id"] for r in rows if "error" in r] == [0]
     assert scored.results["n-samples"]["median_task"] == {"original": len(VALUES), "effective": len(VALUES) - 1}
+
+
+def test_think_end_token_keeps_what_follows_the_reasoning(tmp_path):
+    """lm-eval's think_end_token: the answer is the text after the last marker, whitespace dropped."""
+    median_task(tmp_path)
+    loaded = TaskLibrary([tmp_path]).load_checked(["median_task"])
+    plans = build_plans(loaded["tasks"], PromptOptions())
+    requests = number_requests(plans)
+    outputs = [f"<think>{99 - i} or</think>{i}?</think> {VALUES[r.doc_id]}" for i, r in enumerate(requests)]
+    outputs[0] = str(VALUES[requests[0].doc_id])  # no reasoning: kept whole
+    scored = score(plans, {}, outputs, bootstrap_iters=0, think_end_token="</think>")
+    assert scored.results["results"]["median_task"]["answer,none"] == 5.0
+    rows = {r["doc_id"]: r for r in scored.samples["median_task"]}
+    assert rows[requests[1].doc_id]["resps"] == [[str(VALUES[requests[1].doc_id])]]

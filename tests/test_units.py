@@ -180,7 +180,9 @@ def test_batch_options_make_one_limit():
         ("--batch-size", "many"): "expected a positive integer or auto, got 'many'",
         ("--batch-size", "auto", "--max-batch-tokens", "64"): "--batch-size auto picks the token budget itself",
         ("--max-batch-tokens", "0"): "--max-batch-tokens 0 must be a positive number of tokens",
+        ("--think-end-token", "151668"): "--think-end-token '151668' must be the token's text, e.g. '</think>'",
     }
+    assert parse_config([*base, "--think-end-token", "</think>"]).think_end_token == "</think>"
     for flags, message in problems.items():
         with pytest.raises(UsageError, match=message):
             parse_config([*base, *flags])

@@ -18,6 +18,7 @@ from typing import Any
 from lm_eval.evaluator_utils import _process_results
 from lm_eval.utils import handle_non_serializable, hash_string, sanitize_list
 
+from evalkit.models.stopping import drop_thinking
 from evalkit.tasks.images import image_label, is_image
 from evalkit.tasks.requests import TaskPlan
 
@@ -48,8 +49,9 @@ def _as_response(kind: str, value: Any) -> Any:
     return tuple(value) if kind == "loglikelihood" else value
 
 
-def attach_outputs(plan: TaskPlan, outputs: list[Any]) -> dict[int, str]:
-    """Give each instance its responses (one per repeat); return the failed docs' first error."""
+def attach_outputs(plan: TaskPlan, outputs: list[Any], think_end_token: str | None = None) -> dict[int, str]:
+    """Give each instance its responses (one per repeat); return the failed docs' first error.
+    With ``think_end_token``, a generation's response is what follows its reasoning."""
     errors: dict[int, str] = {}
     for instance, indices in zip(plan.task.instances, plan.instance_requests, strict=True):
         values = [outputs[i] for i in indices]
@@ -57,6 +59,8 @@ def attach_outputs(plan: TaskPlan, outputs: list[Any]) -> dict[int, str]:
         if failures:
             errors.setdefault(instance.doc_id, failures[0])
             values = [PLACEHOLDER[instance.request_type]] * len(values)
+        elif instance.request_type == "generate_until" and think_end_token:
+            values = [drop_thinking(v, think_end_token) for v in values]
         instance.resps = [_as_response(instance.request_type, v) for v in values]
     return errors
 
@@ -96,10 +100,12 @@ def _doc_hash(doc: Any) -> str:
     return hash_string(json.dumps(doc, indent=2, default=_json_value, ensure_ascii=False))
 
 
-def score_task(plan: TaskPlan, outputs: list[Any], process: ProcessBatch) -> tuple[dict, list[dict], int]:
+def score_task(
+    plan: TaskPlan, outputs: list[Any], process: ProcessBatch, think_end_token: str | None = None
+) -> tuple[dict, list[dict], int]:
     """lm-eval's per-doc loop for one task: raw metric values, sample rows, failed doc count."""
     task = plan.task
-    errors = attach_outputs(plan, outputs)
+    errors = attach_outputs(plan, outputs, think_end_token)
     task.apply_filters()
     by_doc: dict[int, list[Any]] = defaultdict(list)
     for instance in task.instances:
@@ -157,11 +163,12 @@ def score(
     *,
     bootstrap_iters: int,
     sandboxed: ProcessBatch | None = None,
+    think_end_token: str | None = None,
 ) -> Scored:
     acc, samples, failed = {}, {}, {}
     for plan in plans:
         process = sandboxed if plan.unsafe and sandboxed is not None else in_process
-        raw, rows, failed[plan.name] = score_task(plan, outputs, process)
+        raw, rows, failed[plan.name] = score_task(plan, outputs, process, think_end_token)
         acc[plan.name] = {"task": plan.task, "raw_metrics": raw, "logged_samples": []}
         samples[plan.name] = rows
     results = _process_results(acc, groups, bootstrap_iters)._to_eval_results()
