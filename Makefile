@@ -86,7 +86,7 @@ demo-vlm: install
 # Test files run in parallel (pytest-xdist, one worker per core; a file's tests stay together
 # so its session fixtures are built once).
 test: install
-	$(PY) -m pytest -q -n auto --dist loadfile
+	$(PY) -m pytest -q -n auto --dist loadfile --durations=25
 
 # The vllm backend and a real `vllm serve` on localhost, in .venv-vllm (tests/test_vllm.py).
 test-vllm: install-vllm
