@@ -58,6 +58,7 @@ def score_outputs(config: RunConfig, plan: RunPlan, outputs: list[Any], phases: 
             outputs,
             bootstrap_iters=config.bootstrap_iters,
             sandboxed=sandboxed_scoring(config, plan.model_path),
+            output=config.output,
         )
 
 
