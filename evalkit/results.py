@@ -59,6 +59,7 @@ def score_outputs(config: RunConfig, plan: RunPlan, outputs: list[Any], phases: 
             bootstrap_iters=config.bootstrap_iters,
             sandboxed=sandboxed_scoring(config, plan.model_path),
             think_end_token=config.think_end_token,
+            output=config.output,
         )
 
 

@@ -21,7 +21,8 @@ from PIL import Image, ImageDraw
 from evalkit.identity import task_config_hash
 from evalkit.tasks.images import ImagesChanged, VisualSource, as_images, digest
 from evalkit.tasks.library import TaskLibrary
-from evalkit.tasks.lmms import LmmsTask, choose_prompt_kwargs, model_names
+from evalkit.tasks.lmms import LmmsTask, choose_prompt_kwargs
+from evalkit.tasks.lmms_models import model_name
 from evalkit.tasks.requests import PromptOptions, Visuals, build_plans, number_requests
 from evalkit.tasks.scoring import score, task_hash
 from evalkit.tasks.validate import validate
@@ -91,7 +92,7 @@ def test_bundled_task_builds_requests_with_visuals_and_stable_digests():
         assert (request.visuals.task, request.visuals.doc_id) == (request.task, request.doc_id)
         context, gen_kwargs = request.args
         assert context.endswith(DEFAULT_POST)
-        assert gen_kwargs["max_gen_toks"] == 8 and gen_kwargs["until"] == ["\n\n"]
+        assert gen_kwargs["max_new_tokens"] == 8 and gen_kwargs["until"] == ["\n\n"]
         doc = loaded["tasks"][request.task].eval_docs[request.doc_id]
         assert request.visuals.digests == (digest(doc["image"].convert("RGB")),)
     # rank 0 keeps digests, not images, in lm-eval's instances
@@ -116,11 +117,12 @@ def test_prompt_kwargs_block_follows_the_model_family(tmp_path):
     assert context({"pretrained": str(tmp_path / "not-a-model")}).endswith(DEFAULT_POST)
 
     blocks = {"default": {"post_prompt": "d"}, "qwen2_vl": {"post_prompt": "q"}, "llava": {"post_prompt": "l"}}
-    qwen25 = model_names({"pretrained": str(model_folder(tmp_path, "qwen2_5_vl"))})
-    assert qwen25 == ("qwen2_5_vl", "qwen2_vl")
-    assert choose_prompt_kwargs(blocks, qwen25) == {"post_prompt": "q"}
-    assert choose_prompt_kwargs(blocks, ())["post_prompt"] == "d"  # lmms-eval lays default over the mapping
-    assert choose_prompt_kwargs(blocks, ("idefics2",), legacy=True) == {"post_prompt": "d"}
+    qwen25 = model_name({"pretrained": str(model_folder(tmp_path, "qwen2_5_vl"))})
+    assert qwen25 == "qwen2_5_vl"  # lmms-eval matches the class name exactly, else default
+    assert choose_prompt_kwargs(blocks, qwen25)["post_prompt"] == "d"
+    assert choose_prompt_kwargs(blocks, "qwen2_vl") == {"post_prompt": "q"}
+    assert choose_prompt_kwargs(blocks, None)["post_prompt"] == "d"  # lmms-eval lays default over the mapping
+    assert choose_prompt_kwargs(blocks, "idefics2", legacy=True) == {"post_prompt": "d"}
 
 
 def test_visual_source_loads_lazily_and_checks_digests():

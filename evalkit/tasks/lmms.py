@@ -7,16 +7,23 @@ An lmms-eval task YAML is an lm-eval YAML with a few more keys. ``LmmsTask`` is 
   or of the doc and the prompt kwargs, returning the doc's images. It becomes the task's
   ``doc_to_image``, so lm-eval's own request building attaches the images (``{"visual": [...]}``).
 * ``lmms_eval_specific_kwargs`` (formerly ``model_specific_prompt_kwargs``): per-model blocks of
-  prompt settings. The block is chosen by the model's family, read from ``model_type`` in the
-  ``config.json`` of the model the task is built for (``metadata["pretrained"]``); without a
-  matching block, lmms-eval's ``default`` applies. ``doc_to_text``, ``doc_to_visual`` and
-  ``doc_to_messages`` functions receive it as their second argument.
+  prompt settings. The block is the one named for the lmms-eval model class that runs the model
+  the task is built for (``metadata["pretrained"]``; see ``lmms_models``), else lmms-eval's
+  ``default``. ``doc_to_text``, ``doc_to_visual`` and ``doc_to_messages`` functions receive it as
+  their second argument.
 * ``model_specific_generation_kwargs`` / ``model_specific_target_kwargs``: per-model blocks merged
   into ``generation_kwargs`` / passed to a ``doc_to_target`` function.
 * ``doc_to_messages``: a function of the doc returning chat messages whose content parts are text
   and images. The request's context is those messages with each image part replaced by
   ``{"type": "image"}`` (the request's next image); the images go with the request as visuals.
 * ``full_docs``: ``process_results`` also receives the evaluation docs (``full_docs=``).
+* ``reasoning_tags`` / ``auto_strip_thinking``: reasoning blocks leave the filtered responses
+  before ``process_results`` (see ``lmms_scoring``).
+
+A generation request carries the settings that model class would generate with
+(``lmms_models.request_gen_kwargs``). Scoring follows lmms-eval's evaluator (``lmms_scoring``):
+only ``metric_list`` metrics are aggregated, ``args`` aggregations receive the run's output
+folder, and n-samples counts docs, not metric values.
 
 As in lmms-eval, a generate_until task's outputs are stripped before ``process_results``. Keys
 that only matter to lmms-eval's own runner (``group_alias``, ``process_results_use_image``,
@@ -28,15 +35,24 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import os
 from collections.abc import Callable, Mapping
 from copy import deepcopy
-from pathlib import Path
 from typing import Any
 
 import datasets
 from lm_eval.api.task import ConfigurableTask
+
+from evalkit.tasks.lmms_models import model_name, request_gen_kwargs
+from evalkit.tasks.lmms_scoring import (
+    THINKING_TAGS,
+    AggregationArgs,
+    bind_args,
+    listed_metrics,
+    reasoning_tags,
+    sample_counts,
+    strip_response,
+)
 
 PROMPT_KWARGS = ("lmms_eval_specific_kwargs", "model_specific_prompt_kwargs")
 # Keys that make a YAML an lmms-eval task.
@@ -56,28 +72,6 @@ EXTRA_KEYS = LMMS_KEYS | IGNORED_KEYS | {"full_docs", "reasoning_tags", "auto_st
 LMMS_ONLY_OUTPUT_TYPES = frozenset({"generate_until_multi_round", "generate_until_agentic", "generate_visual_cot"})
 # dataset_kwargs entries that steer lmms-eval's downloader, not datasets.load_dataset.
 DOWNLOADER_KWARGS = ("max_retries", "num_proc", "local_files_only", "force_download", "force_unzip", "create_link")
-
-# transformers model_type -> lmms-eval model names whose prompt blocks fit it, best first.
-MODEL_NAMES: dict[str, tuple[str, ...]] = {
-    "llava": ("llava", "llava_hf"),
-    "llava_next": ("llava", "llava_hf"),
-    "llava_onevision": ("llava_onevision", "llava"),
-    "qwen": ("qwen_vl",),
-    "qwen2_vl": ("qwen2_vl",),
-    "qwen2_5_vl": ("qwen2_5_vl", "qwen2_vl"),
-    "qwen3_vl": ("qwen3_vl",),
-    "idefics2": ("idefics2",),
-    "idefics3": ("idefics3",),
-    "mllama": ("llama_vision",),
-    "phi3_v": ("phi3v",),
-    "internvl_chat": ("internvl2", "internvl"),
-    "internvl": ("internvl_hf", "internvl2"),
-    "gemma3": ("gemma3",),
-    "aria": ("aria",),
-    "instructblip": ("instructblip",),
-    "fuyu": ("fuyu",),
-    "internlmxcomposer2": ("xcomposer2_4khd",),
-}
 
 
 def is_lmms_config(cfg: Mapping[str, Any]) -> bool:
@@ -132,31 +126,13 @@ def adopt_lmms_metrics(metric_list: Any) -> None:
         lm.register_metric(metric=name, **details)(lmms.METRIC_REGISTRY[name])
 
 
-@functools.lru_cache(maxsize=64)
-def _model_type(path: str) -> str | None:
-    try:
-        return json.loads((Path(path) / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def model_names(metadata: Any) -> tuple[str, ...]:
-    """lmms-eval model names for the model a task is built for, best first (none: use ``default``)."""
-    path = metadata.get("pretrained") if isinstance(metadata, Mapping) else None
-    model_type = _model_type(str(path)) if path else None
-    if not model_type:
-        return ()
-    return tuple(dict.fromkeys((*MODEL_NAMES.get(model_type, ()), model_type)))
-
-
-def choose_prompt_kwargs(blocks: Any, names: tuple[str, ...], *, legacy: bool = False) -> Any:
+def choose_prompt_kwargs(blocks: Any, name: str | None, *, legacy: bool = False) -> Any:
     """lmms-eval's choice: the model's own block; else ``default`` laid over the whole mapping
     (``model_specific_prompt_kwargs``, the former name, gives the ``default`` block alone)."""
     if not isinstance(blocks, Mapping):
         return blocks
-    for name in names:
-        if name in blocks:
-            return blocks[name]
+    if name in blocks:
+        return blocks[name]
     if legacy:
         return blocks.get("default")
     for fallback in ("default", "dataset"):
@@ -165,10 +141,10 @@ def choose_prompt_kwargs(blocks: Any, names: tuple[str, ...], *, legacy: bool = 
     return dict(blocks)
 
 
-def _choose_block(blocks: Any, names: tuple[str, ...], missing: Any) -> Any:
+def _choose_block(blocks: Any, name: str | None, missing: Any) -> Any:
     if not isinstance(blocks, Mapping):
         return blocks
-    return next((blocks[n] for n in names if n in blocks), blocks.get("default", missing))
+    return blocks[name] if name in blocks else blocks.get("default", missing)
 
 
 def _audio_columns(features: Any) -> list[str]:
@@ -231,14 +207,17 @@ class LmmsTask(ConfigurableTask):
                 f"generate_until, loglikelihood, multiple_choice and loglikelihood_rolling"
             )
         self._lmms = {key: config.pop(key) for key in sorted(EXTRA_KEYS) if key in config}
-        if self._lmms.get("reasoning_tags") or self._lmms.get("auto_strip_thinking"):
-            raise ValueError("reasoning_tags / auto_strip_thinking (lmms-eval's thinking filters) are not supported")
-        names = model_names(config.get("metadata"))
+        self._reasoning = reasoning_tags(self._lmms.get("reasoning_tags"))
+        self._strip_thinking = bool(self._lmms.get("auto_strip_thinking")) and self._reasoning is None
+        self.model_name = model_name(config.get("metadata"))
+        self.aggregation_args = AggregationArgs()  # scoring names the run's output folder here
         legacy = "lmms_eval_specific_kwargs" not in self._lmms
         blocks = self._lmms.get(PROMPT_KWARGS[1] if legacy else PROMPT_KWARGS[0])
-        self.lmms_eval_specific_kwargs = deepcopy(choose_prompt_kwargs(blocks, names, legacy=legacy))
-        self.model_specific_target_kwargs = _choose_block(self._lmms.get("model_specific_target_kwargs"), names, None)
-        generation = _choose_block(self._lmms.get("model_specific_generation_kwargs"), names, {})
+        self.lmms_eval_specific_kwargs = deepcopy(choose_prompt_kwargs(blocks, self.model_name, legacy=legacy))
+        self.model_specific_target_kwargs = _choose_block(
+            self._lmms.get("model_specific_target_kwargs"), self.model_name, None
+        )
+        generation = _choose_block(self._lmms.get("model_specific_generation_kwargs"), self.model_name, {})
         self._visual = self._lmms.get("doc_to_visual")
         self._messages = self._lmms.get("doc_to_messages")
         self._full_docs = bool(self._lmms.get("full_docs"))
@@ -348,6 +327,44 @@ class LmmsTask(ConfigurableTask):
         if system:
             messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
         return messages
+
+    def construct_requests(self, doc: Any, ctx: Any, **kwargs: Any) -> Any:
+        """lm-eval's requests, a generation request with the settings the model's lmms-eval class
+        would generate with (after any --gen-kwargs, as in lmms-eval)."""
+        requests = super().construct_requests(doc, ctx, **kwargs)
+        if self.OUTPUT_TYPE != "generate_until":
+            return requests
+        for request in requests if isinstance(requests, list) else [requests]:
+            context, gen_kwargs, *rest = request.arguments
+            request.arguments = (context, request_gen_kwargs(self.model_name, gen_kwargs), *rest)
+        return requests
+
+    # ------------------------------------------------------------ scoring, as lmms-eval's evaluator
+
+    def apply_filters(self) -> None:
+        if self._strip_thinking:  # lmms-eval puts its thinking filter first in every pipeline
+            raw = [instance.resps for instance in self.instances]
+            for instance in self.instances:
+                instance.resps = [strip_response(r, THINKING_TAGS) for r in instance.resps]
+            super().apply_filters()
+            for instance, resps in zip(self.instances, raw, strict=True):
+                instance.resps = resps
+        else:
+            super().apply_filters()
+        if self._reasoning is not None:
+            for instance in self.instances:
+                for key, value in instance.filtered_resps.items():
+                    instance.filtered_resps[key] = strip_response(value, self._reasoning)
+
+    def aggregation(self) -> dict[str, Callable]:
+        return bind_args(super().aggregation(), self.aggregation_args)
+
+    def aggregated_metrics(self, raw: dict[tuple[str, str], list]) -> dict[tuple[str, str], list]:
+        """The raw metric values lmms-eval aggregates (``metric_list``'s metrics only)."""
+        return listed_metrics(raw, super().aggregation())
+
+    def sample_counts(self, taken: int) -> dict[str, int]:
+        return sample_counts(len(self._all_docs), taken)
 
     def process_results(self, doc: Any, results: Any) -> Any:
         if self.OUTPUT_TYPE == "generate_until":

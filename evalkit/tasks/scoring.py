@@ -13,6 +13,7 @@ import json
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from lm_eval.evaluator_utils import _process_results
@@ -20,6 +21,8 @@ from lm_eval.utils import handle_non_serializable, hash_string, sanitize_list
 
 from evalkit.models.stopping import drop_thinking
 from evalkit.tasks.images import image_label, is_image
+from evalkit.tasks.lmms import LmmsTask
+from evalkit.tasks.lmms_scoring import AggregationArgs
 from evalkit.tasks.requests import TaskPlan
 
 
@@ -164,15 +167,24 @@ def score(
     bootstrap_iters: int,
     sandboxed: ProcessBatch | None = None,
     think_end_token: str | None = None,
+    output: Path | None = None,
 ) -> Scored:
-    acc, samples, failed = {}, {}, {}
+    """lm-eval's results for the merged outputs; lmms-eval tasks are aggregated as lmms-eval's
+    evaluator does, their ``args`` aggregations writing into ``output`` (the run's folder)."""
+    acc, samples, failed, counts = {}, {}, {}, {}
     for plan in plans:
         process = sandboxed if plan.unsafe and sandboxed is not None else in_process
         raw, rows, failed[plan.name] = score_task(plan, outputs, process, think_end_token)
+        if isinstance(plan.task, LmmsTask):
+            plan.task.aggregation_args = AggregationArgs(output_path=None if output is None else str(output))
+            raw = plan.task.aggregated_metrics(raw)
+            taken = len({instance.doc_id for instance in plan.task.instances})
+            counts[plan.name] = plan.task.sample_counts(taken - failed[plan.name])
         acc[plan.name] = {"task": plan.task, "raw_metrics": raw, "logged_samples": []}
         samples[plan.name] = rows
-    results = _process_results(acc, groups, bootstrap_iters)._to_eval_results()
-    return Scored(results=dict(results), samples=samples, failed=failed)
+    results = dict(_process_results(acc, groups, bootstrap_iters)._to_eval_results())
+    results["n-samples"] = {**results["n-samples"], **counts}
+    return Scored(results=results, samples=samples, failed=failed)
 
 
 def task_hash(rows: list[dict[str, Any]]) -> str:
