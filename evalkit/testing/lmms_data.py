@@ -101,7 +101,102 @@ def write_mme(root: Path) -> Path:
     return folder
 
 
-WRITERS = {"mme": write_mme}
+# POPE: object-presence questions, answered yes or no. (colour, shape, count, where, question, answer)
+POPE_DOCS = [
+    ("red", "circle", 1, "left", "Is there a circle in the image?", "yes"),
+    ("red", "circle", 1, "left", "Is there a square in the image?", "no"),
+    ("blue", "square", 2, "right", "Is there a square in the image?", "yes"),
+    ("green", "circle", 1, "right", "Is there a square in the image?", "no"),
+]
+
+# ChartQA: a bar per colour; questions read a bar. (heights, question, answer, type)
+CHARTQA_DOCS = [
+    ((3, 1, 2), "How tall is the red bar?", "3", "human_test"),
+    ((1, 4, 2), "Which bar is tallest?", "blue", "human_test"),
+    ((2, 2, 5), "How tall is the green bar?", "5", "augmented_test"),
+    ((4, 1, 1), "What is the sum of the bars?", "6", "augmented_test"),
+]
+
+# AI2D: multiple choice over a drawn shape; answer is the index of the right option (as a string).
+AI2D_DOCS = [
+    ("red", "circle", 1, "left", "What shape is shown?", ["square", "circle", "triangle", "star"], "1"),
+    ("blue", "square", 1, "right", "What colour is the shape?", ["blue", "red", "green", "yellow"], "0"),
+    ("green", "circle", 2, "left", "How many shapes are there?", ["one", "three", "two", "four"], "2"),
+]
+
+
+def draw_bars(heights: tuple[int, ...], size: int = 48) -> Image.Image:
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    pen = ImageDraw.Draw(image)
+    width = size // (len(heights) + 1)
+    for n, (height, colour) in enumerate(zip(heights, ("red", "blue", "green"), strict=False)):
+        x = 4 + n * (width + 2)
+        pen.rectangle((x, size - 4 - height * 7, x + width, size - 4), fill=COLOURS[colour])
+    return image
+
+
+def _write(root: Path, repo_id: str, columns: dict[str, list], features: object, split: str = "test") -> Path:
+    import datasets
+
+    folder = Path(root) / repo_id
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    rel = f"data/{split}-00000-of-00001.parquet"
+    datasets.Dataset.from_dict(columns, features=features).to_parquet(str(folder / rel))
+    _card(folder, repo_id, features, split, rel)
+    return folder
+
+
+def write_pope(root: Path) -> Path:
+    """``lmms-lab-encoder/POPE`` (split ``test``) as lmms-eval 0.7's ``pope`` task reads it."""
+    import datasets
+
+    columns: dict[str, list] = {k: [] for k in ("question_id", "question", "answer", "category", "image")}
+    for n, (colour, shape, count, where, question, answer) in enumerate(POPE_DOCS):
+        columns["question_id"].append(str(n))
+        columns["question"].append(question)
+        columns["answer"].append(answer)
+        columns["category"].append("random")
+        columns["image"].append(draw(colour, shape, count, where))
+    text = datasets.Value("string")
+    features = datasets.Features(
+        {"question_id": text, "question": text, "answer": text, "category": text, "image": datasets.Image()}
+    )
+    return _write(root, "lmms-lab-encoder/POPE", columns, features)
+
+
+def write_chartqa(root: Path) -> Path:
+    """``lmms-lab-encoder/ChartQA`` (split ``test``) as lmms-eval 0.7's ``chartqa`` task reads it."""
+    import datasets
+
+    columns: dict[str, list] = {k: [] for k in ("type", "question", "answer", "image")}
+    for heights, question, answer, kind in CHARTQA_DOCS:
+        columns["type"].append(kind)
+        columns["question"].append(question)
+        columns["answer"].append(answer)
+        columns["image"].append(draw_bars(heights))
+    text = datasets.Value("string")
+    features = datasets.Features({"type": text, "question": text, "answer": text, "image": datasets.Image()})
+    return _write(root, "lmms-lab-encoder/ChartQA", columns, features)
+
+
+def write_ai2d(root: Path) -> Path:
+    """``lmms-lab-encoder/ai2d`` (split ``test``) as lmms-eval 0.7's ``ai2d`` task reads it."""
+    import datasets
+
+    columns: dict[str, list] = {k: [] for k in ("question", "options", "answer", "image")}
+    for colour, shape, count, where, question, options, answer in AI2D_DOCS:
+        columns["question"].append(question)
+        columns["options"].append(options)
+        columns["answer"].append(answer)
+        columns["image"].append(draw(colour, shape, count, where))
+    text = datasets.Value("string")
+    features = datasets.Features(
+        {"question": text, "options": datasets.Sequence(text), "answer": text, "image": datasets.Image()}
+    )
+    return _write(root, "lmms-lab-encoder/ai2d", columns, features)
+
+
+WRITERS = {"mme": write_mme, "pope": write_pope, "chartqa": write_chartqa, "ai2d": write_ai2d}
 
 
 def main(argv: list[str] | None = None) -> None:

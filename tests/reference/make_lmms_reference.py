@@ -1,0 +1,148 @@
+"""Regenerate the lmms-eval 0.7.3 reference outputs used by tests/test_lmms_parity.py.
+
+Run by a developer, never by the test-suite. lmms-eval's own model classes need torchvision, which
+does not load with evalkit's torch, so lmms-eval lives in a separate virtual environment::
+
+    python3.11 -m venv /work/lmms-ref-venv
+    /work/lmms-ref-venv/bin/pip install torch==2.14.1 torchvision==0.29.1 transformers==5.24.0 accelerate
+    /work/lmms-ref-venv/bin/pip install --no-deps lmms-eval==0.7.3
+    /work/lmms-ref-venv/bin/pip install loguru datasets tenacity pytablewriter sqlitedict sacrebleu \\
+        evaluate jsonlines openai pillow decord qwen-vl-utils av "filelock<4"
+
+Then, from the repository root, with evalkit's own Python (it builds the tiny models and data)::
+
+    python tests/reference/make_lmms_reference.py [--python /work/lmms-ref-venv/bin/python]
+
+It builds the seeded tiny VLMs (evalkit.testing.tinyvlm) and the local hub-schema data
+(evalkit.testing.lmms_data), runs ``python -m lmms_eval`` (batch size 1, greedy as each YAML says,
+offline, the data folder as working directory) and writes one JSON per (model, task) to
+``tests/reference/lmms-eval-0.7.3/<family>.<task>.json``: per doc the prompt text lmms-eval logged
+(``input``), the raw generation, the filtered answer and the per-sample metric values; the task's
+aggregates (stderr keys left out) and the exact command.
+
+The tiny models are saved by evalkit's venv, where torchvision does not load, so they carry no video
+processor; lmms-eval's qwen2_vl and internvl_hf classes call ``AutoProcessor``, which then refuses
+the folder. This script runs those two on a copy whose processor_config.json also holds a video
+processor with the image processor's settings. Image-only prompts never reach it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+OUT_DIR = REPO / "tests" / "reference" / "lmms-eval-0.7.3"
+# (tiny family, lmms-eval model class, tasks)
+RUNS = [
+    ("llava", "llava_hf", ["mme", "pope", "chartqa", "ai2d"]),
+    ("qwen2_vl", "qwen2_vl", ["mme"]),
+    ("internvl", "internvl_hf", ["mme"]),
+]
+VIDEO_PROCESSORS = {"qwen2_vl": "Qwen2VLVideoProcessor", "internvl": "InternVLVideoProcessor"}
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+# Sample-row keys that are not per-sample metrics.
+ROW_KEYS = {"doc_id", "target", "resps", "filtered_resps", "token_counts", "doc_hash", "input_media", "input"}
+
+
+def with_video_processor(model: Path, family: str, work: Path) -> Path:
+    """A copy of ``model`` whose processor_config.json also declares a video processor (see above)."""
+    if family not in VIDEO_PROCESSORS:
+        return model
+    copy = work / f"{family}-with-video-processor"
+    shutil.copytree(model, copy)
+    config = json.loads((copy / "processor_config.json").read_text())
+    video = {k: v for k, v in config["image_processor"].items() if k != "image_processor_type"}
+    config["video_processor"] = {**video, "video_processor_type": VIDEO_PROCESSORS[family]}
+    (copy / "processor_config.json").write_text(json.dumps(config, indent=2))
+    return copy
+
+
+def run_lmms_eval(python: str, model_class: str, model: Path, tasks: list[str], data: Path, out: Path) -> list[str]:
+    argv = [python, "-m", "lmms_eval", "--model", model_class]
+    argv += ["--model_args", f"pretrained={model},device_map=cpu", "--device", "cpu", "--tasks", ",".join(tasks)]
+    argv += ["--batch_size", "1", "--log_samples", "--output_path", str(out)]
+    env = {**os.environ, **OFFLINE_ENV, "HF_DATASETS_CACHE": str(out / "hf_datasets_cache")}
+    print(f"cd {data} && {shlex.join(argv)}", flush=True)
+    start = time.monotonic()
+    proc = subprocess.run(argv, cwd=data, env=env, capture_output=True, text=True)
+    (out / "lmms_eval.log").write_text(proc.stdout + "\n" + proc.stderr)
+    if proc.returncode != 0 or not list(out.glob("*/*_results.json")):
+        sys.exit(f"lmms-eval failed (rc={proc.returncode}); log: {out / 'lmms_eval.log'}\n{proc.stderr[-3000:]}")
+    print(f"finished in {time.monotonic() - start:.1f}s", flush=True)
+    return argv
+
+
+def doc_record(row: dict) -> dict:
+    # lmms-eval logs "resps" only where it differs from "filtered_resps" (it strips before scoring).
+    return {
+        "doc_id": row["doc_id"],
+        "input": row["input"],
+        "target": row["target"],
+        "resps": row.get("resps", row["filtered_resps"]),
+        "filtered_resps": row["filtered_resps"],
+        "metrics": {k: v for k, v in row.items() if k not in ROW_KEYS},
+    }
+
+
+def reference(family: str, model_class: str, task: str, out: Path, argv: list[str], model: Path) -> dict:
+    results = json.loads(next(out.glob("*/*_results.json")).read_text())
+    rows = [json.loads(line) for line in next(out.glob(f"*/*_samples_{task}.jsonl")).read_text().splitlines()]
+    import_versions = [argv[0], "-c", "import torch, transformers; print(torch.__version__, transformers.__version__)"]
+    torch_version, transformers_version = subprocess.check_output(import_versions, text=True).split()
+    return {
+        "lmms_eval_version": "0.7.3",
+        "torch_version": torch_version,
+        "transformers_version": transformers_version,
+        "command": shlex.join(["python", *argv[1:]]).replace(str(out.parent), "<tmp>"),
+        "family": family,
+        "model_class": model_class,
+        "model_sha256": hashlib.sha256((model / "model.safetensors").read_bytes()).hexdigest(),
+        "task": task,
+        "results": {k: v for k, v in results["results"][task].items() if "_stderr" not in k and k != "alias"},
+        "n-samples": results["n-samples"][task],
+        "docs": [doc_record(row) for row in sorted(rows, key=lambda r: r["doc_id"])],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--python", default="/work/lmms-ref-venv/bin/python", help="the lmms-eval venv's python")
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO))
+    from evalkit.testing.lmms_data import WRITERS
+    from evalkit.testing.tinyvlm import build_tiny_vlm
+
+    work = Path(tempfile.mkdtemp(prefix="lmms-ref-"))
+    data = work / "data"
+    for write in WRITERS.values():
+        write(data)
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    for family, model_class, tasks in RUNS:
+        model = build_tiny_vlm(family, work / "models" / family)
+        out = work / f"out-{family}"
+        out.mkdir()
+        argv = run_lmms_eval(args.python, model_class, with_video_processor(model, family, work), tasks, data, out)
+        for task in tasks:
+            ref = reference(family, model_class, task, out, argv, model)
+            path = OUT_DIR / f"{family}.{task}.json"
+            path.write_text(json.dumps(ref, indent=1, ensure_ascii=False) + "\n")
+            print(f"wrote {path.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
