@@ -43,7 +43,7 @@ from typing import Any
 import datasets
 from lm_eval.api.task import ConfigurableTask
 
-from evalkit.tasks.lmms_models import model_name, request_gen_kwargs
+from evalkit.tasks.lmms_models import model_name, prepare_image, request_gen_kwargs
 from evalkit.tasks.lmms_scoring import (
     THINKING_TAGS,
     AggregationArgs,
@@ -270,6 +270,13 @@ class LmmsTask(ConfigurableTask):
         return super().doc_to_target(doc, doc_to_target)
 
     def doc_to_image(self, doc: Any, doc_to_image: Any = None) -> Any:
+        """The doc's visuals as the model's lmms-eval class hands them to its processor."""
+        visuals = self._doc_visuals(doc, doc_to_image)
+        if isinstance(visuals, list):
+            return [prepare_image(self.model_name, v) for v in visuals]
+        return prepare_image(self.model_name, visuals)
+
+    def _doc_visuals(self, doc: Any, doc_to_image: Any = None) -> Any:
         if doc_to_image is not None or not self._own_image:
             return super().doc_to_image(doc, doc_to_image)
         if self._messages is not None:

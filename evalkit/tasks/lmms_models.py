@@ -11,17 +11,23 @@ the original LLaVA repositories' checkpoints, which transformers cannot load).
 Each of those classes also reads the task's ``generation_kwargs`` its own way (its default token
 limit, whether it stops at ``until``, which settings reach ``generate``). ``request_gen_kwargs``
 gives a request the settings that class would generate with; a checkpoint without a known class
-keeps the task's settings as lmms-eval's task config left them.
+keeps the task's settings as lmms-eval's task config left them. Some classes also change each image
+before their processor sees it (``prepare_image``): lmms-eval's ``qwen2_vl`` sends it through a
+JPEG data URL and ``qwen_vl_utils``' resize.
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 # transformers model_type -> the lmms-eval model name (class) that runs such a checkpoint.
 MODEL_CLASSES: dict[str, str] = {
@@ -119,3 +125,47 @@ def _as_list(until: Any) -> list[str]:
     if until is None:
         return []
     return [until] if isinstance(until, str) else list(until)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageRule:
+    """How one lmms-eval model class changes an image before its processor: a JPEG round trip at
+    ``jpeg_quality``, then ``qwen_vl_utils``' resize to multiples of ``factor`` pixels whose area lies
+    in [min_pixels, max_pixels] (PIL's default resampling)."""
+
+    jpeg_quality: int
+    factor: int
+    min_pixels: int
+    max_pixels: int
+
+
+IMAGE_RULES: dict[str, ImageRule] = {
+    # models/simple/qwen2_vl.py:173-180 (_encode_image_data_url) and its max_pixels/min_pixels defaults
+    "qwen2_vl": ImageRule(jpeg_quality=85, factor=28, min_pixels=3136, max_pixels=602112),
+}
+
+
+def prepare_image(name: str | None, image: Any) -> Any:
+    """``image`` as the lmms-eval class ``name`` hands it to its processor (others unchanged)."""
+    rule = IMAGE_RULES.get(name or "")
+    if rule is None or not isinstance(image, Image.Image):
+        return image
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=rule.jpeg_quality)
+    buffer.seek(0)
+    decoded = Image.open(buffer).convert("RGB")
+    width, height = decoded.size
+    return decoded.resize(_fitted(height, width, rule)[::-1])
+
+
+def _fitted(height: int, width: int, rule: ImageRule) -> tuple[int, int]:
+    """qwen_vl_utils.smart_resize: (height, width) in multiples of the factor within the pixel bounds."""
+    f = rule.factor
+    h, w = max(f, round(height / f) * f), max(f, round(width / f) * f)
+    if h * w > rule.max_pixels:
+        beta = math.sqrt(height * width / rule.max_pixels)
+        h, w = math.floor(height / beta / f) * f, math.floor(width / beta / f) * f
+    elif h * w < rule.min_pixels:
+        beta = math.sqrt(rule.min_pixels / (height * width))
+        h, w = math.ceil(height * beta / f) * f, math.ceil(width * beta / f) * f
+    return h, w

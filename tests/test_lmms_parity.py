@@ -1,0 +1,109 @@
+"""lmms-eval's own task folders, unchanged and named ``lmms:NAME``, on tiny VLMs: evalkit's prompts,
+generations, per-sample metrics, aggregates and sample counts equal what lmms-eval 0.7.3 itself gave
+with its own model classes on the same models and data.
+
+The references (tests/reference/lmms-eval-0.7.3, written by tests/reference/make_lmms_reference.py)
+hold, per doc, the prompt text lmms-eval logged, the raw generation, the filtered answer and the
+per-sample metric values, and the task's aggregates. Each run here is ``python -m evalkit`` in a
+folder holding the tasks' data in the hub schemas (evalkit.testing.lmms_data), as in lmms-eval's run.
+
+Where lmms-eval's class differs from the checkpoint's own settings, the run says so:
+* internvl_hf loads every model in bfloat16: evalkit runs with ``--dtype bfloat16``.
+* qwen2_vl loads the processor with min_pixels=3136 and max_pixels=602112. evalkit reads the
+  checkpoint's bounds, which for Qwen2-VL's releases (3136 to 12845056) contain those; the tiny
+  model's are narrower, so its copy here gets the class's bounds. The class strips its answers
+  (models/simple/qwen2_vl.py), so its raw generations are compared stripped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_evalkit
+
+pytestmark = pytest.mark.multiprocess
+
+REFERENCES = REPO / "tests" / "reference" / "lmms-eval-0.7.3"
+# family -> (lmms-eval class, evalkit flags, tasks), as make_lmms_reference.py ran lmms-eval
+RUNS = {
+    "llava": ("llava_hf", ["--batch-size", "4"], ["mme", "pope", "chartqa", "ai2d"]),
+    "qwen2_vl": ("qwen2_vl", ["--batch-size", "1"], ["mme"]),
+    "internvl": ("internvl_hf", ["--batch-size", "1", "--dtype", "bfloat16"], ["mme"]),
+}
+STRIPS_ANSWERS = {"qwen2_vl"}
+QWEN2_VL_CLASS_PIXELS = {"shortest_edge": 3136, "longest_edge": 602112}
+NOT_METRICS = {"name", "sample_len", "alias"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    from evalkit.testing.lmms_data import WRITERS
+
+    folder = tmp_path_factory.mktemp("lmms-data")
+    for write in WRITERS.values():
+        write(folder)
+    return folder
+
+
+def tiny_model(family: str, folder: Path) -> Path:
+    from evalkit.testing.tinyvlm import build_tiny_vlm
+
+    model = build_tiny_vlm(family, folder / family)
+    if family == "qwen2_vl":
+        config_path = model / "processor_config.json"
+        config = json.loads(config_path.read_text())
+        config["image_processor"]["size"] = QWEN2_VL_CLASS_PIXELS
+        config_path.write_text(json.dumps(config, indent=2))
+    return model
+
+
+def rows_by_doc(path: Path) -> dict[int, dict]:
+    return {row["doc_id"]: row for row in map(json.loads, path.read_text().splitlines())}
+
+
+@pytest.mark.parametrize("family", list(RUNS))
+def test_lmms_eval_tasks_give_lmms_evals_own_results(family, data, tmp_path):
+    model_class, flags, tasks = RUNS[family]
+    model = tiny_model(family, tmp_path / "models")
+    output = tmp_path / "out"
+    run = run_evalkit(
+        ["--model", str(model), "--device", "cpu", "--tasks", ",".join(f"lmms:{t}" for t in tasks), *flags],
+        output=output,
+        cwd=data,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = run.results()
+    for task in tasks:
+        reference = json.loads((REFERENCES / f"{family}.{task}.json").read_text())
+        assert reference["model_class"] == model_class
+        rows = rows_by_doc(output / f"samples_{task}.jsonl")
+        assert sorted(rows) == [doc["doc_id"] for doc in reference["docs"]], task
+        for doc in reference["docs"]:
+            row = rows[doc["doc_id"]]
+            where = f"{family} {task} doc {doc['doc_id']}"
+            assert row["arguments"]["gen_args_0"]["arg_0"] == doc["input"], where
+            generation = row["resps"][0][0]
+            if family in STRIPS_ANSWERS:
+                generation = generation.strip()
+            assert generation == doc["resps"], where
+            assert row["filtered_resps"][0] == doc["filtered_resps"], where
+            assert {metric: row[metric] for metric in doc["metrics"]} == doc["metrics"], where
+        aggregates = {k: v for k, v in results["results"][task].items() if "_stderr" not in k and k not in NOT_METRICS}
+        assert aggregates == reference["results"], f"{family} {task}"
+        assert results["n-samples"][task] == reference["n-samples"], f"{family} {task}"
+
+
+def test_references_name_the_models_they_were_made_with(tmp_path):
+    """The references are only evidence for the tiny models evalkit builds today."""
+    import hashlib
+
+    for family in RUNS:
+        model = tiny_model(family, tmp_path)
+        digest = hashlib.sha256((model / "model.safetensors").read_bytes()).hexdigest()
+        for path in REFERENCES.glob(f"{family}.*.json"):
+            assert json.loads(path.read_text())["model_sha256"] == digest, path.name
+        shutil.rmtree(model)
