@@ -38,6 +38,8 @@ from typing import Any
 import datasets
 from lm_eval.api.task import ConfigurableTask
 
+from evalkit.tasks import video
+
 PROMPT_KWARGS = ("lmms_eval_specific_kwargs", "model_specific_prompt_kwargs")
 # Keys that make a YAML an lmms-eval task.
 LMMS_KEYS = frozenset(
@@ -140,10 +142,14 @@ def _model_type(path: str) -> str | None:
         return None
 
 
+def _metadata_model_type(metadata: Any) -> str | None:
+    path = metadata.get("pretrained") if isinstance(metadata, Mapping) else None
+    return _model_type(str(path)) if path else None
+
+
 def model_names(metadata: Any) -> tuple[str, ...]:
     """lmms-eval model names for the model a task is built for, best first (none: use ``default``)."""
-    path = metadata.get("pretrained") if isinstance(metadata, Mapping) else None
-    model_type = _model_type(str(path)) if path else None
+    model_type = _metadata_model_type(metadata)
     if not model_type:
         return ()
     return tuple(dict.fromkeys((*MODEL_NAMES.get(model_type, ()), model_type)))
@@ -234,6 +240,7 @@ class LmmsTask(ConfigurableTask):
         if self._lmms.get("reasoning_tags") or self._lmms.get("auto_strip_thinking"):
             raise ValueError("reasoning_tags / auto_strip_thinking (lmms-eval's thinking filters) are not supported")
         names = model_names(config.get("metadata"))
+        self._frame_rule = video.rule_for(_metadata_model_type(config.get("metadata")))
         legacy = "lmms_eval_specific_kwargs" not in self._lmms
         blocks = self._lmms.get(PROMPT_KWARGS[1] if legacy else PROMPT_KWARGS[0])
         self.lmms_eval_specific_kwargs = deepcopy(choose_prompt_kwargs(blocks, names, legacy=legacy))
@@ -255,11 +262,10 @@ class LmmsTask(ConfigurableTask):
 
     def download(self, dataset_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         options = dict(dataset_kwargs or {})
-        if options.get("video") or "From_YouTube" in options:
-            raise ValueError(
-                "video datasets (dataset_kwargs video / From_YouTube) are not supported: evalkit passes images"
-            )
-        for key in DOWNLOADER_KWARGS:
+        if "From_YouTube" in options:
+            raise ValueError("dataset_kwargs From_YouTube (clips fetched from YouTube) is not supported")
+        # As lmms-eval: the clips are already under $HF_HOME/<cache_dir>, where the task's code looks.
+        for key in (*DOWNLOADER_KWARGS, "video", "cache_dir"):
             options.pop(key, None)
         if options.pop("load_from_disk", False):
             self.dataset = datasets.load_from_disk(self.DATASET_PATH)
@@ -302,8 +308,8 @@ class LmmsTask(ConfigurableTask):
             return [doc[visual]]
         if callable(visual):
             kwargs = self.lmms_eval_specific_kwargs
-            return visual(doc, kwargs) if kwargs is not None and _takes_two(visual) else visual(doc)
-        return visual
+            visual = visual(doc, kwargs) if kwargs is not None and _takes_two(visual) else visual(doc)
+        return video.as_clips(visual, self._frame_rule)
 
     def _call_messages(self, doc: Any) -> Any:
         fn = self._messages
