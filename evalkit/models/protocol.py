@@ -62,7 +62,7 @@ class ImageInput:
 
     @property
     def kinds(self) -> tuple[str, ...]:
-        """"image" or "video" per visual, in prompt order."""
+        """Per visual, in prompt order: "image" or "video"."""
         return tuple("video" if d.startswith(VIDEO_DIGEST_PREFIX) else "image" for d in self.digests)
 
 

@@ -17,8 +17,8 @@ from lm_eval.evaluator_utils import get_sample_size
 from evalkit.errors import UsageError
 from evalkit.models.protocol import KINDS, Kind
 from evalkit.tasks.images import DIGEST_PREFIX, Visuals, as_visuals, digests, image_label, is_image
-from evalkit.tasks.video import VIDEO_PREFIX
 from evalkit.tasks.problems import TaskLoadError, explain
+from evalkit.tasks.video import VIDEO_PREFIX
 
 # What one image weighs when requests are balanced across ranks, in characters of prompt text.
 IMAGE_COST = 2048
