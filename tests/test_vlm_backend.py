@@ -170,21 +170,21 @@ def test_builder_is_reproducible(tiny, tmp_path):
 
 
 def test_image_markers_become_image_parts():
-    assert to_messages("Look: <image>\nWhat is it?", 1) == [
+    assert to_messages("Look: <image>\nWhat is it?", ("image",)) == [
         {
             "role": "user",
             "content": [{"type": "text", "text": "Look:"}, {"type": "image"}, {"type": "text", "text": "What is it?"}],
         }
     ]
-    assert to_messages("What is it?", 2)[0]["content"] == [
+    assert to_messages("What is it?", ("image", "image"))[0]["content"] == [
         {"type": "image"},
         {"type": "image"},
         {"type": "text", "text": "What is it?"},
     ]
     with pytest.raises(ValueError, match="2 <image> markers for 1 images"):
-        to_messages("<image> and <image>", 1)
+        to_messages("<image> and <image>", ("image",))
     with pytest.raises(ValueError, match="0 image parts for 1 images"):
-        to_messages([{"role": "user", "content": [{"type": "text", "text": "hi"}]}], 1)
+        to_messages([{"role": "user", "content": [{"type": "text", "text": "hi"}]}], ("image",))
 
 
 def test_collate_left_pads_tokens_and_stacks_images():

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import torch
 
 from evalkit.models.batching import BatchLimit, width_batches
@@ -30,9 +31,10 @@ from evalkit.models.hf import (
     tokens_from_free_memory,
 )
 from evalkit.models.lm_rules import ensure_pad_token, generation_groups, model_max_length
-from evalkit.models.protocol import GenerationInput, ImageInput, Progress
+from evalkit.models.protocol import GenerationInput, ImageInput, Progress, VideoFrames
 from evalkit.models.stopping import StopOnSequences, cut_at_stop
 from evalkit.models.vlm_prompts import ChatPrompts, load_processor
+from evalkit.models.vlm_video import video_inputs
 
 # Images are decoded this many batches of requests at a time: a request's exact length (and so
 # its width) is known only after decoding, and a wider window lets more requests of one width
@@ -112,13 +114,34 @@ class HFVisionLM:
     # -- prompts ------------------------------------------------------------------------------
 
     def encode(self, prompt: str, images: ImageInput | None) -> dict[str, torch.Tensor]:
-        """Token ids (image tokens expanded) and pixel tensors of one request; decodes its images."""
-        pil = images.load() if images is not None else []
+        """Token ids (image and video tokens expanded) and pixel tensors of one request; decodes its
+        images and clips."""
+        visuals = images.load() if images is not None else []
+        pil = [v for v in visuals if not isinstance(v, VideoFrames)]
+        clips = [v for v in visuals if isinstance(v, VideoFrames)]
         special = self.prompts.adds_special_tokens(prompt)
+        extra: dict[str, Any] = {}
+        if clips and getattr(self.processor, "video_processor", None) is not None:
+            extra = {"videos": [np.stack([np.asarray(f) for f in c.frames]) for c in clips], "do_sample_frames": False}
+        elif clips:
+            if pil:
+                raise ValueError("a request with both images and videos needs the processor's video processor")
+            prompt, videos = video_inputs(self.processor, prompt, clips)
+            return {**self.tokenize(prompt, special), **videos}
         encoded = self.processor(
-            text=[prompt], images=pil or None, add_special_tokens=special, padding=False, return_tensors="pt"
+            text=[prompt], images=pil or None, add_special_tokens=special, padding=False, return_tensors="pt", **extra
         )
         return dict(encoded)
+
+    def tokenize(self, prompt: str, special: bool) -> dict[str, torch.Tensor]:
+        """What the processor gives for text whose placeholders are already expanded (its own call
+        refuses video placeholders without videos): ids, mask and, where the model takes them, the
+        processor's token types (which tokens are image or video)."""
+        ids = self.tokenizer(prompt, add_special_tokens=special)["input_ids"]
+        out = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+        if "mm_token_type_ids" in self.processor.model_input_names:
+            out["mm_token_type_ids"] = torch.tensor(self.processor.create_mm_token_type_ids([ids]))
+        return out
 
     # -- generation ---------------------------------------------------------------------------
 

@@ -29,19 +29,41 @@ Progress = Callable[[list[tuple[int, Any]]], None]
 Messages = list[dict[str, Any]]
 
 
+# A video's digest starts with this (``evalkit.tasks.video.clip_digest``); an image's does not.
+VIDEO_DIGEST_PREFIX = "video:"
+
+
+@dataclass(frozen=True)
+class VideoFrames:
+    """One clip's frames as its model family's rule picked them, the rate they were taken at, and
+    the rule's pixel limits for each frame."""
+
+    frames: list[Image]
+    fps: float
+    min_pixels: int
+    max_pixels: int
+
+
 @dataclass(frozen=True)
 class ImageInput:
-    """The images of one request, decoded only when ``load`` is called, on the rank that runs it.
+    """The images and videos of one request, decoded only when ``load`` is called, on the rank that
+    runs it.
 
-    ``digests`` name the content (see ``evalkit.tasks.images.digest``); ``load`` returns RGB PIL
-    images in prompt order and checks them against the digests.
+    ``digests`` name the content (see ``evalkit.tasks.images.digest`` and
+    ``evalkit.tasks.video.clip_digest``); ``load`` returns RGB PIL images and ``VideoFrames`` in
+    prompt order and checks them against the digests.
     """
 
     digests: tuple[str, ...]
-    load: Callable[[], list[Image]] = field(compare=False, repr=False)
+    load: Callable[[], list[Image | VideoFrames]] = field(compare=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.digests)
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """Per visual, in prompt order: "image" or "video"."""
+        return tuple("video" if d.startswith(VIDEO_DIGEST_PREFIX) else "image" for d in self.digests)
 
 
 @dataclass(frozen=True)

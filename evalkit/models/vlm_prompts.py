@@ -30,8 +30,8 @@ class ChatPrompts:
 
     def text(self, request: GenerationInput) -> str:
         """The request as chat-template text, image placeholders not yet expanded."""
-        count = len(request.images) if request.images is not None else 0
-        messages = to_messages(request.context, count)
+        kinds = request.images.kinds if request.images is not None else ()
+        messages = to_messages(request.context, kinds)
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def adds_special_tokens(self, prompt: str) -> bool:
@@ -44,10 +44,15 @@ class ChatPrompts:
         return self.processor.tokenizer(prompt, add_special_tokens=self.adds_special_tokens(prompt))["input_ids"]
 
 
-def to_messages(context: str | Messages, images: int) -> Messages:
-    """One user turn from prompt text (images at its ``<image>`` markers, or first), or the
-    request's own chat messages, checked to hold one image part per image."""
+def to_messages(context: str | Messages, kinds: tuple[str, ...]) -> Messages:
+    """One user turn from prompt text (images at its ``<image>`` markers, or first; videos first),
+    or the request's own chat messages, checked to hold one image part per image. ``kinds`` is
+    "image" or "video" per visual, in order."""
+    videos = [{"type": "video"} for kind in kinds if kind == "video"]
+    images = len(kinds) - len(videos)
     if isinstance(context, list):
+        if videos:
+            raise ValueError("chat messages with videos are not supported; give the prompt as text")
         parts = [part for message in context if not isinstance(message["content"], str) for part in message["content"]]
         found = sum(1 for part in parts if part.get("type") == "image")
         if found != images:
@@ -55,11 +60,11 @@ def to_messages(context: str | Messages, images: int) -> Messages:
         return context
     pieces = context.split(IMAGE_MARKER)
     if len(pieces) == 1:
-        content = [{"type": "image"}] * images + [{"type": "text", "text": context}]
+        content = [{"type": kind} for kind in kinds] + [{"type": "text", "text": context}]
     elif len(pieces) - 1 != images:
         raise ValueError(f"the prompt has {len(pieces) - 1} {IMAGE_MARKER} markers for {images} images")
     else:
-        content = []
+        content = list(videos)
         for i, piece in enumerate(pieces):
             # The template writes its own separator around an image.
             text = piece.lstrip() if i > 0 else piece

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from evalkit.models.protocol import ImageInput
+from evalkit.models.protocol import ImageInput, VideoFrames
+from evalkit.tasks.video import VIDEO_PREFIX, Clip, clip_digest, decode
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
@@ -103,8 +104,15 @@ def digest(image: PILImage) -> str:
     return DIGEST_PREFIX + h.hexdigest()
 
 
-def digests(images: list[PILImage]) -> tuple[str, ...]:
-    return tuple(digest(image) for image in images)
+def digests(images: list[PILImage | Clip]) -> tuple[str, ...]:
+    return tuple(clip_digest(v) if isinstance(v, Clip) else digest(v) for v in images)
+
+
+def as_visuals(value: Any) -> list[PILImage | Clip]:
+    """As ``as_images``, except that video clips (``Clip``, see ``evalkit.tasks.video``) stay clips."""
+    if isinstance(value, (list, tuple)):
+        return [visual for item in value for visual in as_visuals(item)]
+    return [value] if isinstance(value, Clip) else as_images(value)
 
 
 def image_label(image: PILImage) -> str:
@@ -140,14 +148,14 @@ class VisualSource:
     def images(self, visuals: Visuals) -> ImageInput:
         return ImageInput(digests=visuals.digests, load=lambda: self.load(visuals))
 
-    def load(self, visuals: Visuals) -> list[PILImage]:
+    def load(self, visuals: Visuals) -> list[PILImage | VideoFrames]:
         task, docs = self._task_and_docs(visuals.task)
         if not 0 <= visuals.doc_id < len(docs):
             raise ImagesChanged(
                 f"task '{visuals.task}' has {len(docs)} docs here, but a request names doc {visuals.doc_id}; "
                 f"every rank must load the same data"
             )
-        images = as_images(task.doc_to_image(docs[visuals.doc_id]))
+        images = as_visuals(task.doc_to_image(docs[visuals.doc_id]))
         found = digests(images)
         if found != visuals.digests:
             raise ImagesChanged(
@@ -155,7 +163,7 @@ class VisualSource:
                 f"its request was built from ({_short(visuals.digests)}); every rank must load the same data "
                 f"and task code"
             )
-        return images
+        return [decode(v) if isinstance(v, Clip) else v for v in images]
 
     def _task_and_docs(self, name: str) -> tuple[Any, Any]:
         with self._lock:
@@ -173,4 +181,4 @@ class VisualSource:
 def _short(values: tuple[str, ...]) -> str:
     if not values:
         return "no images"
-    return ", ".join(v.removeprefix(DIGEST_PREFIX)[:12] for v in values)
+    return ", ".join(v.removeprefix(VIDEO_PREFIX).removeprefix(DIGEST_PREFIX)[:12] for v in values)

@@ -43,7 +43,8 @@ from typing import Any
 import datasets
 from lm_eval.api.task import ConfigurableTask
 
-from evalkit.tasks.lmms_models import model_name, prepare_image, request_gen_kwargs
+from evalkit.tasks import video
+from evalkit.tasks.lmms_models import model_name, model_type, prepare_image, request_gen_kwargs
 from evalkit.tasks.lmms_scoring import (
     THINKING_TAGS,
     AggregationArgs,
@@ -211,6 +212,7 @@ class LmmsTask(ConfigurableTask):
         self._strip_thinking = bool(self._lmms.get("auto_strip_thinking")) and self._reasoning is None
         self.model_name = model_name(config.get("metadata"))
         self.aggregation_args = AggregationArgs()  # scoring names the run's output folder here
+        self._frame_rule = video.rule_for(model_type(config.get("metadata")))
         legacy = "lmms_eval_specific_kwargs" not in self._lmms
         blocks = self._lmms.get(PROMPT_KWARGS[1] if legacy else PROMPT_KWARGS[0])
         self.lmms_eval_specific_kwargs = deepcopy(choose_prompt_kwargs(blocks, self.model_name, legacy=legacy))
@@ -234,11 +236,10 @@ class LmmsTask(ConfigurableTask):
 
     def download(self, dataset_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         options = dict(dataset_kwargs or {})
-        if options.get("video") or "From_YouTube" in options:
-            raise ValueError(
-                "video datasets (dataset_kwargs video / From_YouTube) are not supported: evalkit passes images"
-            )
-        for key in DOWNLOADER_KWARGS:
+        if "From_YouTube" in options:
+            raise ValueError("dataset_kwargs From_YouTube (clips fetched from YouTube) is not supported")
+        # As lmms-eval: the clips are already under $HF_HOME/<cache_dir>, where the task's code looks.
+        for key in (*DOWNLOADER_KWARGS, "video", "cache_dir"):
             options.pop(key, None)
         if options.pop("load_from_disk", False):
             self.dataset = datasets.load_from_disk(self.DATASET_PATH)
@@ -288,8 +289,8 @@ class LmmsTask(ConfigurableTask):
             return [doc[visual]]
         if callable(visual):
             kwargs = self.lmms_eval_specific_kwargs
-            return visual(doc, kwargs) if kwargs is not None and _takes_two(visual) else visual(doc)
-        return visual
+            visual = visual(doc, kwargs) if kwargs is not None and _takes_two(visual) else visual(doc)
+        return video.as_clips(visual, self._frame_rule)
 
     def _call_messages(self, doc: Any) -> Any:
         fn = self._messages

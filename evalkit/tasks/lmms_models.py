@@ -91,14 +91,18 @@ def _model_type(path: str) -> str | None:
         return None
 
 
-def model_name(metadata: Any) -> str | None:
-    """The lmms-eval model name for the model a task is built for (``metadata["pretrained"]``);
-    None when there is no model folder or no config.json (the ``default`` blocks apply)."""
+def model_type(metadata: Any) -> str | None:
+    """The ``model_type`` of the model a task is built for (``metadata["pretrained"]``); None when
+    there is no model folder or no config.json."""
     path = metadata.get("pretrained") if isinstance(metadata, Mapping) else None
-    model_type = _model_type(str(path)) if path else None
-    if not model_type:
-        return None
-    return MODEL_CLASSES.get(model_type, model_type)
+    return _model_type(str(path)) if path else None
+
+
+def model_name(metadata: Any) -> str | None:
+    """The lmms-eval model name for the model a task is built for; None without a model (the
+    ``default`` blocks apply)."""
+    kind = model_type(metadata)
+    return MODEL_CLASSES.get(kind, kind) if kind else None
 
 
 def request_gen_kwargs(name: str | None, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -16,8 +16,9 @@ from lm_eval.evaluator_utils import get_sample_size
 
 from evalkit.errors import UsageError
 from evalkit.models.protocol import KINDS, Kind
-from evalkit.tasks.images import DIGEST_PREFIX, Visuals, as_images, digests, image_label, is_image
+from evalkit.tasks.images import DIGEST_PREFIX, Visuals, as_visuals, digests, image_label, is_image
 from evalkit.tasks.problems import TaskLoadError, explain
+from evalkit.tasks.video import VIDEO_PREFIX
 
 # What one image weighs when requests are balanced across ranks, in characters of prompt text.
 IMAGE_COST = 2048
@@ -185,6 +186,7 @@ def _drop_pixels(doc: Any) -> None:
 
 def _digests_of(value: Any) -> tuple[str, ...]:
     """Digests of what a task gave as images; a list of digests is what an earlier numbering left."""
-    if isinstance(value, list) and value and all(isinstance(v, str) and v.startswith(DIGEST_PREFIX) for v in value):
+    named = (DIGEST_PREFIX, VIDEO_PREFIX)
+    if isinstance(value, list) and value and all(isinstance(v, str) and v.startswith(named) for v in value):
         return tuple(value)
-    return digests(as_images(value))
+    return digests(as_visuals(value))

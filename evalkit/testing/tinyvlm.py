@@ -40,14 +40,20 @@ PLACES = ("on the left", "on the right", "at the top", "at the bottom", "in the 
 COUNTS = ("one", "two", "three", "four", "five", "no")
 
 
-def _chat_template(turn: str, generation_prompt: str, image: str, default_system: str = "") -> str:
+def _chat_template(
+    turn: str, generation_prompt: str, image: str, default_system: str = "", video: str | None = None
+) -> str:
     """A chat template: ``default_system`` when the messages start without a system turn, each
-    message as ``turn`` (a Jinja snippet where CONTENT stands for the message's text and images,
-    an image rendered as ``image``), then ``generation_prompt`` when asked for."""
+    message as ``turn`` (a Jinja snippet where CONTENT stands for the message's text, images and
+    videos, an image rendered as ``image``, a video as ``video``; a family without ``video`` fails
+    on a video part rather than drop it), then ``generation_prompt`` when asked for."""
+    video_part = f"{{{{ {video!r} }}}}" if video else "{{ raise_exception('this template renders no video') }}"
     content = (
         "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
         "{% for part in message['content'] %}"
-        f"{{% if part['type'] == 'image' %}}{{{{ {image!r} }}}}{{% else %}}{{{{ part['text'] }}}}{{% endif %}}"
+        f"{{% if part['type'] == 'image' %}}{{{{ {image!r} }}}}"
+        f"{{% elif part['type'] == 'video' %}}{video_part}"
+        "{% else %}{{ part['text'] }}{% endif %}"
         "{% endfor %}{% endif %}"
     )
     system = (
@@ -315,6 +321,7 @@ FAMILIES: dict[str, Family] = {
             "<|im_start|>assistant\n",
             "<|vision_start|><|image_pad|><|vision_end|>",
             default_system="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
+            video="<|vision_start|><|video_pad|><|vision_end|>",
         ),
         build=_qwen2_vl,
     ),

@@ -1,0 +1,80 @@
+"""Decoded video frames as a vision-language model's inputs, without torchvision.
+
+transformers 5's video processors import torchvision, which does not load next to some torch
+builds (2.13.0+cpu). Where the processor has its video processor, ``processor(videos=...)`` does
+the work. Otherwise, for Qwen2-VL / Qwen2.5-VL, each frame is resized by the image processor's
+own ``smart_resize`` (to its patch grid, within the frame rule's pixel limits), rescaled and
+normalized by the image processor, and consecutive frames are cut into the model's
+temporal x spatial patches here; the prompt's video placeholder is expanded to the clip's token
+count. Other families take video only through their video processor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from evalkit.models.protocol import VideoFrames
+
+# Families whose video inputs are built here when the processor has no video processor.
+QWEN_FAMILIES = ("Qwen2VLProcessor", "Qwen2_5_VLProcessor")
+
+
+def video_inputs(processor: Any, prompt: str, videos: list[VideoFrames]) -> tuple[str, dict[str, torch.Tensor]]:
+    """The prompt with each video placeholder expanded, and the model's video tensors."""
+    token = getattr(processor, "video_token", None)
+    found = prompt.count(token) if token else 0
+    if found != len(videos):
+        raise ValueError(
+            f"the chat template rendered {found} video placeholders for {len(videos)} videos "
+            f"(a template that renders no video part drops the video)"
+        )
+    if type(processor).__name__ not in QWEN_FAMILIES:
+        raise ValueError(
+            f"{type(processor).__name__} has no video processor here (transformers' video processors need "
+            f"torchvision); evalkit builds video inputs itself for Qwen2-VL and Qwen2.5-VL only"
+        )
+    image_processor = processor.image_processor
+    merge = image_processor.merge_size
+    pieces, grids, seconds = [], [], []
+    for video in videos:
+        patches, grid = _qwen_patches(image_processor, video)
+        pieces.append(patches)
+        grids.append(grid)
+        seconds.append(image_processor.temporal_patch_size / video.fps)
+    for grid in grids:
+        prompt = prompt.replace(token, "\0" * (int(np.prod(grid)) // merge**2), 1)
+    out = {
+        "pixel_values_videos": torch.from_numpy(np.concatenate(pieces)),
+        "video_grid_thw": torch.tensor(grids, dtype=torch.long),
+    }
+    if type(processor).__name__ == "Qwen2_5_VLProcessor":
+        out["second_per_grid_ts"] = torch.tensor(seconds, dtype=torch.float32)
+    return prompt.replace("\0", token), out
+
+
+def _qwen_patches(image_processor: Any, video: VideoFrames) -> tuple[np.ndarray, list[int]]:
+    """(grid_t * grid_h * grid_w, channels * temporal * patch * patch) patches and [t, h, w]: the
+    layout Qwen2-VL's video processor gives, each token covering ``temporal_patch_size`` frames."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    patch, merge, temporal = image_processor.patch_size, image_processor.merge_size, image_processor.temporal_patch_size
+    width, height = video.frames[0].size
+    new_h, new_w = smart_resize(
+        height, width, factor=patch * merge, min_pixels=video.min_pixels, max_pixels=video.max_pixels
+    )
+    frames = []
+    for frame in video.frames:
+        array = np.asarray(frame.convert("RGB").resize((new_w, new_h), resample=3), dtype=np.float32)
+        array = image_processor.rescale(array.transpose(2, 0, 1), image_processor.rescale_factor)
+        frames.append(image_processor.normalize(array, image_processor.image_mean, image_processor.image_std))
+    if len(frames) % temporal:  # as the video processor: repeat the last frame
+        frames += [frames[-1]] * (temporal - len(frames) % temporal)
+    stack = np.stack(frames)
+    t, h, w = len(frames) // temporal, new_h // patch, new_w // patch
+    channels = stack.shape[1]
+    patches = stack.reshape(t, temporal, channels, h // merge, merge, patch, w // merge, merge, patch)
+    patches = patches.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return patches.reshape(t * h * w, channels * temporal * patch * patch).astype(np.float32), [t, h, w]

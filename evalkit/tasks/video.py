@@ -1,0 +1,140 @@
+"""Video clips of video tasks: which task values are clips, the frame rule, digests and decoding.
+
+lmms-eval's video tasks give a clip as a path string from ``doc_to_visual``; the model class
+decodes frames by its family's rule. Here a path with a video suffix becomes a ``Clip`` (path and
+``FrameRule``). Rank 0 names each clip by the sha256 of the file's bytes and the rule (the frames
+follow from both), after checking that the file opens and its first frame decodes; the rank that
+evaluates the request decodes the frames (PyAV) when the request's batch comes up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from evalkit.models.protocol import VIDEO_DIGEST_PREFIX, VideoFrames
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".flv", ".wmv", ".mpg", ".mpeg")
+# A video's digest string: this prefix, then the image digests' "sha256:" form.
+VIDEO_PREFIX = VIDEO_DIGEST_PREFIX
+
+
+@dataclass(frozen=True)
+class FrameRule:
+    """Which frames of a clip a model sees, and their pixel limits (lmms-eval's qwen2_vl class via
+    qwen-vl-utils: ``fps`` frames per second, at least ``min_frames``, an even count, then at most
+    ``max_frames`` spread evenly; each frame resized to the model's patch grid within the limits)."""
+
+    fps: float = 2.0
+    min_frames: int = 4
+    max_frames: int = 32
+    min_pixels: int = 3136
+    max_pixels: int = 602112
+
+    def describe(self) -> str:
+        return (
+            f"fps={self.fps} min_frames={self.min_frames} max_frames={self.max_frames} "
+            f"pixels={self.min_pixels}..{self.max_pixels}"
+        )
+
+    def indices(self, total: int, video_fps: float) -> list[int]:
+        """Frame indices picked from a clip of ``total`` frames at ``video_fps``."""
+        if total < 2:
+            raise ValueError(f"a clip needs at least 2 frames, this one has {total}")
+        least = math.ceil(self.min_frames / 2) * 2
+        most = max(2, math.floor(min(768, total) / 2) * 2)
+        wanted = total / video_fps * self.fps if video_fps > 0 else least
+        count = min(max(round(min(max(wanted, least), most) / 2) * 2, 2), most)
+        picked = [round(i * (total - 1) / (count - 1)) for i in range(count)]
+        if count > self.max_frames:  # lmms-eval's cap: evenly spaced positions among those picked
+            keep = sorted({int(i * (count - 1) / (self.max_frames - 1)) for i in range(self.max_frames)})
+            picked = [picked[k] for k in keep]
+        return picked
+
+
+# The rule of each lmms-eval model class this backend stands in for, by transformers model_type.
+RULES: dict[str, FrameRule] = {"qwen2_vl": FrameRule(), "qwen2_5_vl": FrameRule()}
+
+
+def rule_for(model_type: str | None) -> FrameRule:
+    return RULES.get(model_type or "", FrameRule())
+
+
+@dataclass(frozen=True)
+class Clip:
+    """A clip a task gave (a file path) and the rule its frames are taken by."""
+
+    path: str
+    rule: FrameRule
+
+
+def is_video_path(value: Any) -> bool:
+    return isinstance(value, (str, Path)) and "://" not in str(value) and str(value).lower().endswith(VIDEO_SUFFIXES)
+
+
+def as_clips(value: Any, rule: FrameRule) -> Any:
+    """A task's visual value with every video path made a ``Clip`` (lists kept as lists)."""
+    if isinstance(value, (list, tuple)):
+        return [as_clips(item, rule) for item in value]
+    return Clip(str(value), rule) if is_video_path(value) else value
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def clip_digest(clip: Clip) -> str:
+    """The clip's name: its file's content and the frame rule. Refuses a missing file or one whose
+    first frame does not decode, so such input ends the run before any model call."""
+    if not Path(clip.path).is_file():
+        raise ValueError(f"video file {clip.path} does not exist")
+    _probe(clip.path)
+    h = hashlib.sha256(f"{file_sha256(clip.path)} {clip.rule.describe()}".encode())
+    return f"{VIDEO_PREFIX}sha256:{h.hexdigest()}"
+
+
+def _probe(path: str) -> None:
+    import av
+
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise ValueError("it has no video stream")
+            next(container.decode(video=0))
+    except (StopIteration, av.error.FFmpegError, OSError, ValueError) as exc:
+        raise ValueError(f"cannot decode video {path}: {exc or 'no frames'}") from None
+
+
+def decode(clip: Clip) -> VideoFrames:
+    """The clip's frames by its rule, as RGB PIL images at the clip's own size."""
+    import av
+
+    try:
+        with av.open(clip.path) as container:
+            stream = container.streams.video[0]
+            rate = float(stream.average_rate or 0)
+            total = stream.frames or sum(1 for _ in container.decode(video=0))
+        picked = clip.rule.indices(total, rate)
+        wanted = set(picked)
+        found = {}
+        with av.open(clip.path) as container:
+            for i, frame in enumerate(container.decode(video=0)):
+                if i in wanted:
+                    found[i] = frame.to_image().convert("RGB")
+                if i >= picked[-1]:
+                    break
+    except (av.error.FFmpegError, OSError, ValueError) as exc:
+        raise ValueError(f"cannot decode video {clip.path}: {exc}") from None
+    if len(found) != len(wanted):
+        raise ValueError(f"cannot decode video {clip.path}: {len(found)} of its {total} frames decoded")
+    seconds = (picked[-1] - picked[0]) / rate if rate else 0.0
+    sample_fps = (len(picked) - 1) / seconds if seconds else clip.rule.fps
+    rule = clip.rule
+    return VideoFrames([found[i] for i in picked], sample_fps, min_pixels=rule.min_pixels, max_pixels=rule.max_pixels)

@@ -1,0 +1,127 @@
+"""Video tasks: clips as digests, the frame rule, decoding with PyAV, and a tiny Qwen2-VL that sees
+the frames (different clips give different generations), run with ``python -m evalkit``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from evalkit.tasks.video import Clip, FrameRule, clip_digest, decode
+
+ROOT = Path(__file__).resolve().parent.parent
+TASKS = ROOT / "tests" / "fixtures" / "tasks" / "video"
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "white": (250, 250, 250)}
+
+
+def write_clip(path: Path, colours: list[str], *, frames_each: int = 4, size: int = 32, fps: int = 4) -> Path:
+    """A clip of solid colours, ``frames_each`` frames each, with a dark square moving across."""
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for n, name in enumerate(c for c in colours for _ in range(frames_each)):
+            array = np.full((size, size, 3), COLOURS[name], dtype=np.uint8)
+            x = (n * 4) % (size - 8)
+            array[8:16, x : x + 8] = 0
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def test_frame_rule_follows_lmms_eval_qwen2_vl():
+    rule = FrameRule()
+    # 2 fps: 10 s at 30 fps is 20 frames, spread over the clip
+    picked = rule.indices(300, 30.0)
+    assert len(picked) == 20 and picked[0] == 0 and picked[-1] == 299
+    assert len(rule.indices(8, 4.0)) == 4  # 2 s: at least 4 frames
+    assert len(rule.indices(3000, 30.0)) == 32  # capped at max_num_frames
+    assert all(len(rule.indices(n, 30.0)) % 2 == 0 for n in (4, 37, 90, 301))
+
+
+def test_clip_digest_names_content_and_rule(tmp_path):
+    a = write_clip(tmp_path / "a.mp4", ["red", "blue"])
+    b = write_clip(tmp_path / "b.mp4", ["green", "white"])
+    copy = tmp_path / "copy.mp4"
+    copy.write_bytes(a.read_bytes())
+    rule = FrameRule()
+    assert clip_digest(Clip(str(a), rule)) == clip_digest(Clip(str(copy), rule))
+    assert clip_digest(Clip(str(a), rule)) != clip_digest(Clip(str(b), rule))
+    assert clip_digest(Clip(str(a), rule)) != clip_digest(Clip(str(a), FrameRule(max_frames=16)))
+    assert clip_digest(Clip(str(a), rule)).startswith("video:sha256:")
+
+
+def test_decode_picks_frames_by_the_rule(tmp_path):
+    clip = write_clip(tmp_path / "a.mp4", ["red", "blue"], frames_each=8, fps=4)  # 16 frames, 4 s
+    video = decode(Clip(str(clip), FrameRule()))
+    assert len(video.frames) == 8 and video.frames[0].size == (32, 32)
+    first, last = np.asarray(video.frames[0])[24, 24], np.asarray(video.frames[-1])[24, 24]
+    assert first[0] > 150 > first[2] and last[2] > 150 > last[0]  # red, then blue
+
+
+def test_missing_and_broken_clips_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        clip_digest(Clip(str(tmp_path / "none.mp4"), FrameRule()))
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video at all" * 100)
+    with pytest.raises(ValueError, match="cannot decode video"):
+        clip_digest(Clip(str(broken), FrameRule()))
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module")
+def qwen_model(tmp_path_factory) -> Path:
+    from evalkit.testing.tinyvlm import build_tiny_vlm
+
+    return build_tiny_vlm("qwen2_vl", tmp_path_factory.mktemp("qwen2_vl"))
+
+
+def video_run(work: Path, model: Path, clips: dict[str, list[str]], *, missing: str | None = None):
+    hf_home = work / "hf"
+    rows = []
+    for name, colours in clips.items():
+        write_clip(hf_home / "video_fixture" / name, colours)
+        rows.append({"clip": name, "question": "What colour is the shape?", "answer": colours[0]})
+    if missing:
+        rows.append({"clip": missing, "question": "What colour is the shape?", "answer": "red"})
+    (work / "data").mkdir(parents=True, exist_ok=True)
+    (work / "data" / "video.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = {**os.environ, "HF_HOME": str(hf_home), "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "evalkit", "--model", str(model), "--backend", "hf-vlm"]
+    command += ["--tasks", "vlm_video", "--include-path", str(TASKS), "--output", str(work / "out"), "--device", "cpu"]
+    return subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_different_clips_give_different_generations(tmp_path, qwen_model):
+    clips = {"red.mp4": ["red", "red"], "blue.mp4": ["blue", "blue"], "mixed.mp4": ["green", "white"]}
+    done = video_run(tmp_path, qwen_model, clips)
+    assert done.returncode == 0, done.stderr[-2000:]
+    samples = [json.loads(line) for line in (tmp_path / "out" / "samples_vlm_video.jsonl").read_text().splitlines()]
+    answers = [s["resps"][0][0] for s in samples]
+    assert len(set(answers)) == len(clips), answers
+    visuals = [s["arguments"] for s in samples]
+    assert all("video:sha256:" in json.dumps(v) for v in visuals)
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_missing_or_undecodable_clip_ends_with_one_line(tmp_path, qwen_model, broken):
+    if broken:
+        bad = tmp_path / "hf" / "video_fixture" / "bad.mp4"
+        bad.parent.mkdir(parents=True)
+        bad.write_bytes(b"\0" * 4096)
+    done = video_run(tmp_path, qwen_model, {"red.mp4": ["red", "red"]}, missing="bad.mp4")
+    assert done.returncode == 2, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("evalkit: error:")]
+    expected = "cannot decode video" if broken else "does not exist"
+    assert len(errors) == 1 and expected in errors[0] and "bad.mp4" in errors[0], done.stderr[-2000:]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
