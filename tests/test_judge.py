@@ -248,3 +248,92 @@ def test_judge_flags_are_checked_together():
         max_retries=5,
         request_timeout=600.0,
     )
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def cli_files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
+
+
+def test_a_judge_task_without_a_judge_is_refused_before_the_model_loads(data, tmp_path):
+    from conftest import TINY_MODEL, run_evalkit
+
+    run = run_evalkit(
+        ["--model", str(TINY_MODEL), "--device", "cpu", "--tasks", "mme,mmvet"],
+        output=tmp_path / "out",
+        cwd=data,
+        env={"OPENAI_API_KEY": SECRET},
+    )
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.stderr.strip() == (
+        "evalkit: error: task(s) mmvet score answers with an LLM judge; pass --judge-base-url URL (its "
+        "OpenAI-compatible API) and --judge-model NAME (key from $OPENAI_API_KEY, or name another variable "
+        "with --judge-api-key-env)"
+    )
+    assert not cli_files(tmp_path / "out")
+
+
+def test_an_unreachable_or_wrong_judge_is_refused_before_the_model_loads(data, tmp_path):
+    from conftest import TINY_MODEL, free_port, run_evalkit
+
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    args = ["--model", str(TINY_MODEL), "--device", "cpu", "--tasks", "mmvet", "--judge-api-key-env", "JUDGE_KEY"]
+    run = run_evalkit(
+        [*args, "--judge-base-url", url, "--judge-model", JUDGE_MODEL],
+        output=tmp_path / "out",
+        cwd=data,
+        env={"JUDGE_KEY": SECRET},
+    )
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1, run.stderr[-2000:]
+    assert lines[0].startswith(f"evalkit: error: cannot reach an OpenAI-compatible server at --judge-base-url {url}: ")
+    assert SECRET not in run.stdout + run.stderr
+    assert not cli_files(tmp_path / "out")
+
+    with OpenAIStub() as stub:  # it serves "stub-model"
+        run = run_evalkit(
+            [*args, "--judge-base-url", stub.base_url, "--judge-model", JUDGE_MODEL],
+            output=tmp_path / "out",
+            cwd=data,
+            env={"JUDGE_KEY": SECRET},
+        )
+    assert run.returncode == 2
+    assert run.stderr.strip() == (
+        f"evalkit: error: the judge at --judge-base-url {stub.base_url} serves stub-model, not --judge-model {JUDGE_MODEL}"
+    )
+    assert not cli_files(tmp_path / "out")
+
+
+def test_a_whole_run_scores_through_the_judge_and_resume_never_asks_twice(data, tmp_path):
+    """A tiny LLaVA answers lmms-eval's mmvet; the judge grades through the proxy; the run resumed in
+    the same folder replays every grade and writes the same results."""
+    from evalkit.testing.tinyvlm import build_tiny_vlm
+
+    from conftest import run_evalkit
+
+    model = build_tiny_vlm("llava", tmp_path / "llava")
+    behaviour = StubBehaviour(api_key=SECRET, chat_reply=grade)
+    args = [
+        "--model", str(model), "--device", "cpu", "--tasks", "mmvet", "--gen-kwargs", "max_gen_toks=8",
+        "--judge-base-url", "", "--judge-model", "stub-model", "--judge-api-key-env", "JUDGE_KEY",
+        "--concurrency", "2", "--bootstrap-iters", "0",
+    ]  # fmt: skip
+    with OpenAIStub(behaviour) as stub:
+        args[args.index("--judge-base-url") + 1] = stub.base_url
+        first = run_evalkit(args, output=tmp_path / "out", cwd=data, env={"JUDGE_KEY": SECRET})
+        assert first.returncode == 0, first.stderr[-3000:]
+        asked = len(behaviour.bodies)
+        resumed = run_evalkit([*args, "--resume"], output=tmp_path / "out", cwd=data, env={"JUDGE_KEY": SECRET})
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert asked == len(MMVET_DOCS) and len(behaviour.bodies) == asked  # none from the resumed run
+    assert set(behaviour.headers_seen) == {f"Bearer {SECRET}"}
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["judge"] == {"base_url": stub.base_url, "model": "stub-model", "asked": 0, "replayed": asked}
+    assert results["config"]["judge_api_key_env"] == "JUDGE_KEY"
+    assert "gpt_eval_score,none" in results["results"]["mmvet"]
+    assert len((tmp_path / "out" / JOURNAL).read_text().splitlines()) == asked
+    assert f"judge stub-model: {asked} answer(s) asked, 0 replayed" in first.stdout
+    assert SECRET not in files_text(tmp_path / "out") + first.stdout + first.stderr + resumed.stdout + resumed.stderr
