@@ -112,6 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     served.add_argument("--concurrency", type=int, help="requests in flight per process (default 8)")
     served.add_argument("--max-retries", type=int, help="retries per request on 429/5xx/timeouts (default 5)")
     served.add_argument("--request-timeout", type=float, help="seconds one request may take (default 600)")
+    judge = p.add_argument_group(
+        "an LLM judge, for tasks that score through one (lmms-eval's mmvet, llava_in_the_wild, mathvista, ...); "
+        "--concurrency, --max-retries and --request-timeout apply to it too"
+    )
+    judge.add_argument(
+        "--judge-base-url", help="the judge's OpenAI-compatible API root, e.g. https://api.openai.com/v1"
+    )
+    judge.add_argument("--judge-model", help="the model the judge serves, e.g. gpt-4o-2024-11-20")
+    judge.add_argument(
+        "--judge-api-key-env",
+        help="environment variable that holds the judge's API key (default OPENAI_API_KEY); never logged",
+    )
     return p
 
 

@@ -11,13 +11,16 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from evalkit.errors import UsageError, did_you_mean, one_line, raise_all
 from evalkit.models.batching import MAX_ROWS, BatchLimit
 from evalkit.models.dtypes import DTYPE_NAMES
+
+if TYPE_CHECKING:
+    from evalkit.judge import JudgeOptions
 
 TP_BACKENDS = ("deepspeed", "transformers")
 
@@ -94,6 +97,10 @@ class RunConfig:
     concurrency: int = 8  # requests in flight per rank
     max_retries: int = 5  # per request, on 429, 5xx, dropped connections and timeouts
     request_timeout: float = 600.0  # seconds one request may take
+    # The LLM judge of tasks that score through one; concurrency, retries and timeout as above.
+    judge_base_url: str | None = None
+    judge_model: str | None = None
+    judge_api_key_env: str = "OPENAI_API_KEY"  # the environment variable holding the judge's key
 
     def batch_limit(self) -> BatchLimit:
         """What one model call may hold: --batch-size requests (1 by default), --max-batch-tokens
@@ -110,6 +117,21 @@ class RunConfig:
         if self.max_length is not None:
             metadata["max_length"] = self.max_length
         return metadata
+
+    def judge_options(self) -> JudgeOptions | None:
+        """The judge's own options, when one is configured."""
+        if not self.judge_base_url or not self.judge_model:
+            return None
+        from evalkit.judge import JudgeOptions
+
+        return JudgeOptions(
+            base_url=self.judge_base_url,
+            model=self.judge_model,
+            api_key_env=self.judge_api_key_env,
+            concurrency=self.concurrency,
+            max_retries=self.max_retries,
+            request_timeout=self.request_timeout,
+        )
 
     @property
     def multiturn(self) -> bool:
@@ -168,6 +190,12 @@ class RunConfig:
             problems.append("--fewshot-as-multiturn needs --apply-chat-template (few-shot turns are chat turns)")
         if self.base_url and not self.base_url.startswith(("http://", "https://")):
             problems.append(f"--base-url {self.base_url!r} must start with http:// or https://")
+        if bool(self.judge_base_url) != bool(self.judge_model):
+            problems.append(
+                "--judge-base-url and --judge-model go together: the judge's API root and the model it serves"
+            )
+        if self.judge_base_url and not self.judge_base_url.startswith(("http://", "https://")):
+            problems.append(f"--judge-base-url {self.judge_base_url!r} must start with http:// or https://")
         if self.concurrency < 1:
             problems.append(f"--concurrency {self.concurrency} must be at least 1")
         if self.max_retries < 0:

@@ -19,6 +19,7 @@ from typing import Any
 from evalkit.config import RunConfig
 from evalkit.errors import UsageError
 from evalkit.identity import model_fingerprint, request_key, served_fingerprint, task_config_hash
+from evalkit.judge import task_environment
 from evalkit.models.packing import context_group
 from evalkit.outdir import check_folder
 from evalkit.preflight import Inputs
@@ -56,15 +57,17 @@ class Work:
     kinds: frozenset[str]  # request kinds of the whole run (a backend checks at load that it can serve them)
 
 
-def load_tasks(config: RunConfig, model_path: str) -> dict[str, Any]:
-    """lm-eval's task objects (and ``"groups"``) for --tasks, loaded the same way on every rank."""
+def load_tasks(config: RunConfig, model_path: str, judge_url: str | None = None) -> dict[str, Any]:
+    """lm-eval's task objects (and ``"groups"``) for --tasks, loaded the same way on every rank;
+    judge task code reads its judge's address (rank 0's proxy at ``judge_url``) as it is imported."""
     from evalkit.compat import install_compat
 
     install_compat()
     library = TaskLibrary(config.include_path, metadata=config.task_metadata(model_path))
     for line in library.notices(config.tasks):  # information, so on stdout: stderr is for what went wrong
         print(f"evalkit: {line}", flush=True)
-    return library.load_checked(list(config.tasks))
+    with task_environment(judge_url, config.judge_model):
+        return library.load_checked(list(config.tasks))
 
 
 def prompt_options(config: RunConfig) -> PromptOptions:

@@ -17,6 +17,7 @@ import torch
 
 from evalkit.config import RunConfig
 from evalkit.errors import UsageError, raise_all
+from evalkit.judge import check_judge
 from evalkit.model_source import check_model_source
 from evalkit.models import registry
 from evalkit.models.protocol import DEFAULT_MAX_GEN_TOKS
@@ -24,6 +25,7 @@ from evalkit.models.registry import BackendSpec, RunKinds
 from evalkit.outdir import check_writable
 from evalkit.parallel import Placement, Topology
 from evalkit.planner import GIB, check_run_layout, read_image_tokens_per_image, read_shape
+from evalkit.tasks.judged import judge_tasks
 from evalkit.tasks.requests import Request
 
 
@@ -44,6 +46,9 @@ def check_inputs(config: RunConfig, topo: Topology) -> Inputs:
         spec = registry.select(config.backend, model)
     raise_all(spec.problems(config, topo.layout))
     check_writable(config.output, topo.rank)
+    judge = config.judge_options()
+    if judge is not None and topo.rank == 0:  # only global rank 0 scores, so only it calls the judge
+        check_judge(judge)
     return Inputs(model=model, spec=spec)
 
 
@@ -66,12 +71,20 @@ def run_kinds(requests: list[Request]) -> RunKinds:
 
 
 def check_tasks(config: RunConfig, tasks: Mapping[str, Any]) -> None:
-    """Tasks that execute model-generated code run only when the user says so (lm-eval task objects)."""
+    """Tasks that execute model-generated code run only when the user says so, and tasks scored by an
+    LLM judge only with a judge (lm-eval task objects)."""
     unsafe = [name for name, task in tasks.items() if getattr(task, "UNSAFE_CODE", False)]
     if unsafe and not config.confirm_run_unsafe_code:
         raise UsageError(
             f"task(s) {', '.join(unsafe)} execute model-generated code; evalkit runs it only in a sandboxed "
             f"subprocess and only with --confirm-run-unsafe-code"
+        )
+    judged = judge_tasks(tasks)
+    if judged and config.judge_options() is None:
+        raise UsageError(
+            f"task(s) {', '.join(judged)} score answers with an LLM judge; pass --judge-base-url URL (its "
+            f"OpenAI-compatible API) and --judge-model NAME (key from ${config.judge_api_key_env}, or name "
+            f"another variable with --judge-api-key-env)"
         )
 
 

@@ -16,11 +16,12 @@ from lm_eval.utils import make_table
 
 from evalkit.config import RunConfig
 from evalkit.errors import UsageError
+from evalkit.judge import JudgeProxy, task_environment
 from evalkit.parallel import Topology
 from evalkit.plan import RunPlan
 from evalkit.report import git_hash, package_versions, write_json_atomic, write_jsonl_atomic
 from evalkit.tasks.requests import TaskPlan
-from evalkit.tasks.scoring import ProcessBatch, Scored, score, task_hash
+from evalkit.tasks.scoring import ProcessBatch, Scored, concurrently, score, task_hash
 from evalkit.timings import Phases
 
 
@@ -49,18 +50,31 @@ def sandboxed_scoring(config: RunConfig, model_path: str) -> ProcessBatch:
     return run
 
 
-def score_outputs(config: RunConfig, plan: RunPlan, outputs: list[Any], phases: Phases) -> Scored:
-    """lm-eval's metrics, groups and sample rows for the merged outputs (rank 0)."""
-    with phases.phase("scoring"):
-        return score(
+def score_outputs(
+    config: RunConfig, plan: RunPlan, outputs: list[Any], phases: Phases, judge: JudgeProxy | None = None
+) -> Scored:
+    """lm-eval's metrics, groups and sample rows for the merged outputs (rank 0); judge tasks call
+    the judge through ``judge``, --concurrency docs at once."""
+    with phases.phase("scoring"), task_environment(judge.url if judge else None, config.judge_model):
+        scored = score(
             plan.tasks,
             plan.groups,
             outputs,
             bootstrap_iters=config.bootstrap_iters,
             sandboxed=sandboxed_scoring(config, plan.model_path),
+            judged=concurrently(config.concurrency, judge.check_answered) if judge else None,
             think_end_token=config.think_end_token,
             output=config.output,
         )
+    if judge is not None:
+        judge.check_answered()
+        scored.results["judge"] = judge.summary()  # becomes results.json's "judge" section
+        print(
+            f"evalkit: judge {config.judge_model}: {judge.asked} answer(s) asked, {judge.replayed} replayed from "
+            f"{judge.journal}",
+            flush=True,
+        )
+    return scored
 
 
 def write_outputs(

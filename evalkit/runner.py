@@ -29,6 +29,7 @@ import torch
 from evalkit import execute, merge, plan, preflight, results
 from evalkit.config import RunConfig
 from evalkit.errors import USAGE_EXIT_CODE, UsageError, say
+from evalkit.judge import JudgeProxy
 from evalkit.models import registry
 from evalkit.models.protocol import Backend
 from evalkit.models.registry import BuildContext
@@ -72,9 +73,9 @@ def set_seeds(config: RunConfig) -> None:
     torch.manual_seed(config.seed.torch)
 
 
-def plan_run(config: RunConfig, topo: Topology, inputs: preflight.Inputs) -> plan.RunPlan:
+def plan_run(config: RunConfig, topo: Topology, inputs: preflight.Inputs, judge: JudgeProxy | None) -> plan.RunPlan:
     """Rank 0: tasks, requests and their identities, each checked before anything loads."""
-    loaded = plan.load_tasks(config, inputs.model)
+    loaded = plan.load_tasks(config, inputs.model, judge.url if judge else None)
     preflight.check_tasks(config, loaded["tasks"])
     tasks, requests = plan.build_requests(config, inputs.model, loaded["tasks"])
     preflight.check_requests(config, topo, inputs, requests)
@@ -91,13 +92,13 @@ class Ready:
     backend: Backend
 
 
-def prepare(config: RunConfig, topo: Topology, phases: Phases) -> Ready:
+def prepare(config: RunConfig, topo: Topology, phases: Phases, judge: JudgeProxy | None) -> Ready:
     """Preflight on every rank, the plan on rank 0 (each rank handed its share), images, model."""
     inputs = topo.agreed(lambda: preflight.check_inputs(config, topo))
     box: dict[str, plan.RunPlan] = {}
 
     def plan_and_deal() -> list[plan.Work]:
-        box["plan"] = plan_run(config, topo, inputs)
+        box["plan"] = plan_run(config, topo, inputs, judge)
         return plan.deal(box["plan"], topo.layout.dp)
 
     with phases.phase("plan"):
@@ -158,18 +159,28 @@ def evaluate(config: RunConfig, topo: Topology) -> None:
     phases = Phases()
     quiet_libraries()
     set_seeds(config)
-    ready = prepare(config, topo, phases)
-    if ready.run_plan is not None:
-        write_manifest(config.output, model=ready.run_plan.model, tasks=ready.run_plan.task_hashes)
-    stats = run_requests(config, topo, ready, phases)
-    if ready.run_plan is not None:
-        with phases.phase("merge"):
-            written = sum(s["written"] for s in stats)
-            outputs = merge.merge_results(config.output, ready.run_plan, ready.work.launch, written)
-        resume = {"reused": len(ready.run_plan.done), "computed": ready.work.pending}
-        scored = results.score_outputs(config, ready.run_plan, outputs, phases)
-        described = {"backend": ready.backend.name, **ready.backend.describe()}
-        results.write_outputs(config, topo, scored, described, stats, started, resume, phases)
+    with judge_proxy(config, topo) as judge:
+        ready = prepare(config, topo, phases, judge)
+        if ready.run_plan is not None:
+            write_manifest(config.output, model=ready.run_plan.model, tasks=ready.run_plan.task_hashes)
+        stats = run_requests(config, topo, ready, phases)
+        if ready.run_plan is not None:
+            with phases.phase("merge"):
+                written = sum(s["written"] for s in stats)
+                outputs = merge.merge_results(config.output, ready.run_plan, ready.work.launch, written)
+            resume = {"reused": len(ready.run_plan.done), "computed": ready.work.pending}
+            scored = results.score_outputs(config, ready.run_plan, outputs, phases, judge)
+            described = {"backend": ready.backend.name, **ready.backend.describe()}
+            results.write_outputs(config, topo, scored, described, stats, started, resume, phases)
+
+
+def judge_proxy(config: RunConfig, topo: Topology) -> contextlib.AbstractContextManager[JudgeProxy | None]:
+    """The judge's local proxy on global rank 0 (the rank that loads task code first and scores), from
+    before the tasks load until the results are written; none elsewhere or without a judge."""
+    options = config.judge_options()
+    if options is None or topo.rank != 0:
+        return contextlib.nullcontext()
+    return JudgeProxy(options, config.output)
 
 
 def run_guarded(config: RunConfig) -> int:

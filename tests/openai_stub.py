@@ -1,7 +1,8 @@
 """A small OpenAI-compatible HTTP server for tests of the server backends' own logic.
 
 It answers ``/models``, ``/completions`` and ``/chat/completions`` with deterministic text (no
-model), and can fail the first attempts of every prompt (429 or 5xx), refuse prompt logprobs as
+model, or a test's own function of a chat request's messages, e.g. an LLM judge's grade), records
+every request, and can fail the first attempts of every prompt (429 or 5xx), refuse prompt logprobs as
 OpenAI's hosted API does, check the Authorization header, or hold its first requests until a given
 number of them are in flight together (so a client's concurrency is observed without timing). Behaviour against a real model server
 is tested with ``vllm serve`` in tests/test_vllm.py.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -38,6 +40,9 @@ class StubBehaviour:
     hold_timeout: float = 20.0
     hold_missed: int = 0
     posts: int = 0
+    # What a chat request is answered with, from its messages (default: ``answer_for``).
+    chat_reply: Callable[[Any], str] | None = None
+    bodies: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (path, body) of every POST
     lock: threading.Lock = field(default_factory=threading.Lock)
     arrived: threading.Condition = field(init=False)
 
@@ -86,6 +91,7 @@ class OpenAIStub:
                 prompt = body.get("prompt", body.get("messages"))
                 key = json.dumps(prompt, sort_keys=True)
                 with behaviour.lock:
+                    behaviour.bodies.append((self.path, body))
                     behaviour.attempts[key] += 1
                     attempt = behaviour.attempts[key]
                     behaviour.in_flight += 1
@@ -101,7 +107,8 @@ class OpenAIStub:
                     if attempt <= behaviour.failures_per_prompt:
                         self._send(behaviour.failure_status, {"error": {"message": "try again"}})
                     elif self.path.endswith("/chat/completions"):
-                        message = {"role": "assistant", "content": answer_for(prompt)}
+                        reply = behaviour.chat_reply or answer_for
+                        message = {"role": "assistant", "content": reply(prompt)}
                         self._send(200, {"choices": [{"index": 0, "message": message}]})
                     elif body.get("echo") and body.get("logprobs") is not None:
                         self._send(*self._scored(prompt))

@@ -50,8 +50,10 @@ SERVER_FLAGS = {
 
 def server_flags_refused(name: str) -> dict[str, str]:
     """What an in-process backend says of each flag that belongs to the served backends."""
+    judge = {"concurrency", "max_retries", "request_timeout"}  # they also set a judge's calls
     return {
-        field: f"{flag} is for --backend openai-completions or openai-chat, not {name}"
+        field: f"{flag} is for --backend openai-completions or openai-chat"
+        f"{' or a judge (--judge-base-url)' if field in judge else ''}, not {name}"
         for field, flag in SERVER_FLAGS.items()
     }
 

@@ -31,7 +31,7 @@ LAYERS: list[list[str]] = [
     ],
     ["evalkit.models.registry"],
     ["evalkit.config"],
-    ["evalkit.tasks", "evalkit.sandbox", "evalkit.compat", "evalkit.code_exec"],
+    ["evalkit.tasks", "evalkit.sandbox", "evalkit.compat", "evalkit.code_exec", "evalkit.judge"],
     ["evalkit.models"],
     ["evalkit.parallel"],
     [

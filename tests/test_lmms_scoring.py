@@ -197,3 +197,14 @@ def test_reasoning_tags_and_auto_strip_thinking_as_lmms_eval(reasoning_data):
         answers = [loaded["tasks"][name].eval_docs[i]["answer"] for i in range(4)]
         accuracy = sum(w.strip() == a for w, a in zip(want, answers, strict=True)) / 4
         assert scored.results["results"][name]["exact_match,none"] == pytest.approx(accuracy), name
+
+
+def test_a_token_limit_from_gen_kwargs_wins_over_the_tasks():
+    """--gen-kwargs max_gen_toks=N (lm-eval's name) lands beside a task's max_new_tokens and wins."""
+    from evalkit.tasks.lmms_models import request_gen_kwargs
+
+    task = {"max_new_tokens": 1024, "temperature": 0.2, "top_p": 1.0, "num_beams": 1, "do_sample": False}
+    assert request_gen_kwargs("llava_hf", task)["max_new_tokens"] == 1024
+    merged = request_gen_kwargs("llava_hf", {**task, "max_gen_toks": 8})
+    assert merged["max_new_tokens"] == 8 and merged["do_sample"] is True  # llava_hf samples iff temperature > 0
+    assert request_gen_kwargs("llava_hf", {"until": ["\n"]})["max_new_tokens"] == 1024  # the class's default

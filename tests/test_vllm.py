@@ -260,3 +260,63 @@ def test_served_model_matches_in_process_vllm_and_resumes_after_the_server_dies(
         for (a,), (b,) in zip(want["resps"], have["resps"], strict=True):
             assert abs(a[0] - b[0]) <= 1e-6 and a[1] == b[1]
     assert json.loads((out / "run.json").read_text())["model"]["backend"] == "openai-completions"
+
+
+JUDGE_UTILS = """import os
+
+from openai import OpenAI
+
+
+def judged(doc, results):
+    client = OpenAI(base_url=os.environ["OPENAI_BASE_URL"], api_key=os.environ["OPENAI_API_KEY"])
+    prompt = f"Is {results[0]!r} the answer {doc['answer']!r}? Say yes or no."
+    reply = client.chat.completions.create(
+        model=os.environ["MODEL_VERSION"], messages=[{"role": "user", "content": prompt}], max_tokens=4, temperature=0
+    )
+    return {"judge_acc": float((reply.choices[0].message.content or "").strip().lower().startswith("yes"))}
+"""
+
+
+def judge_task(folder: Path) -> Path:
+    """demo_gen's questions graded by an LLM judge through the openai client, as lmms-eval's judge
+    tasks do (lmms-eval itself is not installed in the vLLM environment)."""
+    from conftest import PACKAGE
+
+    data = PACKAGE / "bundled_tasks" / "demo" / "data"
+    folder.mkdir(parents=True)
+    (folder / "judge_utils.py").write_text(JUDGE_UTILS)
+    (folder / "demo_judge.yaml").write_text(
+        f"task: demo_judge\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data / 'gen_test.jsonl'}\n"
+        'output_type: generate_until\ntest_split: test\ndoc_to_text: "Question: {{question}}\\nAnswer:"\n'
+        'doc_to_target: "{{answer}}"\ngeneration_kwargs:\n  until: ["\\n\\n"]\n  max_gen_toks: 8\n'
+        "process_results: !function judge_utils.judged\nmetric_list:\n  - metric: judge_acc\n"
+        "    aggregation: mean\n    higher_is_better: true\n"
+    )
+    return folder
+
+
+def test_a_judge_served_by_vllm_grades_through_the_proxy_and_resume_asks_nothing(model32, tmp_path):
+    from evalkit.testing.tinymodel import with_chat_template
+
+    judge_model = with_chat_template(model32, tmp_path / "judge")
+    tasks = judge_task(tmp_path / "tasks")
+    server = VLLMServer(judge_model, free_port(), tmp_path / "judge.log")
+    args = ["--model", str(model32), "--device", "cpu", "--tasks", "demo_judge", "--include-path", str(tasks)]
+    args += ["--limit", "4", "--judge-base-url", server.base_url, "--judge-model", str(judge_model)]
+
+    def graded() -> int:
+        return sum('"POST /v1/chat/completions HTTP/1.1" 200' in line for line in server.log.read_text().splitlines())
+
+    try:
+        first = ok(run_evalkit(args, output=tmp_path / "out", env=ENV)).results()  # the resumed run rewrites it
+        asked = graded()
+        resumed = ok(run_evalkit([*args, "--resume"], output=tmp_path / "out", env=ENV))
+        asked_again = graded() - asked
+    finally:
+        server.stop()
+    assert asked == 4 and asked_again == 0
+    assert first["judge"]["asked"] == 4
+    assert resumed.results()["judge"] == {**first["judge"], "asked": 0, "replayed": 4}
+    assert resumed.results()["results"]["demo_judge"] == first["results"]["demo_judge"]
+    journal = [json.loads(line) for line in (tmp_path / "out" / "judge.jsonl").read_text().splitlines()]
+    assert len(journal) == 4 and all(e["request"]["model"] == str(judge_model) for e in journal)

@@ -22,7 +22,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +52,15 @@ class ServerError(RuntimeError):
 
 @dataclass(frozen=True)
 class Server:
-    """Where the server is and how to talk to it (the key is read from the environment, never stored here)."""
+    """Where the server is and how to talk to it. The key is read from the environment at each call,
+    unless the caller read it once and passes it as ``api_key`` (never shown in the repr)."""
 
     base_url: str
     api_key_env: str
     timeout: float
     max_retries: int
     backoff: float = 0.5
+    api_key: str | None = field(default=None, repr=False)
 
     def post(self, route: str, body: dict[str, Any]) -> dict[str, Any]:
         return self.call(route, body, retries=self.max_retries, timeout=self.timeout)
@@ -67,7 +69,7 @@ class Server:
         """The JSON answer of one request (GET without a body), retried on errors that can pass."""
         url = self.base_url.rstrip("/") + route
         headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.api_key_env)
+        key = self.api_key if self.api_key is not None else os.environ.get(self.api_key_env)
         if key:
             headers["Authorization"] = f"Bearer {key}"
         data = None if body is None else json.dumps(body).encode()
@@ -369,12 +371,11 @@ class OpenAIChat(OpenAICompletions):
         return answer["choices"][0]["message"]["content"] or ""
 
 
-def check_reachable(server: Server) -> None:
-    """A one-line usage error when nothing OpenAI-compatible answers at ``--base-url``."""
+def check_reachable(server: Server, flag: str = "--base-url") -> dict[str, Any]:
+    """The server's ``/models`` answer; a one-line usage error naming ``flag`` when nothing
+    OpenAI-compatible answers there."""
     try:
-        server.call("/models", None, retries=0, timeout=min(server.timeout, PROBE_TIMEOUT_S))
+        return server.call("/models", None, retries=0, timeout=min(server.timeout, PROBE_TIMEOUT_S))
     except ServerError as exc:
         hint = "" if server.base_url.rstrip("/").endswith("/v1") else "; the base URL usually ends in /v1"
-        raise UsageError(
-            f"cannot reach an OpenAI-compatible server at --base-url {server.base_url}: {exc}{hint}"
-        ) from None
+        raise UsageError(f"cannot reach an OpenAI-compatible server at {flag} {server.base_url}: {exc}{hint}") from None

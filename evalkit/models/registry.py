@@ -50,6 +50,8 @@ FLAGS: dict[str, str] = {
     "request_timeout": "--request-timeout",
 }
 SERVER_FLAGS = frozenset({"tokenizer", "base_url", "api_key_env", "concurrency", "max_retries", "request_timeout"})
+# Server flags that also set the LLM judge's calls (--judge-base-url), so every backend takes them then.
+JUDGE_FLAGS = frozenset({"concurrency", "max_retries", "request_timeout"})
 IN_PROCESS = frozenset({Placement.REPLICA, Placement.DEEPSPEED_TP, Placement.TRANSFORMERS_TP, Placement.SPLIT})
 
 
@@ -113,7 +115,8 @@ class BackendSpec:
 
     def problems(self, config: RunConfig, layout: Layout | None = None, kinds: RunKinds | None = None) -> list[str]:
         """Every reason this backend cannot run ``config`` (in ``layout``, on requests of ``kinds``)."""
-        problems = [self._flag_problem(name) for name in given_flags(config) if name not in self.honours]
+        judged = JUDGE_FLAGS if config.judge_base_url else frozenset()
+        problems = [self._flag_problem(name) for name in given_flags(config) if name not in self.honours | judged]
         problems += [
             f"--backend {self.name} needs {FLAGS[name]}{self.hints.get(name, '')}"
             for name in self.needs
@@ -134,7 +137,8 @@ class BackendSpec:
 
     def _flag_problem(self, name: str) -> str:
         if name in SERVER_FLAGS and not self.served:
-            return f"{FLAGS[name]} is for --backend {' or '.join(SERVED)}, not {self.name}"
+            judge = " or a judge (--judge-base-url)" if name in JUDGE_FLAGS else ""
+            return f"{FLAGS[name]} is for --backend {' or '.join(SERVED)}{judge}, not {self.name}"
         return f"--backend {self.name} does not take {FLAGS[name]}{self.hints.get(name, '; drop it')}"
 
     def _layout_problems(self, layout: Layout) -> list[str]:

@@ -62,6 +62,8 @@ class GenerationRule:
 
 
 SAMPLING = ("temperature", "top_p", "num_beams")
+# A token limit by any of its names; lm-eval's max_gen_toks (as --gen-kwargs gives it) first.
+TOKEN_LIMITS = ("max_gen_toks", "max_new_tokens", "max_tokens")
 RULES: dict[str, GenerationRule] = {
     # models/chat/llava_hf.py:75-94 and models/chat/internvl_hf.py:284-305
     "llava_hf": GenerationRule(
@@ -112,7 +114,7 @@ def request_gen_kwargs(name: str | None, kwargs: dict[str, Any]) -> dict[str, An
         return dict(kwargs)
     out: dict[str, Any] = {
         "until": _as_list(kwargs.get("until")) if rule.stops_at_until else [],
-        "max_new_tokens": kwargs.get("max_new_tokens", rule.max_new_tokens),
+        "max_new_tokens": next((kwargs[k] for k in TOKEN_LIMITS if kwargs.get(k) is not None), rule.max_new_tokens),
         **{key: kwargs[key] for key in rule.passes if key in kwargs},
     }
     if rule.greedy_from_temperature:

@@ -8,6 +8,7 @@ number of ranks and equals the prompt lm-eval builds on one process. This happen
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ from lm_eval.evaluator_utils import get_sample_size
 from evalkit.errors import UsageError
 from evalkit.models.protocol import KINDS, Kind
 from evalkit.tasks.images import DIGEST_PREFIX, Visuals, as_visuals, digests, image_label, is_image
+from evalkit.tasks.judged import needs_judge
 from evalkit.tasks.problems import TaskLoadError, explain
 from evalkit.tasks.video import VIDEO_PREFIX
 
@@ -77,6 +79,11 @@ class TaskPlan:
     @property
     def unsafe(self) -> bool:
         return bool(getattr(self.task, "UNSAFE_CODE", False))
+
+    @functools.cached_property
+    def judged(self) -> bool:
+        """Its scoring calls an LLM judge (``tasks/judged.py``)."""
+        return needs_judge(self.task)
 
 
 def configure(task: Any, options: PromptOptions) -> None:

@@ -8,6 +8,7 @@ code (``unsafe_code``) are scored in a separate sandboxed process, never inside 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections import defaultdict
@@ -19,6 +20,7 @@ from typing import Any
 from lm_eval.evaluator_utils import _process_results
 from lm_eval.utils import handle_non_serializable, hash_string, sanitize_list
 
+from evalkit.models.openai_api import run_concurrently
 from evalkit.models.stopping import drop_thinking
 from evalkit.tasks.images import image_label, is_image
 from evalkit.tasks.lmms import LmmsTask
@@ -70,6 +72,24 @@ def attach_outputs(plan: TaskPlan, outputs: list[Any], think_end_token: str | No
 
 def in_process(plan: TaskPlan, items: list[tuple[int, Any, list[Any]]]) -> list[dict[str, Any]]:
     return [plan.task.process_results(doc, results) for _, doc, results in items]
+
+
+def concurrently(workers: int, check: Callable[[], None]) -> ProcessBatch:
+    """``process_results`` of ``workers`` docs at once, results in doc order: a judge task's scoring
+    waits on HTTP calls, which then overlap as a served model's requests do. ``check`` runs after
+    each doc and may raise; then no further doc starts (judge task code scores a failed judge call
+    as a wrong answer, so the caller checks for one rather than score every doc so)."""
+
+    def one(plan: TaskPlan, doc: Any, results: list[Any]) -> dict[str, Any]:
+        metrics = plan.task.process_results(doc, results)
+        check()
+        return metrics
+
+    def run(plan: TaskPlan, items: list[tuple[int, Any, list[Any]]]) -> list[dict[str, Any]]:
+        calls = [functools.partial(one, plan, doc, results) for _, doc, results in items]
+        return run_concurrently(calls, workers, lambda finished: None)
+
+    return run
 
 
 def _json_value(value: Any) -> Any:
@@ -166,14 +186,21 @@ def score(
     *,
     bootstrap_iters: int,
     sandboxed: ProcessBatch | None = None,
+    judged: ProcessBatch | None = None,
     think_end_token: str | None = None,
     output: Path | None = None,
 ) -> Scored:
-    """lm-eval's results for the merged outputs; lmms-eval tasks are aggregated as lmms-eval's
-    evaluator does, their ``args`` aggregations writing into ``output`` (the run's folder)."""
+    """lm-eval's scoring of every task; tasks that run generated code go through ``sandboxed``, tasks
+    scored by an LLM judge through ``judged`` (each, when given), the rest in this process.
+    lmms-eval tasks are aggregated as lmms-eval's evaluator does, their ``args`` aggregations
+    writing into ``output`` (the run's folder)."""
     acc, samples, failed, counts = {}, {}, {}, {}
     for plan in plans:
-        process = sandboxed if plan.unsafe and sandboxed is not None else in_process
+        process = in_process
+        if plan.unsafe and sandboxed is not None:
+            process = sandboxed
+        elif judged is not None and plan.judged:
+            process = judged
         raw, rows, failed[plan.name] = score_task(plan, outputs, process, think_end_token)
         if isinstance(plan.task, LmmsTask):
             plan.task.aggregation_args = AggregationArgs(output_path=None if output is None else str(output))

@@ -196,7 +196,45 @@ def write_ai2d(root: Path) -> Path:
     return _write(root, "lmms-lab-encoder/ai2d", columns, features)
 
 
-WRITERS = {"mme": write_mme, "pope": write_pope, "chartqa": write_chartqa, "ai2d": write_ai2d}
+# MM-Vet: open questions graded by an LLM judge. (colour, shape, count, where, question, answer, capabilities)
+MMVET_DOCS = [
+    ("red", "circle", 1, "left", "What colour is the circle?", "red", "rec"),
+    ("yellow", "square", 3, "right", "How many squares are there?", "3 <OR> three", "rec,math"),
+    ("blue", "circle", 1, "left", "Where is the circle?", "left", "rec,spat"),
+    ("green", "square", 2, "right", "What colour and shape are they?", "green <AND> square", "rec,know"),
+]
+
+
+def write_mmvet(root: Path) -> Path:
+    """``lmms-lab-encoder/MMVet`` (split ``test``) as lmms-eval 0.7's ``mmvet`` task reads it."""
+    import datasets
+
+    columns: dict[str, list] = {k: [] for k in ("question_id", "image", "question", "answer", "capability")}
+    for n, (colour, shape, count, where, question, answer, capability) in enumerate(MMVET_DOCS):
+        columns["question_id"].append(f"v1_{n}")
+        columns["image"].append(draw(colour, shape, count, where))
+        columns["question"].append(question)
+        columns["answer"].append(answer)
+        columns["capability"].append(capability)
+    features = datasets.Features(
+        {
+            "question_id": datasets.Value("string"),
+            "image": datasets.Image(),
+            "question": datasets.Value("string"),
+            "answer": datasets.Value("string"),
+            "capability": datasets.Value("string"),
+        }
+    )
+    return _write(root, "lmms-lab-encoder/MMVet", columns, features)
+
+
+WRITERS = {
+    "mme": write_mme,
+    "pope": write_pope,
+    "chartqa": write_chartqa,
+    "ai2d": write_ai2d,
+    "mmvet": write_mmvet,
+}
 
 
 def main(argv: list[str] | None = None) -> None:

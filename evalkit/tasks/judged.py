@@ -1,0 +1,128 @@
+"""Which tasks score their answers through an LLM judge.
+
+lmms-eval's judge tasks call an OpenAI-compatible API from their scoring code (``process_results``
+or an aggregation): through ``lmms_eval.llm_judge`` or its ``OpenAIVerifier``, the ``openai``
+client, or ``requests.post`` to ``OPENAI_API_URL``. A task is a judge task when such a call can be
+reached from its scoring functions: every global name their code uses is followed, through the
+task's own code (functions, classes and instances defined in task files), until it reaches a judge
+client. Only the scoring functions count, so ``mmmu_val`` (rule-based) is not a judge task while
+``mmmu_val_reasoning`` (an ``OpenAIVerifier``) is, though both live in one ``utils.py``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sysconfig
+import types
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+# Modules whose objects, reached from scoring code, call a judge over HTTP.
+JUDGE_CLIENTS = (
+    "openai",
+    "requests",
+    "httpx",
+    "aiohttp",
+    "lmms_eval.llm_judge",
+    "lmms_eval.verifiers.openai",
+    "lmms_eval.verifiers.gemini",
+)
+# Task code lives here, or anywhere outside the installed libraries (an --include-path folder).
+TASK_FOLDERS = ("lmms_eval/tasks/", "lm_eval/tasks/")
+LIBRARY_ROOTS = tuple(
+    str(Path(p).resolve()) for p in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["stdlib"]}
+)
+
+
+def judge_tasks(tasks: Mapping[str, Any]) -> list[str]:
+    """The names of the lm-eval task objects among ``tasks`` whose scoring calls a judge."""
+    return sorted(name for name, task in tasks.items() if needs_judge(task))
+
+
+def needs_judge(task: Any) -> bool:
+    seen: set[int] = set()
+    return any(_reaches_judge(fn, seen) for fn in scoring_functions(task))
+
+
+def scoring_functions(task: Any) -> Iterator[Any]:
+    """The task's own code that runs at scoring: process_results and its aggregations."""
+    config = getattr(task, "config", None)
+    process = getattr(config, "process_results", None)
+    if callable(process):
+        yield process
+    aggregations = getattr(task, "_aggregation_list", None) or {}
+    yield from (fn for fn in aggregations.values() if callable(fn))
+
+
+def _is_task_code(filename: str | None) -> bool:
+    if not filename:
+        return False
+    path = str(Path(filename).resolve())
+    if any(folder in path.replace("\\", "/") for folder in TASK_FOLDERS):
+        return True
+    return not path.startswith(LIBRARY_ROOTS)
+
+
+def _module_of(value: Any) -> str:
+    if isinstance(value, types.ModuleType):
+        return value.__name__
+    if isinstance(value, (type, types.FunctionType, types.BuiltinFunctionType, types.MethodType)):
+        return getattr(value, "__module__", None) or ""
+    return type(value).__module__ or ""
+
+
+def _is_judge_client(value: Any) -> bool:
+    module = _module_of(value)
+    return any(module == m or module.startswith(m + ".") for m in JUDGE_CLIENTS)
+
+
+def _reaches_judge(value: Any, seen: set[int]) -> bool:
+    """Whether ``value`` is a judge client or task code that uses one, at any depth."""
+    if id(value) in seen:
+        return False
+    seen.add(id(value))
+    if _is_judge_client(value):
+        return True
+    value = inspect.unwrap(value) if callable(value) else value
+    if isinstance(value, types.MethodType):
+        value = value.__func__
+    if isinstance(value, types.FunctionType):
+        if not _is_task_code(value.__code__.co_filename):
+            return False
+        return any(_reaches_judge(v, seen) for v in _globals_used(value))
+    cls = value if isinstance(value, type) else type(value)
+    if not _is_task_code(_source_file(cls)):
+        return False
+    members = [inspect.getattr_static(cls, name) for name in vars(cls)]
+    members = [m.__func__ if isinstance(m, (staticmethod, classmethod)) else m for m in members]
+    attributes = list(vars(value).values()) if not isinstance(value, type) and hasattr(value, "__dict__") else []
+    return any(_reaches_judge(m, seen) for m in members + attributes if m is not None)
+
+
+def _source_file(cls: type) -> str | None:
+    """Where a class is defined: its methods' file (lm-eval imports task files under names that
+    are not in sys.modules, so ``inspect`` cannot find them), else inspect's answer."""
+    for member in vars(cls).values():
+        if isinstance(member, types.FunctionType):
+            return member.__code__.co_filename
+    try:
+        return inspect.getsourcefile(cls)
+    except (TypeError, OSError):
+        return None
+
+
+def _globals_used(fn: types.FunctionType) -> Iterator[Any]:
+    """The values of the global names ``fn`` (and the functions nested in it) refer to."""
+    codes = [fn.__code__]
+    while codes:
+        code = codes.pop()
+        for name in code.co_names:
+            if name in fn.__globals__:
+                yield fn.__globals__[name]
+        codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    for cell in fn.__closure__ or ():
+        try:
+            yield cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
