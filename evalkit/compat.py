@@ -40,6 +40,15 @@
     that runs ``from evaluate import load`` afterwards (evalita's ``sum_utils.py``) gets it too; a
     reference taken before :func:`install_compat` keeps the hub loader.
 
+``lmms_eval.azure_openai_compat``
+    lmms-eval 0.7.3's ``unig2u`` judge tasks import ``build_client`` and ``has_endpoint_support`` from
+    this module, which its wheel does not ship. They use it only for an Azure endpoint, and only when
+    ``OPENAI_API_KEY`` is unset; evalkit's judge (``--judge-base-url``) always sets that variable
+    while task code loads and scores, so the OpenAI-compatible client is the one they build. The
+    stand-in (registered only when the real import fails) says there is no Azure endpoint support
+    (``has_endpoint_support()`` is False) and ``build_client`` raises an error saying to use
+    ``--judge-base-url``.
+
 Offline ``evaluate``
     evalkit never downloads. When ``HF_HUB_OFFLINE`` or ``HF_DATASETS_OFFLINE`` is set to a true
     value (``1``, ``ON``, ``YES``, ``TRUE``), ``HF_EVALUATE_OFFLINE`` defaults to ``1`` as well (an
@@ -121,12 +130,18 @@ _SQUAD_NAMES = ("normalize_answer", "get_tokens", "compute_exact", "compute_f1")
 
 
 class _StandInLoader(importlib.abc.Loader):
-    """Fills the stand-in ``transformers.data.metrics`` package and its ``squad_metrics``."""
+    """Fills the stand-in ``transformers.data.metrics`` package and its ``squad_metrics``, and
+    ``lmms_eval.azure_openai_compat``."""
 
     def create_module(self, spec: Any) -> None:
         return None  # the default module object
 
     def exec_module(self, module: Any) -> None:
+        if module.__name__ == _AZURE_MODULE:
+            module.__doc__ = "evalkit's stand-in for a module lmms-eval 0.7.3 does not ship (see evalkit.compat)."
+            module.has_endpoint_support = _no_azure_endpoint
+            module.build_client = _azure_client
+            return
         if module.__name__ == _SQUAD_PACKAGE:
             module.__doc__ = "evalkit's stand-in for the package transformers 5 removed (see evalkit.compat)."
             return
@@ -151,16 +166,30 @@ class _StandInLoader(importlib.abc.Loader):
 
 
 class _SquadMetricsFallback(importlib.abc.MetaPathFinder):
-    """Last on ``sys.meta_path``: answers for the two names only when no real finder did."""
+    """Last on ``sys.meta_path``: answers for its stand-in names only when no real finder did."""
 
     _loader = _StandInLoader()
 
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
         if name == _SQUAD_PACKAGE:
             return importlib.util.spec_from_loader(name, self._loader, origin="evalkit.compat", is_package=True)
-        if name == _SQUAD_MODULE:
+        if name in (_SQUAD_MODULE, _AZURE_MODULE):
             return importlib.util.spec_from_loader(name, self._loader, origin="evalkit.compat")
         return None
+
+
+_AZURE_MODULE = "lmms_eval.azure_openai_compat"
+
+
+def _no_azure_endpoint() -> bool:
+    return False
+
+
+def _azure_client(*_args: Any, **_kwargs: Any) -> Any:
+    raise RuntimeError(
+        "this task asked for an Azure OpenAI endpoint client; evalkit sends judge calls to an "
+        "OpenAI-compatible server: pass --judge-base-url URL and --judge-model NAME"
+    )
 
 
 def _install_squad_metrics() -> None:

@@ -169,6 +169,9 @@ def evaluate(config: RunConfig, topo: Topology) -> None:
                 written = sum(s["written"] for s in stats)
                 outputs = merge.merge_results(config.output, ready.run_plan, ready.work.launch, written)
             resume = {"reused": len(ready.run_plan.done), "computed": ready.work.pending}
+            # Scoring code that draws random numbers (mmmu's parse of an unmatched answer) sees the
+            # seeded state lm-eval and lmms-eval give it, whatever planning and the layout drew.
+            set_seeds(config)
             scored = results.score_outputs(config, ready.run_plan, outputs, phases, judge)
             described = {"backend": ready.backend.name, **ready.backend.describe()}
             results.write_outputs(config, topo, scored, described, stats, started, resume, phases)

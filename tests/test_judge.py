@@ -24,7 +24,7 @@ from evalkit.results import score_outputs
 from evalkit.tasks.judged import judge_tasks
 from evalkit.tasks.requests import PromptOptions, TaskPlan, build_plans, number_requests
 from evalkit.tasks.scoring import concurrently
-from evalkit.testing.lmms_data import MMVET_DOCS, write_mme, write_mmvet
+from evalkit.testing.lmms_data import MMVET_DOCS, write_mmbench, write_mme, write_mmvet
 from evalkit.timings import Phases
 
 pytest.importorskip("lmms_eval", reason="lmms-eval is installed by make install")
@@ -61,9 +61,10 @@ def fresh_task_code():
 
 @pytest.fixture
 def data(tmp_path, monkeypatch) -> Path:
-    """A working folder with lmms-lab-encoder/MMVet and MME, as the tasks look for them."""
+    """A working folder with lmms-lab-encoder/MMVet, MME and MMBench, as the tasks look for them."""
     write_mmvet(tmp_path)
     write_mme(tmp_path)
+    write_mmbench(tmp_path)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -164,16 +165,17 @@ def test_judge_tasks_are_found_by_what_their_scoring_calls(data, tmp_path):
         )
     config = RunConfig(
         model="tiny",
-        tasks=("mmvet", "mme", "own_judged", "own_rule"),
+        tasks=("mmvet", "mme", "own_judged", "own_rule", "mmbench_en_dev", "mmbench_en_dev_static"),
         output=tmp_path / "out",
         include_path=(tmp_path / "tasks",),
     )
     tasks = load_tasks(config, "tiny")["tasks"]
-    assert judge_tasks(tasks) == ["mmvet", "own_judged"]
+    # mmbench_en_dev_static reaches MMBench_Evaluator's judge code but scores by rules
+    assert judge_tasks(tasks) == ["mmbench_en_dev", "mmvet", "own_judged"]
     with pytest.raises(UsageError) as caught:
         check_tasks(config, tasks)
     assert str(caught.value) == (
-        "task(s) mmvet, own_judged score answers with an LLM judge; pass --judge-base-url URL (its "
+        "task(s) mmbench_en_dev, mmvet, own_judged score answers with an LLM judge; pass --judge-base-url URL (its "
         "OpenAI-compatible API) and --judge-model NAME (key from $OPENAI_API_KEY, or name another variable "
         "with --judge-api-key-env)"
     )

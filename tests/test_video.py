@@ -13,28 +13,10 @@ import numpy as np
 import pytest
 
 from evalkit.tasks.video import Clip, FrameRule, clip_digest, decode
+from evalkit.testing.lmms_data import write_clip
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ROOT / "tests" / "fixtures" / "tasks" / "video"
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "white": (250, 250, 250)}
-
-
-def write_clip(path: Path, colours: list[str], *, frames_each: int = 4, size: int = 32, fps: int = 4) -> Path:
-    """A clip of solid colours, ``frames_each`` frames each, with a dark square moving across."""
-    import av
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for n, name in enumerate(c for c in colours for _ in range(frames_each)):
-            array = np.full((size, size, 3), COLOURS[name], dtype=np.uint8)
-            x = (n * 4) % (size - 8)
-            array[8:16, x : x + 8] = 0
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
-        container.mux(stream.encode())
-    return path
 
 
 def test_frame_rule_follows_lmms_eval_qwen2_vl():
@@ -124,4 +106,22 @@ def test_missing_or_undecodable_clip_ends_with_one_line(tmp_path, qwen_model, br
     errors = [line for line in done.stderr.splitlines() if line.startswith("evalkit: error:")]
     expected = "cannot decode video" if broken else "does not exist"
     assert len(errors) == 1 and expected in errors[0] and "bad.mp4" in errors[0], done.stderr[-2000:]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_lmms_eval_video_task_with_a_missing_clip_ends_with_one_line(tmp_path, qwen_model):
+    """lmms-eval's videomme calls sys.exit() for a missing clip: one line, exit 2, nothing written."""
+    from evalkit.testing.lmms_data import HF_HOME, VIDEOMME_DOCS, write_videomme
+
+    write_videomme(tmp_path)
+    missing = tmp_path / HF_HOME / "videomme" / "data" / f"{VIDEOMME_DOCS[1][0]}.mp4"
+    missing.unlink()
+    env = {**os.environ, "HF_HOME": str(tmp_path / HF_HOME), "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "evalkit", "--model", str(qwen_model), "--tasks", "lmms:videomme"]
+    command += ["--output", str(tmp_path / "out"), "--device", "cpu"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("evalkit: error:")]
+    assert len(errors) == 1 and "videomme" in errors[0] and str(missing) in errors[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -1,6 +1,7 @@
 """Vision-language models end to end: the bundled lmms-eval-format image task and lmms-eval's own
-`mme` task (by name, unchanged, on local data in its hub schema) on tiny VLMs of three families, at
-every layout, killed and resumed, crashing; and image tasks in both task-file forms.
+`mme` task (by name, unchanged, on local data in its hub schema) on tiny VLMs of three families, and
+lmms-eval's video tasks `videomme` and `egoschema_subset` on Qwen2-VL, at every layout, killed and
+resumed, crashing; and image tasks in both task-file forms.
 
 Every run is real: ``python -m evalkit`` or torchrun on CPU with gloo, models built from a config.
 """
@@ -23,7 +24,9 @@ pytestmark = pytest.mark.multiprocess
 FAULTS = str(REPO / "tests" / "fault_entry.py")
 TASK = "vlm_demo"
 LAYOUT_TASKS = "vlm_demo,mme"  # mme: lmms-eval's own task folder
+VIDEO_TASKS = "videomme,egoschema_subset"  # lmms-eval's, clips under $HF_HOME
 FAMILIES = ("llava", "qwen2_vl", "internvl")
+TASKS_OF = {"llava": LAYOUT_TASKS, "qwen2_vl": f"{LAYOUT_TASKS},{VIDEO_TASKS}", "internvl": LAYOUT_TASKS}
 REFERENCE = "1 process, batch 4"
 LAYOUTS = {
     REFERENCE: ("python", 1, ["--batch-size", "4"]),
@@ -55,18 +58,27 @@ def vlm_args(model: Path, *extra: str) -> list[str]:
 
 @functools.cache
 def lmms_data() -> Path:
-    """A working folder holding lmms-lab-encoder/MME in the hub schema, written once per process."""
-    from evalkit.testing.lmms_data import write_mme
+    """A working folder holding MME, Video-MME and EgoSchema in the hub schemas (clips under its
+    hf_home), written once per process."""
+    from evalkit.testing.lmms_data import write_egoschema, write_mme, write_videomme
 
     folder = Path(tempfile.mkdtemp(prefix="lmms-data-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    write_mme(folder)
+    for write in (write_mme, write_videomme, write_egoschema):
+        write(folder)
     return folder
+
+
+def data_env() -> dict[str, str]:
+    from evalkit.testing.lmms_data import HF_HOME
+
+    return {"HF_HOME": str(lmms_data() / HF_HOME)}
 
 
 def evaluate(model: Path, output: Path, layout: str = REFERENCE, *extra: str, tasks: str = LAYOUT_TASKS, **kwargs):
     launcher, nproc, flags = LAYOUTS[layout]
     kwargs.setdefault("cwd", lmms_data())
+    kwargs["env"] = {**data_env(), **kwargs.get("env", {})}
     return run_evalkit(
         vlm_args(model, "--tasks", tasks, *flags, *extra), launcher=launcher, nproc=nproc, output=output, **kwargs
     )
@@ -84,25 +96,36 @@ def generations(run) -> dict[tuple[str, int], list]:
 
 
 @pytest.fixture(scope="session")
-def llava_reference(tiny_vlm, tmp_path_factory):
-    run = evaluate(tiny_vlm("llava"), tmp_path_factory.mktemp("llava_ref") / "out")
-    assert run.returncode == 0, run.stderr[-3000:]
-    return run
+def reference_run(tiny_vlm, tmp_path_factory):
+    """Each family's run at the reference layout, once per test session."""
+    done: dict[str, object] = {}
+
+    def get(family: str):
+        if family not in done:
+            output = tmp_path_factory.mktemp(f"{family}_ref") / "out"
+            run = evaluate(tiny_vlm(family), output, tasks=TASKS_OF[family])
+            assert run.returncode == 0, run.stderr[-3000:]
+            done[family] = run
+        return done[family]
+
+    return get
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_same_generations_at_every_layout(family, tiny_vlm, tmp_path, request):
+def test_same_generations_at_every_layout(family, tiny_vlm, tmp_path, reference_run):
     model = tiny_vlm(family)
-    runs = {}
+    runs = {REFERENCE: reference_run(family)}
     for layout in LAYOUTS:
-        if family == "llava" and layout == REFERENCE:
-            runs[layout] = request.getfixturevalue("llava_reference")
-            continue
-        runs[layout] = evaluate(model, tmp_path / layout.replace(" ", "_").replace(",", ""), layout)
-        assert runs[layout].returncode == 0, (layout, runs[layout].stderr[-3000:])
+        if layout != REFERENCE:
+            output = tmp_path / layout.replace(" ", "_").replace(",", "")
+            runs[layout] = evaluate(model, output, layout, tasks=TASKS_OF[family])
+            assert runs[layout].returncode == 0, (layout, runs[layout].stderr[-3000:])
     want = generations(runs[REFERENCE])
     texts = {json.dumps(v[0]) for v in want.values()}
     assert len(want) >= 16 and len(texts) > 2, "the tiny model should answer differently for different images"
+    if family == "qwen2_vl":  # different clips give different answers
+        clips = {json.dumps(v[0]) for k, v in want.items() if k[1].removeprefix("samples_") in VIDEO_TASKS.split(",")}
+        assert len(clips) > 2, clips
     full = runs[REFERENCE].results()["parameters_per_rank"]["0"]
     for layout, run in runs.items():
         assert generations(run) == want, layout
@@ -118,31 +141,33 @@ def test_same_generations_at_every_layout(family, tiny_vlm, tmp_path, request):
                 assert held < 0.8 * full, (layout, held, full)
 
 
-def test_killed_vlm_run_resumes_on_another_world_size(tiny_vlm, llava_reference, tmp_path):
-    model = tiny_vlm("llava")
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])  # qwen2_vl: image and video tasks
+def test_killed_vlm_run_resumes_on_another_world_size(family, tiny_vlm, reference_run, tmp_path):
+    model = tiny_vlm(family)
+    reference = reference_run(family)
     output = tmp_path / "out"
     killed = run_evalkit(
-        vlm_args(model, "--tasks", LAYOUT_TASKS, "--batch-size", "1", "--flush-interval", "0.001"),
+        vlm_args(model, "--tasks", TASKS_OF[family], "--batch-size", "1", "--flush-interval", "0.001"),
         cwd=lmms_data(),
         launcher="torchrun",
         nproc=2,
         output=output,
         script=FAULTS,
-        env={"FAULT": "kill", "FAULT_AFTER": "3"},
+        env={"FAULT": "kill", "FAULT_AFTER": "3", **data_env()},
     )
     assert killed.returncode != 0 and "SIGKILL" in killed.stderr
     assert killed.seconds < BOUND_SECONDS
     saved = sum(len(p.read_text().splitlines()) for p in (output / "shards").glob("*.jsonl"))
     # One generation request per doc: the reference's sample rows count every request.
-    total = sum(len(p.read_text().splitlines()) for p in llava_reference.output.glob("samples_*.jsonl"))
+    total = sum(len(p.read_text().splitlines()) for p in reference.output.glob("samples_*.jsonl"))
     assert 0 < saved < total
     assert not (output / "results.json").exists()
-    resumed = evaluate(model, output, REFERENCE, "--resume")
+    resumed = evaluate(model, output, REFERENCE, "--resume", tasks=TASKS_OF[family])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     results = resumed.results()
     assert results["resume"]["reused"] == saved and results["resume"]["computed"] == total - saved
-    assert generations(resumed) == generations(llava_reference)
-    assert results["results"] == llava_reference.results()["results"]
+    assert generations(resumed) == generations(reference)
+    assert results["results"] == reference.results()["results"]
 
 
 def test_crashing_vlm_rank_ends_every_rank(tiny_vlm, tmp_path):

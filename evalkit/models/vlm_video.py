@@ -65,10 +65,15 @@ def _qwen_patches(image_processor: Any, video: VideoFrames) -> tuple[np.ndarray,
     new_h, new_w = smart_resize(
         height, width, factor=patch * merge, min_pixels=video.min_pixels, max_pixels=video.max_pixels
     )
+    # qwen-vl-utils resizes the clip with torchvision (bicubic, antialiased, rounded back to 8 bits);
+    # torch's own interpolate is that computation
+    clip = torch.from_numpy(np.stack([np.asarray(f.convert("RGB")) for f in video.frames])).permute(0, 3, 1, 2)
+    resized = torch.nn.functional.interpolate(
+        clip.float(), size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True
+    )
     frames = []
-    for frame in video.frames:
-        array = np.asarray(frame.convert("RGB").resize((new_w, new_h), resample=3), dtype=np.float32)
-        array = image_processor.rescale(array.transpose(2, 0, 1), image_processor.rescale_factor)
+    for array in resized.round_().clamp_(0, 255).numpy():
+        array = image_processor.rescale(array, image_processor.rescale_factor)
         frames.append(image_processor.normalize(array, image_processor.image_mean, image_processor.image_std))
     if len(frames) % temporal:  # as the video processor: repeat the last frame
         frames += [frames[-1]] * (temporal - len(frames) % temporal)

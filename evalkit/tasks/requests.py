@@ -118,6 +118,8 @@ def build_plans(
             )
         except UsageError:
             raise
+        except SystemExit as exc:  # lmms-eval's video tasks call sys.exit() for a missing clip
+            raise UsageError(f"building prompts: task '{name}': its code exited: {exc.code}") from None
         except Exception as exc:  # noqa: BLE001 - task code failing on its data is bad input, with its name
             raise UsageError(f"building prompts: {explain(TaskLoadError(name, exc))}") from None
         plans.append(TaskPlan(name=name, task=task, limit=limit))

@@ -5,6 +5,9 @@ hub dataset id: ``datasets.load_dataset("lmms-lab-encoder/MME")`` loads ``./lmms
 when it exists (a README.md whose front matter declares the config's data files). Images are
 PIL-drawn shapes in the words the tiny test models were trained on.
 
+Video tasks find their clips under ``$HF_HOME`` (lmms-eval's rule): the writers put them under
+``OUT_DIR/hf_home``, so runs of video tasks set ``HF_HOME=OUT_DIR/hf_home``.
+
 Usage::
 
     python -m evalkit.testing.lmms_data OUT_DIR    # then run evalkit with OUT_DIR as the working folder
@@ -18,7 +21,14 @@ from pathlib import Path
 import yaml
 from PIL import Image, ImageDraw
 
-COLOURS = {"red": (220, 30, 30), "blue": (40, 70, 220), "green": (30, 160, 60), "yellow": (230, 200, 20)}
+COLOURS = {
+    "red": (220, 30, 30),
+    "blue": (40, 70, 220),
+    "green": (30, 160, 60),
+    "yellow": (230, 200, 20),
+    "white": (250, 250, 250),
+}
+HF_HOME = "hf_home"  # under a writer's root: where video tasks' clips go
 
 # MME: two questions per image (one answered Yes, one No), scored in pairs per category.
 # (category, colour, shape, count, where, [(question, answer), (question, answer)])
@@ -59,11 +69,11 @@ def draw(colour: str, shape: str, count: int, where: str, size: int = 48) -> Ima
     return image
 
 
-def _card(folder: Path, repo_id: str, features: object, split: str, rel: str) -> None:
+def _card(folder: Path, repo_id: str, features: object, split: str, rel: str, config: str = "default") -> None:
     front = yaml.safe_dump(
         {
-            "configs": [{"config_name": "default", "data_files": [{"split": split, "path": rel}]}],
-            "dataset_info": [{"config_name": "default", "features": features._to_yaml_list()}],  # type: ignore[attr-defined]
+            "configs": [{"config_name": config, "data_files": [{"split": split, "path": rel}]}],
+            "dataset_info": [{"config_name": config, "features": features._to_yaml_list()}],  # type: ignore[attr-defined]
         },
         sort_keys=False,
     )
@@ -135,14 +145,16 @@ def draw_bars(heights: tuple[int, ...], size: int = 48) -> Image.Image:
     return image
 
 
-def _write(root: Path, repo_id: str, columns: dict[str, list], features: object, split: str = "test") -> Path:
+def _write(
+    root: Path, repo_id: str, columns: dict[str, list], features: object, split: str = "test", config: str = "default"
+) -> Path:
     import datasets
 
     folder = Path(root) / repo_id
     (folder / "data").mkdir(parents=True, exist_ok=True)
-    rel = f"data/{split}-00000-of-00001.parquet"
+    rel = f"data/{config}-{split}-00000-of-00001.parquet"
     datasets.Dataset.from_dict(columns, features=features).to_parquet(str(folder / rel))
-    _card(folder, repo_id, features, split, rel)
+    _card(folder, repo_id, features, split, rel, config)
     return folder
 
 
@@ -228,12 +240,353 @@ def write_mmvet(root: Path) -> Path:
     return _write(root, "lmms-lab-encoder/MMVet", columns, features)
 
 
+# ScienceQA-IMG: multiple choice, answered by letter. (colour, shape, count, where, hint, question, choices, answer)
+SCIENCEQA_DOCS = [
+    ("red", "circle", 1, "left", "", "What shape is shown?", ["square", "circle"], 1),
+    (
+        "blue",
+        "square",
+        2,
+        "right",
+        "The shapes are the same.",
+        "What colour are the shapes?",
+        ["blue", "red", "green"],
+        0,
+    ),
+    ("green", "circle", 1, "right", "", "Where is the circle?", ["on the left", "on the right"], 1),
+    ("yellow", "square", 3, "left", "Count them.", "How many squares are there?", ["one", "two", "three", "four"], 2),
+]
+
+
+def write_scienceqa(root: Path) -> Path:
+    """``lmms-lab-encoder/ScienceQA``, config ``ScienceQA-IMG`` (split ``test``), as ``scienceqa_img`` reads it."""
+    import datasets
+
+    columns: dict[str, list] = {k: [] for k in ("image", "question", "choices", "answer", "hint", "subject")}
+    for colour, shape, count, where, hint, question, choices, answer in SCIENCEQA_DOCS:
+        columns["image"].append(draw(colour, shape, count, where))
+        columns["question"].append(question)
+        columns["choices"].append(choices)
+        columns["answer"].append(answer)
+        columns["hint"].append(hint)
+        columns["subject"].append("natural science")
+    text = datasets.Value("string")
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "question": text,
+            "choices": datasets.Sequence(text),
+            "answer": datasets.Value("int8"),
+            "hint": text,
+            "subject": text,
+        }
+    )
+    return _write(root, "lmms-lab-encoder/ScienceQA", columns, features, config="ScienceQA-IMG")
+
+
+# MMBench (en, dev): options A-D, unused ones "nan" as in the hub data; the hint is "nan" when absent.
+# (colour, shape, count, where, hint, question, options, answer, category)
+MMBENCH_DOCS = [
+    ("red", "circle", 1, "left", "nan", "What shape is shown?", ("circle", "square", "nan", "nan"), "A", "object"),
+    (
+        "blue",
+        "square",
+        1,
+        "right",
+        "Look at the picture.",
+        "Which colour is it?",
+        ("red", "green", "blue", "yellow"),
+        "C",
+        "colour",
+    ),
+    ("green", "circle", 2, "left", "nan", "How many circles are there?", ("one", "two", "three", "nan"), "B", "object"),
+    (
+        "yellow",
+        "square",
+        3,
+        "right",
+        "nan",
+        "Where are they?",
+        ("on the left", "on the right", "nan", "nan"),
+        "B",
+        "spatial",
+    ),
+]
+MMBENCH_L2 = {
+    "object": "finegrained_perception (instance-level)",
+    "colour": "attribute",
+    "spatial": "relation_reasoning",
+}
+
+
+def write_mmbench(root: Path) -> Path:
+    """``lmms-lab-encoder/MMBench``, config ``en`` (split ``dev``), as ``mmbench_en_dev*`` read it."""
+    import datasets
+
+    keys = (
+        "index",
+        "question",
+        "hint",
+        "A",
+        "B",
+        "C",
+        "D",
+        "answer",
+        "category",
+        "image",
+        "source",
+        "L2-category",
+        "comment",
+        "split",
+    )
+    columns: dict[str, list] = {k: [] for k in keys}
+    for index, (colour, shape, count, where, hint, question, options, answer, category) in enumerate(MMBENCH_DOCS):
+        columns["index"].append(index)
+        columns["question"].append(question)
+        columns["hint"].append(hint)
+        for letter, option in zip("ABCD", options, strict=True):
+            columns[letter].append(option)
+        columns["answer"].append(answer)
+        columns["category"].append(category)
+        columns["image"].append(draw(colour, shape, count, where))
+        columns["source"].append("evalkit")
+        columns["L2-category"].append(MMBENCH_L2[category])
+        columns["comment"].append("nan")
+        columns["split"].append("dev")
+    text = datasets.Value("string")
+    features = datasets.Features(
+        {k: datasets.Value("int64") if k == "index" else datasets.Image() if k == "image" else text for k in keys}
+    )
+    return _write(root, "lmms-lab-encoder/MMBench", columns, features, split="dev", config="en")
+
+
+# MMMU (validation): "<image 1>" in the question names the image column; options are a Python list literal.
+# (id, colour, shape, count, where, question, options, answer, question_type)
+MMMU_DOCS = [
+    (
+        "validation_Art_1",
+        "red",
+        "circle",
+        1,
+        "left",
+        "<image 1> What shape is shown?",
+        "['square', 'circle', 'star']",
+        "B",
+        "multiple-choice",
+    ),
+    (
+        "validation_Art_2",
+        "blue",
+        "square",
+        1,
+        "right",
+        "What colour is the shape in <image 1>?",
+        "['green', 'red', 'blue', 'yellow']",
+        "C",
+        "multiple-choice",
+    ),
+    ("validation_Math_1", "green", "circle", 2, "left", "<image 1> How many circles are there?", "[]", "2", "open"),
+    (
+        "validation_Math_2",
+        "yellow",
+        "square",
+        3,
+        "right",
+        "How many squares are in <image 1>?",
+        "['1', '2', '3', '4']",
+        "C",
+        "multiple-choice",
+    ),
+]
+
+
+def write_mmmu(root: Path) -> Path:
+    """``lmms-lab-encoder/MMMU`` (split ``validation``) as lmms-eval 0.7's ``mmmu_val`` reads it."""
+    import datasets
+
+    images = [f"image_{n}" for n in range(1, 8)]
+    keys = (
+        "id",
+        "question",
+        "options",
+        "explanation",
+        *images,
+        "img_type",
+        "answer",
+        "topic_difficulty",
+        "question_type",
+        "subfield",
+    )
+    columns: dict[str, list] = {k: [] for k in keys}
+    for doc_id, colour, shape, count, where, question, options, answer, kind in MMMU_DOCS:
+        row = dict(
+            id=doc_id, question=question, options=options, explanation="", img_type="['Diagrams']", answer=answer
+        )
+        row.update(topic_difficulty="Easy", question_type=kind, subfield="Shapes")
+        row.update({image: None for image in images}, image_1=draw(colour, shape, count, where))
+        for key in keys:
+            columns[key].append(row[key])
+    text = datasets.Value("string")
+    features = datasets.Features({k: datasets.Image() if k in images else text for k in keys})
+    return _write(root, "lmms-lab-encoder/MMMU", columns, features, split="validation")
+
+
+# DocVQA: a question about a drawn "document" (a shape), scored by ANLS against several answers.
+# (question_id, colour, shape, count, where, question, answers)
+DOCVQA_DOCS = [
+    ("101", "red", "circle", 1, "left", "What colour is the circle?", ["red", "Red"]),
+    ("102", "blue", "square", 2, "right", "How many squares are there?", ["2", "two"]),
+    ("103", "green", "circle", 1, "right", "What shape is shown?", ["circle"]),
+    ("104", "yellow", "square", 3, "left", "Where are the squares?", ["left", "on the left"]),
+]
+
+
+def write_docvqa(root: Path) -> Path:
+    """``lmms-lab-encoder/DocVQA``, config ``DocVQA`` (split ``validation``), as ``docvqa_val`` reads it."""
+    import datasets
+
+    keys = (
+        "questionId",
+        "question",
+        "question_types",
+        "image",
+        "docId",
+        "ucsf_document_id",
+        "ucsf_document_page_no",
+        "answers",
+    )
+    columns: dict[str, list] = {k: [] for k in keys}
+    for n, (question_id, colour, shape, count, where, question, answers) in enumerate(DOCVQA_DOCS):
+        row = dict(questionId=question_id, question=question, question_types=["figure/diagram"], docId=n)
+        row.update(image=draw(colour, shape, count, where), ucsf_document_id=f"doc{n}", ucsf_document_page_no="1")
+        row.update(answers=answers)
+        for key in keys:
+            columns[key].append(row[key])
+    text = datasets.Value("string")
+    features = datasets.Features(
+        {
+            "questionId": text,
+            "question": text,
+            "question_types": datasets.Sequence(text),
+            "image": datasets.Image(),
+            "docId": datasets.Value("int64"),
+            "ucsf_document_id": text,
+            "ucsf_document_page_no": text,
+            "answers": datasets.Sequence(text),
+        }
+    )
+    return _write(root, "lmms-lab-encoder/DocVQA", columns, features, split="validation", config="DocVQA")
+
+
+def write_clip(path: Path, colours: list[str], *, frames_each: int = 4, size: int = 32, fps: int = 4) -> Path:
+    """An MPEG-4 clip of solid colours, ``frames_each`` frames each, with a dark square moving across."""
+    import av
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for n, name in enumerate(c for c in colours for _ in range(frames_each)):
+            array = np.full((size, size, 3), COLOURS[name], dtype=np.uint8)
+            x = (n * 4) % (size - 8)
+            array[8:16, x : x + 8] = 0
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+# Video-MME: multiple choice over a clip. (videoID, colours, question, options, answer, task_type)
+VIDEOMME_DOCS = [
+    (
+        "vid001",
+        ["red", "red"],
+        "What colour is the video?",
+        ["A. Red.", "B. Blue.", "C. Green.", "D. White."],
+        "A",
+        "Attribute Perception",
+    ),
+    (
+        "vid002",
+        ["blue", "green"],
+        "Which colour comes last?",
+        ["A. Red.", "B. Blue.", "C. Green.", "D. White."],
+        "C",
+        "Temporal Perception",
+    ),
+    (
+        "vid003",
+        ["white", "blue", "red"],
+        "How many colours are shown?",
+        ["A. One.", "B. Two.", "C. Three.", "D. Four."],
+        "C",
+        "Counting Problem",
+    ),
+]
+
+
+def write_videomme(root: Path) -> Path:
+    """``lmms-eval/Video-MME`` (split ``test``) and its clips (``$HF_HOME/videomme/data``), as
+    lmms-eval 0.7's ``videomme`` reads them."""
+    import datasets
+
+    keys = ("video_id", "duration", "domain", "sub_category", "url", "videoID", "question_id", "task_type")
+    keys += ("question", "options", "answer")
+    columns: dict[str, list] = {k: [] for k in keys}
+    for n, (video, colours, question, options, answer, task_type) in enumerate(VIDEOMME_DOCS):
+        write_clip(Path(root) / HF_HOME / "videomme" / "data" / f"{video}.mp4", colours)
+        row = dict(video_id=f"{n + 1:03d}", duration="short", domain="Life Record", sub_category="Daily Life")
+        row.update(url=f"https://example.invalid/{video}", videoID=video, question_id=f"{n + 1:03d}-1")
+        row.update(task_type=task_type, question=question, options=options, answer=answer)
+        for key in keys:
+            columns[key].append(row[key])
+    text = datasets.Value("string")
+    features = datasets.Features({k: datasets.Sequence(text) if k == "options" else text for k in keys})
+    return _write(root, "lmms-eval/Video-MME", columns, features)
+
+
+# EgoSchema (Subset): five options over a clip, the answer an option index. (video_idx, colours, question, answer)
+EGOSCHEMA_OPTIONS = ["A. red", "B. blue", "C. green", "D. white", "E. yellow"]
+EGOSCHEMA_DOCS = [
+    ("ego001", ["green", "green"], "What colour is the scene?", "2"),
+    ("ego002", ["white", "red"], "What colour does the scene end with?", "0"),
+    ("ego003", ["blue", "white", "blue"], "Which colour is seen most?", "1"),
+]
+
+
+def write_egoschema(root: Path) -> Path:
+    """``lmms-eval/egoschema``, config ``Subset`` (split ``test``), and its clips
+    (``$HF_HOME/egoschema/videos``), as lmms-eval 0.7's ``egoschema_subset`` reads them."""
+    import datasets
+
+    columns: dict[str, list] = {k: [] for k in ("question_idx", "question", "video_idx", "option", "answer")}
+    for n, (video, colours, question, answer) in enumerate(EGOSCHEMA_DOCS):
+        write_clip(Path(root) / HF_HOME / "egoschema" / "videos" / f"{video}.mp4", colours)
+        columns["question_idx"].append(str(n))
+        columns["question"].append(question)
+        columns["video_idx"].append(video)
+        columns["option"].append(EGOSCHEMA_OPTIONS)
+        columns["answer"].append(answer)
+    text = datasets.Value("string")
+    features = datasets.Features(
+        {"question_idx": text, "question": text, "video_idx": text, "option": datasets.Sequence(text), "answer": text}
+    )
+    return _write(root, "lmms-eval/egoschema", columns, features, config="Subset")
+
+
 WRITERS = {
     "mme": write_mme,
     "pope": write_pope,
     "chartqa": write_chartqa,
     "ai2d": write_ai2d,
     "mmvet": write_mmvet,
+    "scienceqa_img": write_scienceqa,
+    "mmbench_en_dev": write_mmbench,
+    "mmmu_val": write_mmmu,
+    "docvqa_val": write_docvqa,
+    "videomme": write_videomme,
+    "egoschema_subset": write_egoschema,
 }
 
 

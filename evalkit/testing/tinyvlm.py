@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 VOCAB_SIZE = 512
-MAX_POSITIONS = 1024
+MAX_POSITIONS = 2048
 HIDDEN = 64
 INIT_STD = 0.2  # large init so the random model's logits depend on its input
 NEWLINE_LOGIT_SCALE = 3.0  # so greedy generation sometimes writes "\n\n" and stop sequences fire

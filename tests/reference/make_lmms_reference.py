@@ -7,7 +7,7 @@ does not load with evalkit's torch, so lmms-eval lives in a separate virtual env
     /work/lmms-ref-venv/bin/pip install torch==2.14.1 torchvision==0.29.1 transformers==5.24.0 accelerate
     /work/lmms-ref-venv/bin/pip install --no-deps lmms-eval==0.7.3
     /work/lmms-ref-venv/bin/pip install loguru datasets tenacity pytablewriter sqlitedict sacrebleu \\
-        evaluate jsonlines openai pillow decord qwen-vl-utils av "filelock<4"
+        evaluate jsonlines openai pillow decord qwen-vl-utils av opencv-python-headless openpyxl "filelock<4"
 
 Then, from the repository root, with evalkit's own Python (it builds the tiny models and data)::
 
@@ -41,11 +41,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+HF_HOME = "hf_home"  # evalkit.testing.lmms_data.HF_HOME: where the writers put video tasks' clips
 OUT_DIR = REPO / "tests" / "reference" / "lmms-eval-0.7.3"
 # (tiny family, lmms-eval model class, tasks)
 RUNS = [
     ("llava", "llava_hf", ["mme", "pope", "chartqa", "ai2d"]),
+    ("llava", "llava_hf", ["scienceqa_img", "mmbench_en_dev_static", "mmmu_val", "docvqa_val"]),
     ("qwen2_vl", "qwen2_vl", ["mme"]),
+    ("qwen2_vl", "qwen2_vl", ["videomme", "egoschema_subset"]),
     ("internvl", "internvl_hf", ["mme"]),
 ]
 VIDEO_PROCESSORS = {"qwen2_vl": "Qwen2VLVideoProcessor", "internvl": "InternVLVideoProcessor"}
@@ -55,6 +58,22 @@ OFFLINE_ENV = {
     "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
+# lmms-eval's chat classes (llava_hf, internvl_hf) prompt with the task's doc_to_messages, but log
+# doc_to_text as "input"; this asks lmms-eval for those messages (media parts kept as their type).
+MESSAGES_SCRIPT = r"""
+import json, sys
+from lmms_eval.tasks import TaskManager, get_task_dict
+name, doc_ids = sys.argv[1], json.loads(sys.argv[2])
+task = get_task_dict([name], TaskManager(), task_type="chat")[name]
+docs = task.eval_docs
+def part(c):
+    return {"type": c["type"]} if c["type"] in ("image", "video", "audio") else c
+def plain(messages):
+    return [dict(m, content=[part(c) for c in m["content"]] if isinstance(m["content"], list) else m["content"])
+            for m in messages]
+print(json.dumps({i: plain(task.doc_to_messages(docs[i])) for i in doc_ids}))
+"""
+CHAT_CLASSES = {"llava_hf", "internvl_hf"}
 # Sample-row keys that are not per-sample metrics.
 ROW_KEYS = {"doc_id", "target", "resps", "filtered_resps", "token_counts", "doc_hash", "input_media", "input"}
 
@@ -63,7 +82,7 @@ def with_video_processor(model: Path, family: str, work: Path) -> Path:
     """A copy of ``model`` whose processor_config.json also declares a video processor (see above)."""
     if family not in VIDEO_PROCESSORS:
         return model
-    copy = work / f"{family}-with-video-processor"
+    copy = work / f"{model.name}-with-video-processor"
     shutil.copytree(model, copy)
     config = json.loads((copy / "processor_config.json").read_text())
     video = {k: v for k, v in config["image_processor"].items() if k != "image_processor_type"}
@@ -76,15 +95,32 @@ def run_lmms_eval(python: str, model_class: str, model: Path, tasks: list[str], 
     argv = [python, "-m", "lmms_eval", "--model", model_class]
     argv += ["--model_args", f"pretrained={model},device_map=cpu", "--device", "cpu", "--tasks", ",".join(tasks)]
     argv += ["--batch_size", "1", "--log_samples", "--output_path", str(out)]
-    env = {**os.environ, **OFFLINE_ENV, "HF_DATASETS_CACHE": str(out / "hf_datasets_cache")}
+    env = {
+        **os.environ,
+        **OFFLINE_ENV,
+        "HF_DATASETS_CACHE": str(out / "hf_datasets_cache"),
+        "HF_HOME": str(data / HF_HOME),
+    }
     print(f"cd {data} && {shlex.join(argv)}", flush=True)
     start = time.monotonic()
     proc = subprocess.run(argv, cwd=data, env=env, capture_output=True, text=True)
     (out / "lmms_eval.log").write_text(proc.stdout + "\n" + proc.stderr)
-    if proc.returncode != 0 or not list(out.glob("*/*_results.json")):
+    if proc.returncode != 0 or not list(out.glob("*/[0-9]*_results.json")):
         sys.exit(f"lmms-eval failed (rc={proc.returncode}); log: {out / 'lmms_eval.log'}\n{proc.stderr[-3000:]}")
     print(f"finished in {time.monotonic() - start:.1f}s", flush=True)
     return argv
+
+
+def chat_messages(python: str, task: str, doc_ids: list[int], data: Path, out: Path) -> dict[int, list]:
+    env = {
+        **os.environ,
+        **OFFLINE_ENV,
+        "HF_DATASETS_CACHE": str(out / "hf_datasets_cache"),
+        "HF_HOME": str(data / HF_HOME),
+    }
+    argv = [python, "-c", MESSAGES_SCRIPT, task, json.dumps(doc_ids)]
+    proc = subprocess.run(argv, cwd=data, env=env, capture_output=True, text=True, check=True)
+    return {int(k): v for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
 
 
 def doc_record(row: dict) -> dict:
@@ -99,12 +135,12 @@ def doc_record(row: dict) -> dict:
     }
 
 
-def reference(family: str, model_class: str, task: str, out: Path, argv: list[str], model: Path) -> dict:
-    results = json.loads(next(out.glob("*/*_results.json")).read_text())
+def reference(family: str, model_class: str, task: str, out: Path, argv: list[str], model: Path, data: Path) -> dict:
+    results = json.loads(next(out.glob("*/[0-9]*_results.json")).read_text())
     rows = [json.loads(line) for line in next(out.glob(f"*/*_samples_{task}.jsonl")).read_text().splitlines()]
     import_versions = [argv[0], "-c", "import torch, transformers; print(torch.__version__, transformers.__version__)"]
     torch_version, transformers_version = subprocess.check_output(import_versions, text=True).split()
-    return {
+    record = {
         "lmms_eval_version": "0.7.3",
         "torch_version": torch_version,
         "transformers_version": transformers_version,
@@ -117,12 +153,19 @@ def reference(family: str, model_class: str, task: str, out: Path, argv: list[st
         "n-samples": results["n-samples"][task],
         "docs": [doc_record(row) for row in sorted(rows, key=lambda r: r["doc_id"])],
     }
+    if model_class in CHAT_CLASSES:
+        messages = chat_messages(argv[0], task, [doc["doc_id"] for doc in record["docs"]], data, out)
+        for doc in record["docs"]:
+            doc["messages"] = messages[doc["doc_id"]]
+    return record
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--python", default="/work/lmms-ref-venv/bin/python", help="the lmms-eval venv's python")
+    parser.add_argument("--only", default="", help="comma-separated family.task references to write (default: all)")
     args = parser.parse_args()
+    only = set(filter(None, args.only.split(",")))
     sys.path.insert(0, str(REPO))
     from evalkit.testing.lmms_data import WRITERS
     from evalkit.testing.tinyvlm import build_tiny_vlm
@@ -132,13 +175,16 @@ def main() -> None:
     for write in WRITERS.values():
         write(data)
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    for family, model_class, tasks in RUNS:
-        model = build_tiny_vlm(family, work / "models" / family)
-        out = work / f"out-{family}"
+    for number, (family, model_class, all_tasks) in enumerate(RUNS):
+        tasks = [t for t in all_tasks if not only or f"{family}.{t}" in only]
+        if not tasks:
+            continue
+        model = build_tiny_vlm(family, work / "models" / f"{family}-{number}")
+        out = work / f"out-{family}-{number}"
         out.mkdir()
         argv = run_lmms_eval(args.python, model_class, with_video_processor(model, family, work), tasks, data, out)
         for task in tasks:
-            ref = reference(family, model_class, task, out, argv, model)
+            ref = reference(family, model_class, task, out, argv, model, data)
             path = OUT_DIR / f"{family}.{task}.json"
             path.write_text(json.dumps(ref, indent=1, ensure_ascii=False) + "\n")
             print(f"wrote {path.relative_to(REPO)}")
