@@ -24,6 +24,15 @@ def answer_for(prompt: Any) -> str:
     return f" answer-{len(json.dumps(prompt, sort_keys=True)) % 97}\n\nrest after the stop"
 
 
+def hashed_grade(messages: Any) -> str:
+    """An LLM judge's grade from the request alone (0.0 to 1.0 in tenths, by its sha256), so two tools
+    that send a judge the same prompts get the same grades."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).digest()
+    return f"{digest[0] % 11 / 10:.1f}"
+
+
 @dataclass
 class StubBehaviour:
     failures_per_prompt: int = 0  # answer this many attempts of each prompt with ``failure_status``

@@ -9,6 +9,9 @@ folder holding the tasks' data in the hub schemas (evalkit.testing.lmms_data), a
 with ``HF_HOME`` where the video tasks look for their clips.
 
 Where lmms-eval's class differs from the checkpoint's own settings, the run says so:
+* mmvet is graded by a stub judge (tests/openai_stub.py's ``hashed_grade``: a grade from the hash
+  of the judge request), so equal grades mean evalkit sent lmms-eval's judge requests; both tools
+  ran it greedily (``temperature=0`` from the command line; its YAML samples at 0.2).
 * llava_hf and internvl_hf are lmms-eval's chat classes: they prompt with the task's doc_to_messages
   (mmmu_val interleaves its images with the text) and log doc_to_text; the references hold both.
 * internvl_hf loads every model in bfloat16: evalkit runs with ``--dtype bfloat16``.
@@ -25,6 +28,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from openai_stub import OpenAIStub, StubBehaviour, hashed_grade
 
 from evalkit.testing.lmms_data import HF_HOME
 
@@ -33,12 +37,13 @@ from conftest import REPO, run_evalkit
 pytestmark = pytest.mark.multiprocess
 
 REFERENCES = REPO / "tests" / "reference" / "lmms-eval-0.7.3"
-# family -> (lmms-eval class, evalkit flags, tasks), as make_lmms_reference.py ran lmms-eval
+# family -> (lmms-eval class, evalkit flags, tasks), as make_lmms_reference.py ran lmms-eval; mmvet
+# is graded by the stub judge and run greedily (its YAML samples), as lmms-eval was.
 RUNS = {
     "llava": (
         "llava_hf",
-        ["--batch-size", "4"],
-        ["mme", "pope", "chartqa", "ai2d", "scienceqa_img", "mmbench_en_dev_static", "mmmu_val", "docvqa_val"],
+        ["--batch-size", "4", "--gen-kwargs", "temperature=0"],
+        ["mme", "pope", "chartqa", "ai2d", "scienceqa_img", "mmbench_en_dev_static", "mmmu_val", "docvqa_val", "mmvet"],
     ),
     "qwen2_vl": ("qwen2_vl", ["--batch-size", "1"], ["mme", "videomme", "egoschema_subset"]),
     "internvl": ("internvl_hf", ["--batch-size", "1", "--dtype", "bfloat16"], ["mme"]),
@@ -79,12 +84,23 @@ def test_lmms_eval_tasks_give_lmms_evals_own_results(family, data, tmp_path):
     model_class, flags, tasks = RUNS[family]
     model = tiny_model(family, tmp_path / "models")
     output = tmp_path / "out"
-    run = run_evalkit(
-        ["--model", str(model), "--device", "cpu", "--tasks", ",".join(f"lmms:{t}" for t in tasks), *flags],
-        output=output,
-        cwd=data,
-        env={"HF_HOME": str(data / HF_HOME)},  # video tasks' clips
-    )
+    with OpenAIStub(StubBehaviour(chat_reply=hashed_grade)) as judge:
+        judged = ["--judge-base-url", judge.base_url, "--judge-model", "stub-model"] if "mmvet" in tasks else []
+        run = run_evalkit(
+            [
+                "--model",
+                str(model),
+                "--device",
+                "cpu",
+                "--tasks",
+                ",".join(f"lmms:{t}" for t in tasks),
+                *flags,
+                *judged,
+            ],
+            output=output,
+            cwd=data,
+            env={"HF_HOME": str(data / HF_HOME), "OPENAI_API_KEY": "sk-stub"},  # video tasks' clips; the judge's key
+        )
     assert run.returncode == 0, run.stderr[-3000:]
     results = run.results()
     for task in tasks:

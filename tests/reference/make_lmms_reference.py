@@ -29,6 +29,7 @@ processor with the image processor's settings. Image-only prompts never reach it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -43,10 +44,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 HF_HOME = "hf_home"  # evalkit.testing.lmms_data.HF_HOME: where the writers put video tasks' clips
 OUT_DIR = REPO / "tests" / "reference" / "lmms-eval-0.7.3"
+# Judge tasks are run against tests/openai_stub.py's judge, which grades by the request's hash
+# (``hashed_grade``), greedily: mmvet's YAML samples at temperature 0.2, and sampled tokens follow
+# each tool's own random stream.
+JUDGE_MODEL = "stub-model"
+JUDGED = {"mmvet": ["--gen_kwargs", "temperature=0"]}
 # (tiny family, lmms-eval model class, tasks)
 RUNS = [
     ("llava", "llava_hf", ["mme", "pope", "chartqa", "ai2d"]),
     ("llava", "llava_hf", ["scienceqa_img", "mmbench_en_dev_static", "mmmu_val", "docvqa_val"]),
+    ("llava", "llava_hf", ["mmvet"]),
     ("qwen2_vl", "qwen2_vl", ["mme"]),
     ("qwen2_vl", "qwen2_vl", ["videomme", "egoschema_subset"]),
     ("internvl", "internvl_hf", ["mme"]),
@@ -91,16 +98,27 @@ def with_video_processor(model: Path, family: str, work: Path) -> Path:
     return copy
 
 
-def run_lmms_eval(python: str, model_class: str, model: Path, tasks: list[str], data: Path, out: Path) -> list[str]:
+def judge_env(judge: str | None) -> dict[str, str]:
+    """What lmms-eval's judge code reads (its OpenAI provider posts to OPENAI_API_URL); judge tasks'
+    code builds its client when imported, so even building their prompts needs a key."""
+    url = f"{judge or 'http://127.0.0.1:9/v1'}/chat/completions"
+    return {"API_TYPE": "openai", "OPENAI_API_URL": url, "OPENAI_API_KEY": "sk-stub", "MODEL_VERSION": JUDGE_MODEL}
+
+
+def run_lmms_eval(
+    python: str, model_class: str, model: Path, tasks: list[str], data: Path, out: Path, judge: str | None = None
+) -> list[str]:
     argv = [python, "-m", "lmms_eval", "--model", model_class]
     argv += ["--model_args", f"pretrained={model},device_map=cpu", "--device", "cpu", "--tasks", ",".join(tasks)]
     argv += ["--batch_size", "1", "--log_samples", "--output_path", str(out)]
+    argv += [flag for task in tasks for flag in JUDGED.get(task, [])]
     env = {
         **os.environ,
         **OFFLINE_ENV,
         "HF_DATASETS_CACHE": str(out / "hf_datasets_cache"),
         "HF_HOME": str(data / HF_HOME),
     }
+    env.update(judge_env(judge))
     print(f"cd {data} && {shlex.join(argv)}", flush=True)
     start = time.monotonic()
     proc = subprocess.run(argv, cwd=data, env=env, capture_output=True, text=True)
@@ -117,6 +135,7 @@ def chat_messages(python: str, task: str, doc_ids: list[int], data: Path, out: P
         **OFFLINE_ENV,
         "HF_DATASETS_CACHE": str(out / "hf_datasets_cache"),
         "HF_HOME": str(data / HF_HOME),
+        **judge_env(None),
     }
     argv = [python, "-c", MESSAGES_SCRIPT, task, json.dumps(doc_ids)]
     proc = subprocess.run(argv, cwd=data, env=env, capture_output=True, text=True, check=True)
@@ -166,7 +185,7 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated family.task references to write (default: all)")
     args = parser.parse_args()
     only = set(filter(None, args.only.split(",")))
-    sys.path.insert(0, str(REPO))
+    sys.path[:0] = [str(REPO), str(REPO / "tests")]
     from evalkit.testing.lmms_data import WRITERS
     from evalkit.testing.tinyvlm import build_tiny_vlm
 
@@ -182,7 +201,14 @@ def main() -> None:
         model = build_tiny_vlm(family, work / "models" / f"{family}-{number}")
         out = work / f"out-{family}-{number}"
         out.mkdir()
-        argv = run_lmms_eval(args.python, model_class, with_video_processor(model, family, work), tasks, data, out)
+        with contextlib.ExitStack() as stack:
+            judge = None
+            if any(task in JUDGED for task in tasks):
+                from openai_stub import OpenAIStub, StubBehaviour, hashed_grade
+
+                judge = stack.enter_context(OpenAIStub(StubBehaviour(chat_reply=hashed_grade))).base_url
+            served = with_video_processor(model, family, work)
+            argv = run_lmms_eval(args.python, model_class, served, tasks, data, out, judge)
         for task in tasks:
             ref = reference(family, model_class, task, out, argv, model, data)
             path = OUT_DIR / f"{family}.{task}.json"
