@@ -15,8 +15,9 @@ Vision-language models (LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, InternVL) diffe
 - weights: the vision tower and projector are counted whole on every TP rank. DeepSpeed AutoTP
   does shard a CLIP encoder's layers, but not every tower's head count divides tp (InternViT-6B
   has 25 heads), so whole is the safe side, an overestimate of at most the tower itself.
-- tokens: images reach the language model as tokens. ``image_tokens_per_image`` bounds them per
-  image; the caller passes ``max_len = text tokens + images * bound``.
+- tokens: images and video clips reach the language model as tokens. ``image_tokens_per_image``
+  bounds them per image and ``video_tokens_per_clip`` per clip (by the frame rule's limits); the
+  caller passes ``max_len = text tokens + images * image bound + clips * clip bound``.
 - activations: the working set is the larger of a decoder layer's and a vision encoder layer's
   (``batch * max_len * vision_width``, as if every token were an image token; attention scores
   are left out, as fused attention never holds them), and the logits are those of the last
@@ -41,6 +42,7 @@ from evalkit.vision_shape import (
     first_value,
     image_tokens_per_image,
     read_processor_facts,
+    video_tokens_per_clip,
     vision_parameters,
     vision_width,
 )
@@ -126,6 +128,11 @@ def read_shape(model: str, dtype: str | None = None) -> ModelShape:
 def read_image_tokens_per_image(model: str) -> int:
     """``image_tokens_per_image`` of a model folder, from its config and processor files."""
     return image_tokens_per_image(read_config(model), read_processor_facts(model))
+
+
+def read_video_tokens_per_clip(model: str, max_frames: int, max_pixels: int) -> int:
+    """``video_tokens_per_clip`` of a model folder, for clips taken by a frame rule's limits."""
+    return video_tokens_per_clip(read_config(model), read_processor_facts(model), max_frames, max_pixels)
 
 
 @dataclass(frozen=True, kw_only=True)

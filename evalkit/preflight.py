@@ -24,9 +24,17 @@ from evalkit.models.protocol import DEFAULT_MAX_GEN_TOKS
 from evalkit.models.registry import BackendSpec, RunKinds
 from evalkit.outdir import check_writable
 from evalkit.parallel import Placement, Topology
-from evalkit.planner import GIB, check_run_layout, read_image_tokens_per_image, read_shape
+from evalkit.planner import (
+    GIB,
+    check_run_layout,
+    read_config,
+    read_image_tokens_per_image,
+    read_shape,
+    read_video_tokens_per_clip,
+)
 from evalkit.tasks.judged import judge_tasks
 from evalkit.tasks.requests import Request
+from evalkit.tasks.video import VIDEO_PREFIX, rule_for
 
 
 @dataclass(frozen=True)
@@ -96,7 +104,7 @@ def check_requests(config: RunConfig, topo: Topology, inputs: Inputs, requests: 
     if topo.layout.placement is Placement.SPLIT or spec.served:
         return
     context = config.max_length or read_shape(inputs.model).max_positions
-    longest = longest_request_bound(requests, context, image_tokens(inputs.model, requests))
+    longest = longest_request_bound(requests, context, *visual_tokens(inputs.model, requests))
     check_run_layout(
         inputs.model,
         config.dtype,
@@ -117,27 +125,39 @@ def gpu_memory_gib(config: RunConfig, topo: Topology) -> float | None:
     return None
 
 
-def image_tokens(model_path: str, requests: list[Request]) -> int:
-    """Tokens one image becomes in this model (an upper bound), when any request has images."""
-    if not any(r.visuals for r in requests):
-        return 0
-    return read_image_tokens_per_image(model_path)
+def visual_tokens(model_path: str, requests: list[Request]) -> tuple[int, int]:
+    """Tokens one image and one video clip become in this model (upper bounds; 0 for a kind no
+    request has). Clips are bounded by the frame rule of the model's family (tasks/video.py)."""
+    found = [d for r in requests if r.visuals is not None for d in r.visuals.digests]
+    per_image = read_image_tokens_per_image(model_path) if any(not _is_clip(d) for d in found) else 0
+    per_clip = 0
+    if any(_is_clip(d) for d in found):
+        rule = rule_for(read_config(model_path).get("model_type"))
+        per_clip = read_video_tokens_per_clip(model_path, rule.max_frames, rule.max_pixels)
+    return per_image, per_clip
 
 
-def longest_request_bound(requests: list[Request], context: int, tokens_per_image: int = 0) -> int:
+def _is_clip(digest: str) -> bool:
+    return digest.startswith(VIDEO_PREFIX)
+
+
+def longest_request_bound(
+    requests: list[Request], context: int, tokens_per_image: int = 0, tokens_per_clip: int = 0
+) -> int:
     """Tokens of the longest request, bounded from above without a tokenizer.
 
     A token covers at least one UTF-8 byte (byte-level BPE, SentencePiece with byte fallback),
-    so bytes plus a few special tokens bound it; each image adds the planner's bound of its tokens
-    and generation adds its max_gen_toks. Never more than the model's context, since longer
-    inputs are cut from the left.
+    so bytes plus a few special tokens bound it; each image and each video clip adds the planner's
+    bound of its tokens and generation adds its max_gen_toks. Never more than the model's context,
+    since longer inputs are cut from the left.
     """
     longest = 0
     for request in requests:
         text = (a if isinstance(a, str) else json.dumps(a) for a in request.args if isinstance(a, (str, list)))
         size = sum(len(t.encode()) for t in text) + 2
         if request.visuals is not None:
-            size += tokens_per_image * len(request.visuals.digests)
+            clips = sum(map(_is_clip, request.visuals.digests))
+            size += tokens_per_image * (len(request.visuals.digests) - clips) + tokens_per_clip * clips
         if request.kind == "generate_until":
             size += int((request.args[1] or {}).get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
         longest = max(longest, size)

@@ -241,6 +241,25 @@ def image_tokens_per_image(config: dict, processor: dict | None = None) -> int:
     return base + grid
 
 
+def video_tokens_per_clip(config: dict, processor: dict | None, max_frames: int, max_pixels: int) -> int:
+    """An upper bound on the tokens one video clip adds, when at most ``max_frames`` frames of at
+    most ``max_pixels`` pixels each are taken from it (the frame rule).
+
+    - qwen2_vl, qwen2_5_vl: each ``temporal_patch_size`` frames (2) become one grid of merged
+      patches, bounded as for an image within ``max_pixels``; plus the vision start/end tokens.
+    - any other family: each frame at most as many tokens as an image.
+    """
+    if "vision_config" not in config:
+        return 0
+    processor = processor or {}
+    family, _, _, vision = _vision_facts(config)
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        temporal = processor.get("temporal_patch_size") or vision.get("temporal_patch_size") or 2
+        frames_processor = {**processor, "max_pixels": max_pixels, "size": None}
+        return math.ceil(max_frames / temporal) * _qwen_image_tokens(vision, frames_processor) + 2
+    return max_frames * image_tokens_per_image(config, processor)
+
+
 def _qwen_image_tokens(vision: dict, processor: dict) -> int:
     side = (processor.get("patch_size") or _side(vision["patch_size"])) * (
         processor.get("merge_size") or vision["spatial_merge_size"]

@@ -49,6 +49,7 @@ from evalkit.planner import (
     recommend,
 )
 from evalkit.planner import main as planner_main
+from evalkit.vision_shape import video_tokens_per_clip
 
 SHAPES = {
     "llama-2-7b": dict(
@@ -481,3 +482,36 @@ def test_vlm_layout_that_cannot_fit_is_refused_before_loading(vlm_dirs):
     assert "\n" not in message
     assert message.startswith("layout tp=2 x dp=4 does not fit") and "suggests --tp 4" in message
     check_run_layout(model, "bfloat16", tp=4, gpus=8, gpu_mem_gib=80, max_len=max_len, batch=1)
+
+
+def test_video_token_bound_is_the_most_a_frame_rule_gives():
+    """A clip's bound equals the most tokens Qwen's video path gives over clip sizes and lengths: the
+    frame rule's frames, two per temporal patch, each resized within the rule's pixels."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    from evalkit.tasks.video import FrameRule
+
+    rule = FrameRule()
+    most = 0
+    for total, fps in ((8, 4.0), (300, 30.0), (3000, 30.0), (100000, 25.0)):
+        frames = len(rule.indices(total, fps))
+        for h, w in ((32, 32), (360, 640), (672, 896), (1080, 1920), (2160, 3840)):
+            new_h, new_w = smart_resize(h, w, factor=28, min_pixels=rule.min_pixels, max_pixels=rule.max_pixels)
+            most = max(most, -(-frames // 2) * (new_h // 28) * (new_w // 28))
+    assert most + 2 == video_tokens_per_clip(QWEN25_VL_72B, QWEN25_VL_PREPROCESSOR, rule.max_frames, rule.max_pixels)
+    assert video_tokens_per_clip(INTERNVL3_78B, INTERNVL3_PREPROCESSOR, 8, rule.max_pixels) == 8 * 3330
+    assert video_tokens_per_clip(LlamaConfig(**TINY_TEXT).to_dict(), None, 32, rule.max_pixels) == 0
+
+
+def test_clips_add_their_bound_to_the_longest_request():
+    from evalkit.preflight import longest_request_bound
+    from evalkit.tasks.images import Visuals
+    from evalkit.tasks.requests import Request
+
+    def request(*digests: str) -> Request:
+        visuals = Visuals(task="t", doc_id=0, digests=digests) if digests else None
+        return Request(0, "t", 0, 0, 0, "generate_until", ("ab", {"max_gen_toks": 10}), visuals=visuals)
+
+    assert longest_request_bound([request()], 100000, 50, 700) == 2 + 2 + 10
+    assert longest_request_bound([request("sha256:a", "video:sha256:b")], 100000, 50, 700) == 14 + 50 + 700
+    assert longest_request_bound([request("video:sha256:b", "video:sha256:c")], 1000, 50, 700) == 1000

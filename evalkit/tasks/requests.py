@@ -22,8 +22,10 @@ from evalkit.tasks.judged import needs_judge
 from evalkit.tasks.problems import TaskLoadError, explain
 from evalkit.tasks.video import VIDEO_PREFIX
 
-# What one image weighs when requests are balanced across ranks, in characters of prompt text.
+# What one image and one video clip (up to 32 frames, two per temporal patch) weigh when requests
+# are balanced across ranks, in characters of prompt text.
 IMAGE_COST = 2048
+VIDEO_COST = 16 * IMAGE_COST
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,8 @@ class Request:
     @property
     def cost(self) -> int:
         text = sum(len(a) if isinstance(a, str) else len(str(a)) for a in self.args if isinstance(a, (str, list)))
-        return text + IMAGE_COST * (len(self.visuals.digests) if self.visuals else 0)
+        visuals = self.visuals.digests if self.visuals else ()
+        return text + sum(VIDEO_COST if d.startswith(VIDEO_PREFIX) else IMAGE_COST for d in visuals)
 
 
 @dataclass(frozen=True, kw_only=True)
