@@ -46,7 +46,7 @@ RUNS = {
         ["mme", "pope", "chartqa", "ai2d", "scienceqa_img", "mmbench_en_dev_static", "mmmu_val", "docvqa_val", "mmvet"],
     ),
     "qwen2_vl": ("qwen2_vl", ["--batch-size", "1"], ["mme", "videomme", "egoschema_subset"]),
-    "internvl": ("internvl_hf", ["--batch-size", "1", "--dtype", "bfloat16"], ["mme"]),
+    "internvl": ("internvl_hf", ["--batch-size", "1", "--dtype", "bfloat16"], ["mme", "videomme", "egoschema_subset"]),
 }
 STRIPS_ANSWERS = {"qwen2_vl"}
 QWEN2_VL_CLASS_PIXELS = {"shortest_edge": 3136, "longest_edge": 602112}

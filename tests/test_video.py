@@ -29,6 +29,18 @@ def test_frame_rule_follows_lmms_eval_qwen2_vl():
     assert all(len(rule.indices(n, 30.0)) % 2 == 0 for n in (4, 37, 90, 301))
 
 
+def test_frame_rule_follows_internvl_video_processor():
+    """InternVL's video processor: 32 frames, each from the middle of its stretch of the clip
+    (``arange(step / 2, total, step)`` with ``step = total / 32``, in float32, truncated)."""
+    from evalkit.tasks.video import rule_for
+
+    rule = rule_for("internvl")
+    assert rule.indices(64, 30.0) == list(range(1, 64, 2))
+    picked = rule.indices(1000, 25.0)
+    assert len(picked) == 32 and picked[0] == 15 and picked[-1] == 984
+    assert rule.indices(12, 4.0) == list(range(12))  # a shorter clip: every frame
+
+
 def test_clip_digest_names_content_and_rule(tmp_path):
     a = write_clip(tmp_path / "a.mp4", ["red", "blue"])
     b = write_clip(tmp_path / "b.mp4", ["green", "white"])

@@ -2,11 +2,19 @@
 
 transformers 5's video processors import torchvision, which does not load next to some torch
 builds (2.13.0+cpu). Where the processor has its video processor, ``processor(videos=...)`` does
-the work. Otherwise, for Qwen2-VL / Qwen2.5-VL, each frame is resized by the image processor's
-own ``smart_resize`` (to its patch grid, within the frame rule's pixel limits), rescaled and
-normalized by the image processor, and consecutive frames are cut into the model's
-temporal x spatial patches here; the prompt's video placeholder is expanded to the clip's token
-count. Other families take video only through their video processor.
+the work. Otherwise the inputs are built here as those video processors build them, with the
+image processor's settings:
+
+- Qwen2-VL / Qwen2.5-VL: each frame is resized to the patch grid (``smart_resize``, within the
+  frame rule's pixel limits), rescaled and normalized, and consecutive frames are cut into the
+  model's temporal x spatial patches; the prompt's video placeholder is expanded to the clip's
+  token count.
+- InternVL: each frame is resized to the image processor's size, rescaled and normalized as one
+  tile; the placeholder becomes one ``FrameN: <img>...</img>`` line per frame, and the frames join
+  ``pixel_values`` as InternVLProcessor places them.
+
+Resizing is bicubic and antialiased, rounded back to 8 bits, as torchvision resizes a uint8 clip.
+Other families take video only through their video processor.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from evalkit.models.protocol import VideoFrames
 
 # Families whose video inputs are built here when the processor has no video processor.
 QWEN_FAMILIES = ("Qwen2VLProcessor", "Qwen2_5_VLProcessor")
+INTERNVL_FAMILIES = ("InternVLProcessor",)
 
 
 def video_inputs(processor: Any, prompt: str, videos: list[VideoFrames]) -> tuple[str, dict[str, torch.Tensor]]:
@@ -31,10 +40,13 @@ def video_inputs(processor: Any, prompt: str, videos: list[VideoFrames]) -> tupl
             f"the chat template rendered {found} video placeholders for {len(videos)} videos "
             f"(a template that renders no video part drops the video)"
         )
-    if type(processor).__name__ not in QWEN_FAMILIES:
+    name = type(processor).__name__
+    if name in INTERNVL_FAMILIES:
+        return _internvl_inputs(processor, prompt, videos)
+    if name not in QWEN_FAMILIES:
         raise ValueError(
-            f"{type(processor).__name__} has no video processor here (transformers' video processors need "
-            f"torchvision); evalkit builds video inputs itself for Qwen2-VL and Qwen2.5-VL only"
+            f"{name} has no video processor here (transformers' video processors need torchvision); "
+            f"evalkit builds video inputs itself for Qwen2-VL, Qwen2.5-VL and InternVL only"
         )
     image_processor = processor.image_processor
     merge = image_processor.merge_size
@@ -65,14 +77,8 @@ def _qwen_patches(image_processor: Any, video: VideoFrames) -> tuple[np.ndarray,
     new_h, new_w = smart_resize(
         height, width, factor=patch * merge, min_pixels=video.min_pixels, max_pixels=video.max_pixels
     )
-    # qwen-vl-utils resizes the clip with torchvision (bicubic, antialiased, rounded back to 8 bits);
-    # torch's own interpolate is that computation
-    clip = torch.from_numpy(np.stack([np.asarray(f.convert("RGB")) for f in video.frames])).permute(0, 3, 1, 2)
-    resized = torch.nn.functional.interpolate(
-        clip.float(), size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True
-    )
     frames = []
-    for array in resized.round_().clamp_(0, 255).numpy():
+    for array in _resized(video, new_h, new_w).numpy():
         array = image_processor.rescale(array, image_processor.rescale_factor)
         frames.append(image_processor.normalize(array, image_processor.image_mean, image_processor.image_std))
     if len(frames) % temporal:  # as the video processor: repeat the last frame
@@ -83,3 +89,32 @@ def _qwen_patches(image_processor: Any, video: VideoFrames) -> tuple[np.ndarray,
     patches = stack.reshape(t, temporal, channels, h // merge, merge, patch, w // merge, merge, patch)
     patches = patches.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
     return patches.reshape(t * h * w, channels * temporal * patch * patch).astype(np.float32), [t, h, w]
+
+
+def _resized(video: VideoFrames, height: int, width: int) -> torch.Tensor:
+    """The clip's frames (frames, channels, height, width) resized as torchvision resizes a uint8
+    clip: bicubic, antialiased, rounded and clipped back to 0..255 (kept as float32)."""
+    clip = torch.from_numpy(np.stack([np.asarray(f.convert("RGB")) for f in video.frames])).permute(0, 3, 1, 2)
+    resized = torch.nn.functional.interpolate(
+        clip.float(), size=(height, width), mode="bicubic", align_corners=False, antialias=True
+    )
+    return resized.round_().clamp_(0, 255)
+
+
+def _internvl_inputs(processor: Any, prompt: str, videos: list[VideoFrames]) -> tuple[str, dict[str, torch.Tensor]]:
+    """InternVL's video inputs: every frame one tile at the image size, normalized as its video
+    processor does (rescale fused into the mean and std), and one line of image tokens per frame."""
+    image_processor = processor.image_processor
+    size = image_processor.size
+    scale = 1.0 / image_processor.rescale_factor
+    mean = torch.tensor(image_processor.image_mean).view(1, 3, 1, 1) * scale
+    std = torch.tensor(image_processor.image_std).view(1, 3, 1, 1) * scale
+    tiles = [(_resized(video, size["height"], size["width"]) - mean) / std for video in videos]
+    context = processor.image_token * processor.image_seq_length
+    for video in videos:
+        lines = "\n".join(
+            f"Frame{i + 1}: {processor.start_image_token}{context}{processor.end_image_token}"
+            for i in range(len(video.frames))
+        )
+        prompt = prompt.replace(processor.video_token, lines, 1)  # the lines hold no video token
+    return prompt, {"pixel_values": torch.cat(tiles)}

@@ -24,17 +24,26 @@ VIDEO_PREFIX = VIDEO_DIGEST_PREFIX
 
 @dataclass(frozen=True)
 class FrameRule:
-    """Which frames of a clip a model sees, and their pixel limits (lmms-eval's qwen2_vl class via
-    qwen-vl-utils: ``fps`` frames per second, at least ``min_frames``, an even count, then at most
-    ``max_frames`` spread evenly; each frame resized to the model's patch grid within the limits)."""
+    """Which frames of a clip a model sees, and their pixel limits.
+
+    ``sampling="fps"``: lmms-eval's qwen2_vl class via qwen-vl-utils: ``fps`` frames per second, at
+    least ``min_frames``, an even count, then at most ``max_frames`` spread evenly; each frame resized
+    to the model's patch grid within the pixel limits.
+    ``sampling="uniform"``: lmms-eval's internvl_hf class via InternVL's video processor: ``max_frames``
+    frames, one from the middle of each of as many equal stretches of the clip (every frame of a
+    shorter clip, where that processor refuses); each frame resized to the processor's size.
+    """
 
     fps: float = 2.0
     min_frames: int = 4
     max_frames: int = 32
     min_pixels: int = 3136
     max_pixels: int = 602112
+    sampling: str = "fps"
 
     def describe(self) -> str:
+        if self.sampling == "uniform":
+            return f"uniform frames={self.max_frames}"
         return (
             f"fps={self.fps} min_frames={self.min_frames} max_frames={self.max_frames} "
             f"pixels={self.min_pixels}..{self.max_pixels}"
@@ -44,6 +53,11 @@ class FrameRule:
         """Frame indices picked from a clip of ``total`` frames at ``video_fps``."""
         if total < 2:
             raise ValueError(f"a clip needs at least 2 frames, this one has {total}")
+        if self.sampling == "uniform":  # as InternVL's processor computes it, in float32
+            import torch
+
+            step = total / min(self.max_frames, total)
+            return torch.arange(step / 2, total, step).int().tolist()
         least = math.ceil(self.min_frames / 2) * 2
         most = max(2, math.floor(min(768, total) / 2) * 2)
         wanted = total / video_fps * self.fps if video_fps > 0 else least
@@ -56,7 +70,11 @@ class FrameRule:
 
 
 # The rule of each lmms-eval model class this backend stands in for, by transformers model_type.
-RULES: dict[str, FrameRule] = {"qwen2_vl": FrameRule(), "qwen2_5_vl": FrameRule()}
+RULES: dict[str, FrameRule] = {
+    "qwen2_vl": FrameRule(),
+    "qwen2_5_vl": FrameRule(),
+    "internvl": FrameRule(sampling="uniform", max_frames=32),
+}
 
 
 def rule_for(model_type: str | None) -> FrameRule:

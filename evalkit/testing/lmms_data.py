@@ -497,6 +497,10 @@ def write_clip(path: Path, colours: list[str], *, frames_each: int = 4, size: in
     return path
 
 
+# Frames per colour in the video tasks' clips: at least 32 frames a clip, as lmms-eval's internvl_hf
+# class samples 32 and refuses shorter clips.
+CLIP_FRAMES_EACH = 16
+
 # Video-MME: multiple choice over a clip. (videoID, colours, question, options, answer, task_type)
 VIDEOMME_DOCS = [
     (
@@ -535,7 +539,7 @@ def write_videomme(root: Path) -> Path:
     keys += ("question", "options", "answer")
     columns: dict[str, list] = {k: [] for k in keys}
     for n, (video, colours, question, options, answer, task_type) in enumerate(VIDEOMME_DOCS):
-        write_clip(Path(root) / HF_HOME / "videomme" / "data" / f"{video}.mp4", colours)
+        write_clip(Path(root) / HF_HOME / "videomme" / "data" / f"{video}.mp4", colours, frames_each=CLIP_FRAMES_EACH)
         row = dict(video_id=f"{n + 1:03d}", duration="short", domain="Life Record", sub_category="Daily Life")
         row.update(url=f"https://example.invalid/{video}", videoID=video, question_id=f"{n + 1:03d}-1")
         row.update(task_type=task_type, question=question, options=options, answer=answer)
@@ -562,7 +566,9 @@ def write_egoschema(root: Path) -> Path:
 
     columns: dict[str, list] = {k: [] for k in ("question_idx", "question", "video_idx", "option", "answer")}
     for n, (video, colours, question, answer) in enumerate(EGOSCHEMA_DOCS):
-        write_clip(Path(root) / HF_HOME / "egoschema" / "videos" / f"{video}.mp4", colours)
+        write_clip(
+            Path(root) / HF_HOME / "egoschema" / "videos" / f"{video}.mp4", colours, frames_each=CLIP_FRAMES_EACH
+        )
         columns["question_idx"].append(str(n))
         columns["question"].append(question)
         columns["video_idx"].append(video)

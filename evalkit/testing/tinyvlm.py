@@ -331,7 +331,7 @@ FAMILIES: dict[str, Family] = {
         bos=None,
         eos="<|im_end|>",
         pad="<|endoftext|>",
-        template=_chat_template(_CHATML_TURN, "<|im_start|>assistant\n", "<IMG_CONTEXT>\n"),
+        template=_chat_template(_CHATML_TURN, "<|im_start|>assistant\n", "<IMG_CONTEXT>\n", video="<video>\n"),
         build=_internvl,
         extra=(
             ("start_image_token", "<img>"),

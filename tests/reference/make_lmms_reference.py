@@ -9,6 +9,14 @@ does not load with evalkit's torch, so lmms-eval lives in a separate virtual env
     /work/lmms-ref-venv/bin/pip install loguru datasets tenacity pytablewriter sqlitedict sacrebleu \\
         evaluate jsonlines openai pillow decord qwen-vl-utils av opencv-python-headless openpyxl "filelock<4"
 
+lmms-eval's internvl_hf class decodes clips through transformers, which needs torchcodec, and
+torchcodec needs FFmpeg's shared libraries; PyAV's wheel ships FFmpeg 8, so name them as torchcodec
+looks for them (the script then puts that folder on LD_LIBRARY_PATH)::
+
+    /work/lmms-ref-venv/bin/pip install torchcodec
+    cd /work/lmms-ref-venv/lib/python3.11/site-packages/av.libs
+    for f in libav*-*.so.* libsw*-*.so.*; do ln -sf "$f" "$(echo "$f" | sed -E 's/-[0-9a-f]{8}([.]so[.][0-9]+).*/\\1/')"; done
+
 Then, from the repository root, with evalkit's own Python (it builds the tiny models and data)::
 
     python tests/reference/make_lmms_reference.py [--python /work/lmms-ref-venv/bin/python]
@@ -57,6 +65,7 @@ RUNS = [
     ("qwen2_vl", "qwen2_vl", ["mme"]),
     ("qwen2_vl", "qwen2_vl", ["videomme", "egoschema_subset"]),
     ("internvl", "internvl_hf", ["mme"]),
+    ("internvl", "internvl_hf", ["videomme", "egoschema_subset"]),
 ]
 VIDEO_PROCESSORS = {"qwen2_vl": "Qwen2VLVideoProcessor", "internvl": "InternVLVideoProcessor"}
 OFFLINE_ENV = {
@@ -98,6 +107,12 @@ def with_video_processor(model: Path, family: str, work: Path) -> Path:
     return copy
 
 
+def ffmpeg_env(python: str) -> dict[str, str]:
+    """LD_LIBRARY_PATH with the lmms-eval venv's PyAV FFmpeg libraries, for torchcodec (see above)."""
+    found = sorted(Path(python).absolute().parents[1].glob("lib/python3*/site-packages/av.libs"))
+    return {"LD_LIBRARY_PATH": str(found[0])} if found else {}
+
+
 def judge_env(judge: str | None) -> dict[str, str]:
     """What lmms-eval's judge code reads (its OpenAI provider posts to OPENAI_API_URL); judge tasks'
     code builds its client when imported, so even building their prompts needs a key."""
@@ -119,6 +134,7 @@ def run_lmms_eval(
         "HF_HOME": str(data / HF_HOME),
     }
     env.update(judge_env(judge))
+    env.update(ffmpeg_env(python))
     print(f"cd {data} && {shlex.join(argv)}", flush=True)
     start = time.monotonic()
     proc = subprocess.run(argv, cwd=data, env=env, capture_output=True, text=True)
