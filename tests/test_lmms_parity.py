@@ -14,7 +14,12 @@ Where lmms-eval's class differs from the checkpoint's own settings, the run says
   ran it greedily (``temperature=0`` from the command line; its YAML samples at 0.2).
 * llava_hf and internvl_hf are lmms-eval's chat classes: they prompt with the task's doc_to_messages
   (mmmu_val interleaves its images with the text) and log doc_to_text; the references hold both.
-* internvl_hf loads every model in bfloat16: evalkit runs with ``--dtype bfloat16``.
+* internvl_hf loads every model in bfloat16; its references were made in float32, as evalkit runs
+  here (make_lmms_reference.py says why: bfloat16 rounding of evalkit's padded prompts can flip a
+  near-tied token).
+* llava_hf hands LLaVA-OneVision's processor images=[] with a video-only request, which fails; its
+  references give None there (make_lmms_reference.py). Clips here have 32 frames: llava_hf hands
+  every frame to the processor, evalkit at most 32.
 * qwen2_vl loads the processor with min_pixels=3136 and max_pixels=602112. evalkit reads the
   checkpoint's bounds, which for Qwen2-VL's releases (3136 to 12845056) contain those; the tiny
   model's are narrower, so its copy here gets the class's bounds. The class strips its answers
@@ -46,7 +51,8 @@ RUNS = {
         ["mme", "pope", "chartqa", "ai2d", "scienceqa_img", "mmbench_en_dev_static", "mmmu_val", "docvqa_val", "mmvet"],
     ),
     "qwen2_vl": ("qwen2_vl", ["--batch-size", "1"], ["mme", "videomme", "egoschema_subset"]),
-    "internvl": ("internvl_hf", ["--batch-size", "1", "--dtype", "bfloat16"], ["mme", "videomme", "egoschema_subset"]),
+    "internvl": ("internvl_hf", ["--batch-size", "1"], ["mme", "videomme", "egoschema_subset"]),
+    "llava_onevision": ("llava_hf", ["--batch-size", "2"], ["mme", "videomme", "egoschema_subset"]),
 }
 STRIPS_ANSWERS = {"qwen2_vl"}
 QWEN2_VL_CLASS_PIXELS = {"shortest_edge": 3136, "longest_edge": 602112}

@@ -12,6 +12,8 @@ image processor's settings:
 - InternVL: each frame is resized to the image processor's size, rescaled and normalized as one
   tile; the placeholder becomes one ``FrameN: <img>...</img>`` line per frame, and the frames join
   ``pixel_values`` as InternVLProcessor places them.
+- LLaVA-OneVision: the frames, at the image processor's size, are ``pixel_values_videos``; the
+  placeholder becomes one video token per 2x2-pooled patch of every frame, and one newline.
 
 Resizing is bicubic and antialiased, rounded back to 8 bits, as torchvision resizes a uint8 clip.
 Other families take video only through their video processor.
@@ -19,6 +21,7 @@ Other families take video only through their video processor.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -29,6 +32,7 @@ from evalkit.models.protocol import VideoFrames
 # Families whose video inputs are built here when the processor has no video processor.
 QWEN_FAMILIES = ("Qwen2VLProcessor", "Qwen2_5_VLProcessor")
 INTERNVL_FAMILIES = ("InternVLProcessor",)
+LLAVA_ONEVISION_FAMILIES = ("LlavaOnevisionProcessor",)
 
 
 def video_inputs(processor: Any, prompt: str, videos: list[VideoFrames]) -> tuple[str, dict[str, torch.Tensor]]:
@@ -43,10 +47,12 @@ def video_inputs(processor: Any, prompt: str, videos: list[VideoFrames]) -> tupl
     name = type(processor).__name__
     if name in INTERNVL_FAMILIES:
         return _internvl_inputs(processor, prompt, videos)
+    if name in LLAVA_ONEVISION_FAMILIES:
+        return _llava_onevision_inputs(processor, prompt, videos)
     if name not in QWEN_FAMILIES:
         raise ValueError(
             f"{name} has no video processor here (transformers' video processors need torchvision); "
-            f"evalkit builds video inputs itself for Qwen2-VL, Qwen2.5-VL and InternVL only"
+            f"evalkit builds video inputs itself for Qwen2-VL, Qwen2.5-VL, InternVL and LLaVA-OneVision only"
         )
     image_processor = processor.image_processor
     merge = image_processor.merge_size
@@ -101,15 +107,20 @@ def _resized(video: VideoFrames, height: int, width: int) -> torch.Tensor:
     return resized.round_().clamp_(0, 255)
 
 
-def _internvl_inputs(processor: Any, prompt: str, videos: list[VideoFrames]) -> tuple[str, dict[str, torch.Tensor]]:
-    """InternVL's video inputs: every frame one tile at the image size, normalized as its video
-    processor does (rescale fused into the mean and std), and one line of image tokens per frame."""
-    image_processor = processor.image_processor
+def _normalized(video: VideoFrames, image_processor: Any) -> torch.Tensor:
+    """The clip's frames at the image processor's size, rescaled and normalized as a video processor
+    does it (the rescale fused into the mean and std)."""
     size = image_processor.size
     scale = 1.0 / image_processor.rescale_factor
     mean = torch.tensor(image_processor.image_mean).view(1, 3, 1, 1) * scale
     std = torch.tensor(image_processor.image_std).view(1, 3, 1, 1) * scale
-    tiles = [(_resized(video, size["height"], size["width"]) - mean) / std for video in videos]
+    return (_resized(video, size["height"], size["width"]) - mean) / std
+
+
+def _internvl_inputs(processor: Any, prompt: str, videos: list[VideoFrames]) -> tuple[str, dict[str, torch.Tensor]]:
+    """InternVL's video inputs: every frame one tile at the image size, and one line of image
+    tokens per frame."""
+    tiles = [_normalized(video, processor.image_processor) for video in videos]
     context = processor.image_token * processor.image_seq_length
     for video in videos:
         lines = "\n".join(
@@ -118,3 +129,18 @@ def _internvl_inputs(processor: Any, prompt: str, videos: list[VideoFrames]) -> 
         )
         prompt = prompt.replace(processor.video_token, lines, 1)  # the lines hold no video token
     return prompt, {"pixel_values": torch.cat(tiles)}
+
+
+def _llava_onevision_inputs(
+    processor: Any, prompt: str, videos: list[VideoFrames]
+) -> tuple[str, dict[str, torch.Tensor]]:
+    """LLaVA-OneVision's video inputs: the frames at the image size as one (videos, frames, ...)
+    tensor; each placeholder becomes the frames' 2x2-pooled patches and one newline token."""
+    clips = [_normalized(video, processor.image_processor) for video in videos]
+    if len({clip.shape for clip in clips}) > 1:
+        raise ValueError("LLaVA-OneVision takes the videos of one request only when they have as many frames")
+    pooled = math.ceil(int(math.sqrt(processor.num_image_tokens)) / 2)
+    token = processor.video_token
+    for video in videos:
+        prompt = prompt.replace(token, "\0" * (len(video.frames) * pooled * pooled + 1), 1)
+    return prompt.replace("\0", token), {"pixel_values_videos": torch.stack(clips)}

@@ -32,6 +32,9 @@ class FrameRule:
     ``sampling="uniform"``: lmms-eval's internvl_hf class via InternVL's video processor: ``max_frames``
     frames, one from the middle of each of as many equal stretches of the clip (every frame of a
     shorter clip, where that processor refuses); each frame resized to the processor's size.
+    ``sampling="spread"``: lmms-eval's llava_hf class hands every frame to LLaVA-OneVision's video
+    processor; so does this rule up to ``max_frames`` frames, and beyond that it takes ``max_frames``
+    spread evenly from the first to the last (``linspace``, as lmms-eval's llava_onevision class).
     """
 
     fps: float = 2.0
@@ -42,8 +45,8 @@ class FrameRule:
     sampling: str = "fps"
 
     def describe(self) -> str:
-        if self.sampling == "uniform":
-            return f"uniform frames={self.max_frames}"
+        if self.sampling in ("uniform", "spread"):
+            return f"{self.sampling} frames={self.max_frames}"
         return (
             f"fps={self.fps} min_frames={self.min_frames} max_frames={self.max_frames} "
             f"pixels={self.min_pixels}..{self.max_pixels}"
@@ -58,6 +61,10 @@ class FrameRule:
 
             step = total / min(self.max_frames, total)
             return torch.arange(step / 2, total, step).int().tolist()
+        if self.sampling == "spread":
+            if total <= self.max_frames:
+                return list(range(total))
+            return [int(i * (total - 1) / (self.max_frames - 1)) for i in range(self.max_frames)]
         least = math.ceil(self.min_frames / 2) * 2
         most = max(2, math.floor(min(768, total) / 2) * 2)
         wanted = total / video_fps * self.fps if video_fps > 0 else least
@@ -74,6 +81,7 @@ RULES: dict[str, FrameRule] = {
     "qwen2_vl": FrameRule(),
     "qwen2_5_vl": FrameRule(),
     "internvl": FrameRule(sampling="uniform", max_frames=32),
+    "llava_onevision": FrameRule(sampling="spread", max_frames=32),
 }
 
 

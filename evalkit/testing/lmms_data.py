@@ -478,18 +478,22 @@ def write_docvqa(root: Path) -> Path:
     return _write(root, "lmms-lab-encoder/DocVQA", columns, features, split="validation", config="DocVQA")
 
 
-def write_clip(path: Path, colours: list[str], *, frames_each: int = 4, size: int = 32, fps: int = 4) -> Path:
-    """An MPEG-4 clip of solid colours, ``frames_each`` frames each, with a dark square moving across."""
+def write_clip(
+    path: Path, colours: list[str], *, frames_each: int = 4, frames: int | None = None, size: int = 32, fps: int = 4
+) -> Path:
+    """An MPEG-4 clip of solid colours, ``frames_each`` frames each (or ``frames`` in all, shared out in
+    order), with a dark square moving across."""
     import av
     import numpy as np
 
+    total = frames or frames_each * len(colours)
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
         stream = container.add_stream("mpeg4", rate=fps)
         stream.width = stream.height = size
         stream.pix_fmt = "yuv420p"
-        for n, name in enumerate(c for c in colours for _ in range(frames_each)):
-            array = np.full((size, size, 3), COLOURS[name], dtype=np.uint8)
+        for n in range(total):
+            array = np.full((size, size, 3), COLOURS[colours[n * len(colours) // total]], dtype=np.uint8)
             x = (n * 4) % (size - 8)
             array[8:16, x : x + 8] = 0
             container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
@@ -497,9 +501,9 @@ def write_clip(path: Path, colours: list[str], *, frames_each: int = 4, size: in
     return path
 
 
-# Frames per colour in the video tasks' clips: at least 32 frames a clip, as lmms-eval's internvl_hf
-# class samples 32 and refuses shorter clips.
-CLIP_FRAMES_EACH = 16
+# Frames of each clip of the video tasks: lmms-eval's internvl_hf class samples 32 and refuses shorter
+# clips; its llava_hf class hands LLaVA-OneVision every frame, where evalkit takes at most 32.
+CLIP_FRAMES = 32
 
 # Video-MME: multiple choice over a clip. (videoID, colours, question, options, answer, task_type)
 VIDEOMME_DOCS = [
@@ -539,7 +543,7 @@ def write_videomme(root: Path) -> Path:
     keys += ("question", "options", "answer")
     columns: dict[str, list] = {k: [] for k in keys}
     for n, (video, colours, question, options, answer, task_type) in enumerate(VIDEOMME_DOCS):
-        write_clip(Path(root) / HF_HOME / "videomme" / "data" / f"{video}.mp4", colours, frames_each=CLIP_FRAMES_EACH)
+        write_clip(Path(root) / HF_HOME / "videomme" / "data" / f"{video}.mp4", colours, frames=CLIP_FRAMES)
         row = dict(video_id=f"{n + 1:03d}", duration="short", domain="Life Record", sub_category="Daily Life")
         row.update(url=f"https://example.invalid/{video}", videoID=video, question_id=f"{n + 1:03d}-1")
         row.update(task_type=task_type, question=question, options=options, answer=answer)
@@ -566,9 +570,7 @@ def write_egoschema(root: Path) -> Path:
 
     columns: dict[str, list] = {k: [] for k in ("question_idx", "question", "video_idx", "option", "answer")}
     for n, (video, colours, question, answer) in enumerate(EGOSCHEMA_DOCS):
-        write_clip(
-            Path(root) / HF_HOME / "egoschema" / "videos" / f"{video}.mp4", colours, frames_each=CLIP_FRAMES_EACH
-        )
+        write_clip(Path(root) / HF_HOME / "egoschema" / "videos" / f"{video}.mp4", colours, frames=CLIP_FRAMES)
         columns["question_idx"].append(str(n))
         columns["question"].append(question)
         columns["video_idx"].append(video)

@@ -233,6 +233,50 @@ def _qwen2_vl(tokenizer, template: str):
     return config, processor
 
 
+def _llava_onevision(tokenizer, template: str):
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionImageProcessorPil,
+        LlavaOnevisionProcessor,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    from evalkit.models.vlm_prompts import image_only
+
+    pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        initializer_range=INIT_STD,
+    )
+    ids = tokenizer.convert_tokens_to_ids
+    config = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=Qwen2Config(**_text_config(tokenizer)),
+        image_token_index=ids("<image>"),
+        video_token_index=ids("<video>"),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        vision_aspect_ratio="anyres_max_9",
+        tie_word_embeddings=False,
+    )
+    images = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints)
+    processor = image_only(LlavaOnevisionProcessor)(
+        image_processor=images,
+        tokenizer=tokenizer,
+        num_image_tokens=16,  # (32 / 8) ** 2 patches
+        vision_feature_select_strategy="full",
+        chat_template=template,
+    )
+    return config, processor
+
+
 def _internvl(tokenizer, template: str):
     from transformers import GotOcr2ImageProcessorPil, InternVLConfig, InternVLProcessor, Qwen2Config
 
@@ -324,6 +368,22 @@ FAMILIES: dict[str, Family] = {
             video="<|vision_start|><|video_pad|><|vision_end|>",
         ),
         build=_qwen2_vl,
+    ),
+    # LLaVA-OneVision (Qwen2): ChatML with a default system turn, "<image>\n" and "<video>\n" parts.
+    "llava_onevision": Family(
+        specials=(*_CHATML_SPECIALS, "<image>", "<video>"),
+        bos=None,
+        eos="<|im_end|>",
+        pad="<|endoftext|>",
+        template=_chat_template(
+            _CHATML_TURN,
+            "<|im_start|>assistant\n",
+            "<image>\n",
+            default_system="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
+            video="<video>\n",
+        ),
+        build=_llava_onevision,
+        extra=(("image_token", "<image>"), ("video_token", "<video>")),
     ),
     # InternVL (transformers-native): ChatML, an image as "<IMG_CONTEXT>\n", expanded to <img>...</img>.
     "internvl": Family(
