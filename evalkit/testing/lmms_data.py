@@ -69,11 +69,16 @@ def draw(colour: str, shape: str, count: int, where: str, size: int = 48) -> Ima
     return image
 
 
-def _card(folder: Path, repo_id: str, features: object, split: str, rel: str, config: str = "default") -> None:
+def _card(folder: Path, repo_id: str, features: object, files: list[tuple[str, str, str]]) -> None:
+    """The README.md that declares each (config, split, parquet path) of a local dataset folder."""
+    configs: dict[str, list[dict[str, str]]] = {}
+    for config, split, rel in files:
+        configs.setdefault(config, []).append({"split": split, "path": rel})
+    features_yaml = features._to_yaml_list()  # type: ignore[attr-defined]
     front = yaml.safe_dump(
         {
-            "configs": [{"config_name": config, "data_files": [{"split": split, "path": rel}]}],
-            "dataset_info": [{"config_name": config, "features": features._to_yaml_list()}],  # type: ignore[attr-defined]
+            "configs": [{"config_name": c, "data_files": f} for c, f in configs.items()],
+            "dataset_info": [{"config_name": c, "features": features_yaml} for c in configs],
         },
         sort_keys=False,
     )
@@ -84,9 +89,6 @@ def write_mme(root: Path) -> Path:
     """``lmms-lab-encoder/MME`` (split ``test``) as lmms-eval 0.7's ``mme`` task reads it."""
     import datasets
 
-    repo_id = "lmms-lab-encoder/MME"
-    folder = Path(root) / repo_id
-    (folder / "data").mkdir(parents=True, exist_ok=True)
     columns: dict[str, list] = {k: [] for k in ("question_id", "question", "answer", "category", "image")}
     for n, (category, colour, shape, count, where, pairs) in enumerate(MME_DOCS):
         image = draw(colour, shape, count, where)
@@ -105,10 +107,7 @@ def write_mme(root: Path) -> Path:
             "image": datasets.Image(),
         }
     )
-    rel = "data/test-00000-of-00001.parquet"
-    datasets.Dataset.from_dict(columns, features=features).to_parquet(str(folder / rel))
-    _card(folder, repo_id, features, "test", rel)
-    return folder
+    return _write(root, "lmms-lab-encoder/MME", columns, features)
 
 
 # POPE: object-presence questions, answered yes or no. (colour, shape, count, where, question, answer)
@@ -148,32 +147,47 @@ def draw_bars(heights: tuple[int, ...], size: int = 48) -> Image.Image:
 def _write(
     root: Path, repo_id: str, columns: dict[str, list], features: object, split: str = "test", config: str = "default"
 ) -> Path:
+    return _write_splits(root, repo_id, features, {(config, split): columns})
+
+
+def _write_splits(root: Path, repo_id: str, features: object, parts: dict[tuple[str, str], dict[str, list]]) -> Path:
+    """A dataset folder with one parquet file per (config, split) and the card declaring them."""
     import datasets
 
     folder = Path(root) / repo_id
     (folder / "data").mkdir(parents=True, exist_ok=True)
-    rel = f"data/{config}-{split}-00000-of-00001.parquet"
-    datasets.Dataset.from_dict(columns, features=features).to_parquet(str(folder / rel))
-    _card(folder, repo_id, features, split, rel, config)
+    files = []
+    for (config, split), columns in parts.items():
+        rel = f"data/{config}-{split}-00000-of-00001.parquet"
+        datasets.Dataset.from_dict(columns, features=features).to_parquet(str(folder / rel))
+        files.append((config, split, rel))
+    _card(folder, repo_id, features, files)
     return folder
 
 
 def write_pope(root: Path) -> Path:
-    """``lmms-lab-encoder/POPE`` (split ``test``) as lmms-eval 0.7's ``pope`` task reads it."""
+    """``lmms-lab-encoder/POPE``: split ``test`` (``pope``) and config ``Full`` with splits
+    ``adversarial``, ``popular`` and ``random`` (the ``pope_full`` group), as lmms-eval 0.7 reads them."""
     import datasets
 
-    columns: dict[str, list] = {k: [] for k in ("question_id", "question", "answer", "category", "image")}
-    for n, (colour, shape, count, where, question, answer) in enumerate(POPE_DOCS):
-        columns["question_id"].append(str(n))
-        columns["question"].append(question)
-        columns["answer"].append(answer)
-        columns["category"].append("random")
-        columns["image"].append(draw(colour, shape, count, where))
+    def columns(category: str, docs: list[tuple]) -> dict[str, list]:
+        out: dict[str, list] = {k: [] for k in ("question_id", "question", "answer", "category", "image")}
+        for n, (colour, shape, count, where, question, answer) in enumerate(docs):
+            out["question_id"].append(str(n))
+            out["question"].append(question)
+            out["answer"].append(answer)
+            out["category"].append(category)
+            out["image"].append(draw(colour, shape, count, where))
+        return out
+
     text = datasets.Value("string")
     features = datasets.Features(
         {"question_id": text, "question": text, "answer": text, "category": text, "image": datasets.Image()}
     )
-    return _write(root, "lmms-lab-encoder/POPE", columns, features)
+    parts = {("default", "test"): columns("random", POPE_DOCS)}
+    for turn, split in enumerate(("adversarial", "popular", "random")):  # each split its own order
+        parts[("Full", split)] = columns(split, POPE_DOCS[turn + 1 :] + POPE_DOCS[: turn + 1])
+    return _write_splits(root, "lmms-lab-encoder/POPE", features, parts)
 
 
 def write_chartqa(root: Path) -> Path:

@@ -57,10 +57,12 @@ OUT_DIR = REPO / "tests" / "reference" / "lmms-eval-0.7.3"
 # each tool's own random stream.
 JUDGE_MODEL = "stub-model"
 JUDGED = {"mmvet": ["--gen_kwargs", "temperature=0"]}
+# Groups run by name, and the member tasks whose references they give.
+GROUPS = {"pope_full": ["pope_adv", "pope_pop", "pope_random"]}
 # (tiny family, lmms-eval model class, tasks)
 RUNS = [
     ("llava", "llava_hf", ["mme", "pope", "chartqa", "ai2d"]),
-    ("llava", "llava_hf", ["scienceqa_img", "mmbench_en_dev_static", "mmmu_val", "docvqa_val"]),
+    ("llava", "llava_hf", ["scienceqa_img", "mmbench_en_dev_static", "mmmu_val", "docvqa_val", "pope_full"]),
     ("llava", "llava_hf", ["mmvet"]),
     ("qwen2_vl", "qwen2_vl", ["mme"]),
     ("qwen2_vl", "qwen2_vl", ["videomme", "egoschema_subset"]),
@@ -267,7 +269,7 @@ def main() -> None:
             argv = run_lmms_eval(args.python, model_class, served, tasks, data, out, judge, patch)
             if label:  # the command as recorded names the change instead of spelling it out
                 argv = [argv[0], "-c", f"<{label}; then as python -m lmms_eval>", *argv[3:]]
-        for task in tasks:
+        for task in (member for name in tasks for member in GROUPS.get(name, [name])):
             ref = reference(family, model_class, task, out, argv, model, data)
             path = OUT_DIR / f"{family}.{task}.json"
             path.write_text(json.dumps(ref, indent=1, ensure_ascii=False) + "\n")
