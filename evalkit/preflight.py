@@ -20,7 +20,7 @@ from evalkit.errors import UsageError, raise_all
 from evalkit.judge import check_judge
 from evalkit.model_source import check_model_source
 from evalkit.models import registry
-from evalkit.models.protocol import DEFAULT_MAX_GEN_TOKS
+from evalkit.models.protocol import DEFAULT_MAX_GEN_TOKS, is_video_digest
 from evalkit.models.registry import BackendSpec, RunKinds
 from evalkit.outdir import check_writable
 from evalkit.parallel import Placement, Topology
@@ -34,7 +34,7 @@ from evalkit.planner import (
 )
 from evalkit.tasks.judged import judge_tasks
 from evalkit.tasks.requests import Request
-from evalkit.tasks.video import VIDEO_PREFIX, rule_for
+from evalkit.tasks.video import rule_for
 
 
 @dataclass(frozen=True)
@@ -129,16 +129,12 @@ def visual_tokens(model_path: str, requests: list[Request]) -> tuple[int, int]:
     """Tokens one image and one video clip become in this model (upper bounds; 0 for a kind no
     request has). Clips are bounded by the frame rule of the model's family (tasks/video.py)."""
     found = [d for r in requests if r.visuals is not None for d in r.visuals.digests]
-    per_image = read_image_tokens_per_image(model_path) if any(not _is_clip(d) for d in found) else 0
+    per_image = read_image_tokens_per_image(model_path) if not all(map(is_video_digest, found)) else 0
     per_clip = 0
-    if any(_is_clip(d) for d in found):
+    if any(map(is_video_digest, found)):
         rule = rule_for(read_config(model_path).get("model_type"))
         per_clip = read_video_tokens_per_clip(model_path, rule.max_frames, rule.max_pixels)
     return per_image, per_clip
-
-
-def _is_clip(digest: str) -> bool:
-    return digest.startswith(VIDEO_PREFIX)
 
 
 def longest_request_bound(
@@ -156,7 +152,7 @@ def longest_request_bound(
         text = (a if isinstance(a, str) else json.dumps(a) for a in request.args if isinstance(a, (str, list)))
         size = sum(len(t.encode()) for t in text) + 2
         if request.visuals is not None:
-            clips = sum(map(_is_clip, request.visuals.digests))
+            clips = sum(map(is_video_digest, request.visuals.digests))
             size += tokens_per_image * (len(request.visuals.digests) - clips) + tokens_per_clip * clips
         if request.kind == "generate_until":
             size += int((request.args[1] or {}).get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))

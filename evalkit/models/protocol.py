@@ -33,6 +33,11 @@ Messages = list[dict[str, Any]]
 VIDEO_DIGEST_PREFIX = "video:"
 
 
+def is_video_digest(digest: str) -> bool:
+    """Whether a visual's digest names a video clip (else an image)."""
+    return digest.startswith(VIDEO_DIGEST_PREFIX)
+
+
 @dataclass(frozen=True)
 class VideoFrames:
     """One clip's frames as its model family's rule picked them, the rate they were taken at, and
@@ -63,7 +68,7 @@ class ImageInput:
     @property
     def kinds(self) -> tuple[str, ...]:
         """Per visual, in prompt order: "image" or "video"."""
-        return tuple("video" if d.startswith(VIDEO_DIGEST_PREFIX) else "image" for d in self.digests)
+        return tuple("video" if is_video_digest(d) else "image" for d in self.digests)
 
 
 @dataclass(frozen=True)

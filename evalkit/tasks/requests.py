@@ -16,7 +16,7 @@ from typing import Any
 from lm_eval.evaluator_utils import get_sample_size
 
 from evalkit.errors import UsageError
-from evalkit.models.protocol import KINDS, Kind
+from evalkit.models.protocol import KINDS, Kind, is_video_digest
 from evalkit.tasks.images import DIGEST_PREFIX, Visuals, as_visuals, digests, image_label, is_image
 from evalkit.tasks.judged import needs_judge
 from evalkit.tasks.problems import TaskLoadError, explain
@@ -50,7 +50,7 @@ class Request:
     def cost(self) -> int:
         text = sum(len(a) if isinstance(a, str) else len(str(a)) for a in self.args if isinstance(a, (str, list)))
         visuals = self.visuals.digests if self.visuals else ()
-        return text + sum(VIDEO_COST if d.startswith(VIDEO_PREFIX) else IMAGE_COST for d in visuals)
+        return text + sum(VIDEO_COST if is_video_digest(d) else IMAGE_COST for d in visuals)
 
 
 @dataclass(frozen=True, kw_only=True)

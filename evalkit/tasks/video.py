@@ -13,7 +13,7 @@ import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from evalkit.models.protocol import VIDEO_DIGEST_PREFIX, VideoFrames
 
@@ -42,7 +42,7 @@ class FrameRule:
     max_frames: int = 32
     min_pixels: int = 3136
     max_pixels: int = 602112
-    sampling: str = "fps"
+    sampling: Literal["fps", "uniform", "spread"] = "fps"
 
     def describe(self) -> str:
         if self.sampling in ("uniform", "spread"):
