@@ -24,7 +24,7 @@ from evalkit.results import score_outputs
 from evalkit.tasks.judged import judge_tasks
 from evalkit.tasks.requests import PromptOptions, TaskPlan, build_plans, number_requests
 from evalkit.tasks.scoring import concurrently
-from evalkit.testing.lmms_data import MMVET_DOCS, write_mmbench, write_mme, write_mmvet
+from evalkit.testing.lmms_data import HF_HOME, MMVET_DOCS, write_mix_evals, write_mmbench, write_mme, write_mmvet
 from evalkit.timings import Phases
 
 pytest.importorskip("lmms_eval", reason="lmms-eval is installed by make install")
@@ -71,7 +71,7 @@ def data(tmp_path, monkeypatch) -> Path:
 
 def run_config(tmp_path: Path, stub: OpenAIStub | None, **extra) -> RunConfig:
     judge = {"judge_base_url": stub.base_url, "judge_model": JUDGE_MODEL} if stub else {}
-    return RunConfig(model="tiny", tasks=("mmvet",), output=tmp_path / "out", **{"concurrency": 4, **judge, **extra})
+    return RunConfig(model="tiny", output=tmp_path / "out", **{"tasks": ("mmvet",), "concurrency": 4, **judge, **extra})
 
 
 def score_mmvet(config: RunConfig, proxy: JudgeProxy | None, outputs: list[str] = PREDICTIONS):
@@ -179,6 +179,46 @@ def test_judge_tasks_are_found_by_what_their_scoring_calls(data, tmp_path):
         "OpenAI-compatible API) and --judge-model NAME (key from $OPENAI_API_KEY, or name another variable "
         "with --judge-api-key-env)"
     )
+
+
+def pick_option(messages) -> str:
+    """MixEval-X's option extractor: the letter of the option the model's answer names, as ``[[X]]``
+    (the filter shows the judge a doc's list of responses, as lmms-eval's does: ``['red']``)."""
+    prompt = messages[-1]["content"]
+    options = prompt.rsplit("Options:", 1)[1].split("Model's Answer:")[0]
+    answer = prompt.rsplit("Model's Answer:", 1)[1].split("Your Judgment:")[0].strip(" \n[]'").lower()
+    for line in options.strip().splitlines():
+        letter, _, text = line.partition(". ")
+        if text.strip().lower() == answer:
+            return f"The option chosen by the model: [[{letter.strip()}]]"
+    return "No option matches."
+
+
+def test_a_judge_in_a_filter_is_found_and_asked(tmp_path, monkeypatch):
+    """mix_evals' multiple-choice filter asks the judge which option the answer chose: lmms-eval's
+    own code reads an undefined API_KEY there under its default OpenAI provider, and evalkit defines
+    it, so the task builds, is known as a judge task, and scores through the proxy."""
+    write_mix_evals(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / HF_HOME))
+    with OpenAIStub(StubBehaviour(chat_reply=pick_option)) as stub:
+        config = run_config(tmp_path, stub, tasks=("mix_evals_image2text_mc",))
+        tasks = load_tasks(config, "tiny")["tasks"]
+        assert judge_tasks(tasks) == ["mix_evals_image2text_mc"]
+        forget_task_code()
+        config.output.mkdir()
+        with JudgeProxy(config.judge_options(), config.output) as proxy:
+            loaded = load_tasks(config, str(config.output), proxy.url)
+            plans = build_plans(loaded["tasks"], PromptOptions())
+            requests = number_requests(plans)
+            plan = RunPlan(
+                model_path="tiny", tasks=plans, groups={}, requests=requests, model={}, task_hashes={}, done=set()
+            )
+            # right (B), wrong (C for B), right (A)
+            scored = score_outputs(config, plan, ["red", "three", "left"], Phases(), proxy)
+    assert [row["filtered_resps"] for row in scored.samples["mix_evals_image2text_mc"]] == [["1"], ["2"], ["0"]]
+    assert scored.results["results"]["mix_evals_image2text_mc"]["exact_match,flexible-extract"] == pytest.approx(2 / 3)
+    assert len(stub.behaviour.bodies) == 3
 
 
 def test_transient_failures_are_retried_by_the_proxy(data, tmp_path):

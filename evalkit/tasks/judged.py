@@ -5,7 +5,8 @@ or an aggregation): through ``lmms_eval.llm_judge`` or its ``OpenAIVerifier``, t
 client, or ``requests.post`` to ``OPENAI_API_URL``. A task is a judge task when such a call can be
 reached from its scoring functions: every global name their code uses is followed, through the
 task's own code (functions, classes and instances defined in task files), until it reaches a judge
-client. Only the scoring functions count, so ``mmmu_val`` (rule-based) is not a judge task while
+client. Only the scoring functions (filters included: mix_evals' multiple-choice filter asks the
+judge for the chosen option) count, so ``mmmu_val`` (rule-based) is not a judge task while
 ``mmmu_val_reasoning`` (an ``OpenAIVerifier``) is, though both live in one ``utils.py``.
 """
 
@@ -56,7 +57,10 @@ def _name(fn: Any) -> str:
 
 
 def scoring_functions(task: Any) -> Iterator[Any]:
-    """The task's own code that runs at scoring: process_results and its aggregations."""
+    """The task's own code that runs at scoring: its filters, process_results and aggregations."""
+    for ensemble in getattr(task, "_filters", None) or ():
+        # each step is a partial of its filter class, instantiated when the pipeline runs
+        yield from (getattr(step, "func", step) for step in getattr(ensemble, "filters", None) or ())
     config = getattr(task, "config", None)
     process = getattr(config, "process_results", None)
     if callable(process):

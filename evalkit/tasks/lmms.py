@@ -28,7 +28,13 @@ folder, and n-samples counts docs, not metric values.
 As in lmms-eval, a generate_until task's outputs are stripped before ``process_results``. Keys
 that only matter to lmms-eval's own runner (``group_alias``, ``process_results_use_image``,
 ``cluster_key``, ``score_key``) are accepted and ignored; so are ``dataset_kwargs`` entries that
-only steer its downloader. Video and audio are refused.
+only steer its downloader. Audio is refused.
+
+One flaw of lmms-eval 0.7.3's own code is mended (``define_judge_key``): mix_evals' multiple-choice
+filter builds its judge client from a module-level ``API_KEY`` that its ``utils.py`` defines only
+for ``API_TYPE=azure``, so under lmms-eval's default ``openai`` provider the task cannot even be
+built (``NameError``). evalkit defines it as lmms-eval's sibling module (audio2text) does for that
+provider, from ``OPENAI_API_KEY``, which the judge proxy sets while task code loads.
 """
 
 from __future__ import annotations
@@ -125,6 +131,26 @@ def adopt_lmms_metrics(metric_list: Any) -> None:
         if agg_name:
             details["aggregation"] = agg_name
         lm.register_metric(metric=name, **details)(lmms.METRIC_REGISTRY[name])
+
+
+def define_judge_key(filter_list: Any) -> None:
+    """``API_KEY`` in the task module of each filter that builds an OpenAI-provider judge client
+    from it without defining it (see the module's description)."""
+    for pipeline in filter_list if isinstance(filter_list, list) else []:
+        steps = pipeline.get("filter") if isinstance(pipeline, Mapping) else None
+        for step in steps if isinstance(steps, list) else []:
+            namespace = _task_globals(step.get("function") if isinstance(step, Mapping) else None)
+            if namespace.get("API_TYPE") == "openai" and "API_KEY" not in namespace:
+                namespace["API_KEY"] = os.environ.get("OPENAI_API_KEY", "")
+
+
+def _task_globals(obj: Any) -> dict[str, Any]:
+    """The module namespace a task file's function or class runs in ({} for anything else)."""
+    members = vars(obj).values() if isinstance(obj, type) else [obj]
+    for member in members:
+        if inspect.isfunction(member):
+            return member.__globals__
+    return {}
 
 
 def choose_prompt_kwargs(blocks: Any, name: str | None, *, legacy: bool = False) -> Any:
@@ -230,6 +256,7 @@ class LmmsTask(ConfigurableTask):
         if self._own_image:
             config["doc_to_image"] = self._messages or self._visual
         adopt_lmms_metrics(config.get("metric_list"))
+        define_judge_key(config.get("filter_list"))
         super().__init__(data_dir=data_dir, cache_dir=cache_dir, download_mode=download_mode, config=config)
         if generation and self.config.generation_kwargs is not None:
             self.config.generation_kwargs.update(deepcopy(generation))

@@ -597,6 +597,36 @@ def write_egoschema(root: Path) -> Path:
     return _write(root, "lmms-eval/egoschema", columns, features, config="Subset")
 
 
+# MixEval-X image2text, multiple choice: the judge names the option the answer chose (its filter),
+# scored against the option's index. (colour, shape, count, where, query, options, answer index)
+MIX_EVALS_DOCS = [
+    ("red", "circle", 1, "left", "What colour is the shape?", ["blue", "red", "green"], "1"),
+    ("green", "square", 2, "right", "How many squares are there?", ["one", "two", "three"], "1"),
+    ("blue", "circle", 1, "left", "Which side is the circle on?", ["left", "right"], "0"),
+]
+
+
+def write_mix_evals(root: Path) -> Path:
+    """``MixEval/MixEval-X``, config ``image2text`` (split ``multiple_choice``), and its images
+    (``$HF_HOME/mix_evals_image2text``), as lmms-eval 0.7's ``mix_evals_image2text_mc`` reads them."""
+    import datasets
+
+    keys = ("id", "problem_type", "input_file", "query", "options", "reference_answer")
+    columns: dict[str, list] = {k: [] for k in keys}
+    for n, (colour, shape, count, where, query, options, answer) in enumerate(MIX_EVALS_DOCS):
+        image = Path(root) / HF_HOME / "mix_evals_image2text" / "images" / f"{n}.png"
+        image.parent.mkdir(parents=True, exist_ok=True)
+        draw(colour, shape, count, where).save(image)
+        row = dict(id=str(n), problem_type="single-choice", input_file=[f"images/{n}.png"], query=query)
+        row.update(options=options, reference_answer=answer)
+        for key in keys:
+            columns[key].append(row[key])
+    text = datasets.Value("string")
+    listed = ("input_file", "options")
+    features = datasets.Features({k: datasets.Sequence(text) if k in listed else text for k in keys})
+    return _write_splits(root, "MixEval/MixEval-X", features, {("image2text", "multiple_choice"): columns})
+
+
 WRITERS = {
     "mme": write_mme,
     "pope": write_pope,
@@ -609,6 +639,7 @@ WRITERS = {
     "docvqa_val": write_docvqa,
     "videomme": write_videomme,
     "egoschema_subset": write_egoschema,
+    "mix_evals_image2text_mc": write_mix_evals,
 }
 
 
