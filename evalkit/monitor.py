@@ -4,7 +4,10 @@ Each rank publishes a heartbeat to the launcher's key-value store from a backgro
 requests finished, whether it is still working, and the docs it last finished. Rank 0 sums the
 counts into one progress bar. Every rank watches every heartbeat: a rank that is still working
 but has finished nothing for ``stall_timeout`` seconds ends the run, with a message naming it
-and where it was, instead of leaving the others waiting at the final gather.
+and where it was, instead of leaving the others waiting at the final gather. A rank whose
+heartbeat stops altogether for ``SILENT_SECONDS`` (its process died, or froze outside evalkit's
+loop) ends the run too: the collectives normally notice a dead peer at once, and this bounds the
+wait when they do not.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from evalkit.errors import say
 from evalkit.parallel import Topology
 
 POLL_SECONDS = 0.5
+SILENT_SECONDS = 30.0  # 60 missed heartbeats
 
 
 class Monitor:
@@ -36,6 +40,8 @@ class Monitor:
         self.store = topo.store()
         self.bar = tqdm(total=total, desc="requests (all ranks)", disable=not topo.is_main, dynamic_ncols=True)
         self._seen: dict[int, tuple[int, float]] = {}
+        self._heard: dict[int, tuple[int, float]] = {}  # rank -> (its last beat number, when it changed)
+        self._beats = 0
         self._everyone_seen = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -67,9 +73,15 @@ class Monitor:
                 self._seen[rank] = (beat["done"], now)
             elif beat["working"] and now - since > self.stall_timeout:
                 self._end_stalled(rank, beat, now - since)
+            number, heard = self._heard.get(rank, (-1, now))
+            if beat["beat"] != number:
+                self._heard[rank] = (beat["beat"], now)
+            elif now - heard > SILENT_SECONDS:
+                self._end_silent(rank, now - heard)
 
     def _exchange(self) -> dict[int, dict]:
-        mine = {"done": self.done, "working": self.working, "docs": self.last_docs}
+        self._beats += 1
+        mine = {"done": self.done, "working": self.working, "docs": self.last_docs, "beat": self._beats}
         if self.store is None:
             return {self.topo.rank: mine}
         self.store.set(f"evalkit/heartbeat/{self.topo.rank}", json.dumps(mine))
@@ -86,6 +98,14 @@ class Monitor:
         say(
             f"evalkit: rank {rank} made no progress for {seconds:.0f} s ({beat['done']} requests done, {where}); "
             f"ending the run (--stall-timeout {self.stall_timeout:g}); finished results are kept, rerun with --resume"
+        )
+        self.before_exit()
+        os._exit(1)
+
+    def _end_silent(self, rank: int, seconds: float) -> None:
+        say(
+            f"evalkit: rank {rank} sent no heartbeat for {seconds:.0f} s (its process died or froze); ending the run; "
+            f"finished results are kept, rerun with --resume"
         )
         self.before_exit()
         os._exit(1)
