@@ -18,6 +18,7 @@ import yaml
 from evalkit.errors import UsageError, did_you_mean, one_line, raise_all
 from evalkit.models.batching import MAX_ROWS, BatchLimit
 from evalkit.models.dtypes import DTYPE_NAMES
+from evalkit.models.lm_rules import generation_problems
 
 if TYPE_CHECKING:
     from evalkit.judge import JudgeOptions
@@ -166,6 +167,7 @@ class RunConfig:
             problems.append(
                 f"--think-end-token {self.think_end_token!r} must be the token's text, e.g. '</think>' (not its id)"
             )
+        problems.extend(generation_problems(self.gen_kwargs or {}))
         if self.dtype not in DTYPE_NAMES:
             problems.append(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
         if self.tp < 1:

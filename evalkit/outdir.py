@@ -8,6 +8,7 @@ another task configuration's results is refused rather than mixed.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,19 @@ MANIFEST = "run.json"
 
 
 def check_writable(output: Path, rank: int) -> None:
+    """The folder can be written, or created where it does not exist yet (nothing is created here:
+    the launch's lock creates it once every check passed)."""
     if output.exists() and not output.is_dir():
         raise UsageError(f"--output {output} is a file; pass a folder")
+    if not output.exists():
+        parent = next((p for p in output.absolute().parents if p.exists()), None)
+        if parent is None or not parent.is_dir():
+            raise UsageError(f"cannot create --output {output}: {parent} is not a folder; choose another path")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise UsageError(f"cannot create --output {output}: {parent} is not writable; choose a writable folder")
+        return
     probe = output / f".evalkit-write-test-{rank}"
     try:
-        output.mkdir(parents=True, exist_ok=True)
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
@@ -33,9 +42,7 @@ def check_writable(output: Path, rank: int) -> None:
 
 def check_folder(output: Path, *, resume: bool, model: dict[str, Any], tasks: dict[str, str]) -> None:
     """Refuse a folder this run must not write into; everything else is left untouched."""
-    entries = (
-        [p.name for p in output.iterdir() if not p.name.startswith(".evalkit-write-test")] if output.is_dir() else []
-    )
+    entries = [p.name for p in output.iterdir() if not p.name.startswith(".evalkit")] if output.is_dir() else []
     if not entries:
         return
     if not resume:

@@ -9,8 +9,6 @@ request), so a run resumed on any number of processes finds every result it alre
 from __future__ import annotations
 
 import functools
-import secrets
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -148,7 +146,7 @@ def finished_indices(output: Path, index_of: dict[str, int]) -> set[int]:
     return {index_of[r["k"]] for r in read_all(output) if r.get("k") in index_of and "r" in r}
 
 
-def deal(plan: RunPlan, dp: int) -> list[Work]:
+def deal(plan: RunPlan, dp: int, launch: str) -> list[Work]:
     """Each dp rank's share of the pending requests, balanced by cost. Loglikelihood requests with
     the same context (a doc's choices) go to one rank together, where they share a row."""
     pending = [r for r in plan.requests if r.index not in plan.done]
@@ -158,7 +156,6 @@ def deal(plan: RunPlan, dp: int) -> list[Work]:
         units.setdefault(request.index if group is None else ("context", group), []).append(request)
     grouped = list(units.values())
     costs = [unit_cost(unit) for unit in grouped]
-    launch = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
     kinds = frozenset(r.kind for r in pending)
     shares = []
     for rank in range(dp):

@@ -35,6 +35,7 @@ from evalkit.models.protocol import Backend
 from evalkit.models.registry import BuildContext
 from evalkit.monitor import Monitor
 from evalkit.outdir import write_manifest
+from evalkit.output_lock import OutputLock
 from evalkit.parallel import AgreedError, Topology, init_topology, launcher_rank, settle_before_exit, shutdown
 from evalkit.shards import SHARD_DIR, ShardWriter
 from evalkit.tasks.images import VisualSource
@@ -92,14 +93,21 @@ class Ready:
     backend: Backend
 
 
-def prepare(config: RunConfig, topo: Topology, phases: Phases, judge: JudgeProxy | None) -> Ready:
-    """Preflight on every rank, the plan on rank 0 (each rank handed its share), images, model."""
-    inputs = topo.agreed(lambda: preflight.check_inputs(config, topo))
+def prepare(config: RunConfig, topo: Topology, phases: Phases, judge: JudgeProxy | None, lock: OutputLock) -> Ready:
+    """Preflight on every rank and the output folder taken, the plan on rank 0 (each rank handed its
+    share), images, model."""
+
+    def check() -> preflight.Inputs:
+        inputs = preflight.check_inputs(config, topo)
+        lock.acquire()
+        return inputs
+
+    inputs = topo.agreed(check)
     box: dict[str, plan.RunPlan] = {}
 
     def plan_and_deal() -> list[plan.Work]:
         box["plan"] = plan_run(config, topo, inputs, judge)
-        return plan.deal(box["plan"], topo.layout.dp)
+        return plan.deal(box["plan"], topo.layout.dp, lock.launch)
 
     with phases.phase("plan"):
         work = topo.hand_out(plan_and_deal)
@@ -159,8 +167,8 @@ def evaluate(config: RunConfig, topo: Topology) -> None:
     phases = Phases()
     quiet_libraries()
     set_seeds(config)
-    with judge_proxy(config, topo) as judge:
-        ready = prepare(config, topo, phases, judge)
+    with OutputLock(config.output, holder=topo.rank == 0) as lock, judge_proxy(config, topo) as judge:
+        ready = prepare(config, topo, phases, judge, lock)
         if ready.run_plan is not None:
             write_manifest(config.output, model=ready.run_plan.model, tasks=ready.run_plan.task_hashes)
         stats = run_requests(config, topo, ready, phases)

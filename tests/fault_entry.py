@@ -2,7 +2,7 @@
 
 FAULT picks what happens on rank FAULT_RANK (default 1) once it has finished FAULT_AFTER model
 batches (default 1): "raise" raises inside the forward, "kill" sends itself SIGKILL, "stall"
-sleeps far past any timeout. "slow" makes every batch on every rank take 0.25 s longer, so a
+sleeps far past any timeout, "gate" waits until the file FAULT_GATE exists. "slow" makes every batch on every rank take 0.25 s longer, so a
 test can signal a run mid-way. "poison" fails every loglikelihood call whose contexts contain
 FAULT_TEXT, on every rank. Everything else is the real evalkit run.
 """
@@ -37,6 +37,9 @@ def faulty(original):
                 os.kill(os.getpid(), signal.SIGKILL)
             if FAULT == "stall":
                 time.sleep(3600)
+            if FAULT == "gate":
+                while not os.path.exists(os.environ["FAULT_GATE"]):
+                    time.sleep(0.1)
         batches.append(width)
         return original(self, width, *args)
 

@@ -38,7 +38,7 @@ def assert_usage_error(run, *fragments: str, ranks: int = 1, fresh_output: bool 
     # torchrun prints its own traceback when a worker fails; none may come from evalkit's code.
     assert not evalkit_frames(run.stderr), evalkit_frames(run.stderr)
     if run.output is not None and fresh_output:
-        assert not (run.output / "results.json").exists()
+        assert not run.output.exists(), "nothing is written, not even an empty folder"
 
 
 @pytest.mark.parametrize(
@@ -130,4 +130,44 @@ def test_bad_input_ends_every_rank(tmp_path, nproc, args, fragments):
     run = run_evalkit(model_args(*args), launcher="torchrun", nproc=nproc, output=tmp_path / "out", timeout=180)
     assert run.returncode != 0
     assert "exitcode: 2" in run.stderr
+    assert_usage_error(run, *fragments, ranks=nproc)
+
+
+def broken_checkpoint(tmp_path: Path, damage: str) -> Path:
+    """A copy of the tiny model with its config.json cut mid-way or its weights cut in half."""
+    import shutil
+
+    model = shutil.copytree(TINY_MODEL, tmp_path / f"model-{damage}")
+    if damage == "config":
+        text = (model / "config.json").read_text()
+        (model / "config.json").write_text(text[: len(text) // 2])
+    else:
+        weights = model / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return model
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize(
+    ("case", "fragments"),
+    [
+        (["--gen-kwargs", "garbage"], ["--gen-kwargs: unknown generation setting 'garbage'"]),
+        (["--gen-kwargs", "temperature=abc"], ["--gen-kwargs temperature='abc': expected a number >= 0"]),
+        (["--gen-kwargs", "max_gen_toks=-5"], ["--gen-kwargs max_gen_toks=-5: expected a positive integer"]),
+        ("config", ["config.json is not valid JSON", "restore it"]),
+        ("weights", ["model.safetensors is cut short", "copy the checkpoint again"]),
+        (["--tasks", str(BROKEN / "template_syntax.yaml")], ["broken_template_syntax", "TemplateSyntaxError"]),
+    ],
+    ids=["gen-kwargs-garbage", "gen-kwargs-value", "gen-kwargs-limit", "corrupt-config", "truncated-weights", "jinja"],
+)
+def test_bad_flags_and_files_write_nothing(tmp_path, nproc, case, fragments):
+    """Refused before the output folder exists (so it can be rerun or resumed once fixed), on every rank."""
+    model = broken_checkpoint(tmp_path, case) if isinstance(case, str) else TINY_MODEL
+    flags = [] if isinstance(case, str) else case
+    tasks = [] if "--tasks" in flags else ["--tasks", "demo_gen"]
+    args = ["--model", str(model), "--device", "cpu", *tasks, *flags]
+    run = run_evalkit(args, launcher="torchrun" if nproc > 1 else "python", nproc=nproc, output=tmp_path / "out")
+    assert run.returncode == (2 if nproc == 1 else 1)  # torchrun ends 1 when a worker ends 2
+    assert nproc == 1 or "exitcode: 2" in run.stderr
     assert_usage_error(run, *fragments, ranks=nproc)

@@ -25,6 +25,7 @@ LAYERS: list[list[str]] = [
         "evalkit.preflight",
         "evalkit.identity",
         "evalkit.outdir",
+        "evalkit.output_lock",
         "evalkit.model_source",
         "evalkit.planner",
         "evalkit.vision_shape",

@@ -210,7 +210,7 @@ def test_deal_keeps_a_context_on_one_rank_and_balances_cost():
         done={0, 1},
     )
     for dp in (2, 3):
-        shares = [work.requests for work in deal(plan, dp)]
+        shares = [work.requests for work in deal(plan, dp, "launch")]
         indices = [r.index for share in shares for r in share]
         assert sorted(indices) == list(range(2, len(requests)))
         assert all([r.index for r in share] == sorted(r.index for r in share) for share in shares)

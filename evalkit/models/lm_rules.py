@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from evalkit.errors import did_you_mean
 from evalkit.models.protocol import DEFAULT_MAX_GEN_TOKS, GenerationInput, Progress
 from evalkit.models.stopping import cut_at_stop
 
@@ -117,6 +118,63 @@ def normalize_generation_kwargs(raw: dict[str, Any]) -> dict[str, Any]:
     do_sample = temperature > 0.0 if do_sample is None else bool(do_sample)
     sampling = {"do_sample": True, "temperature": temperature} if do_sample else {"do_sample": False}
     return {"until": until, "max_gen_toks": max_gen_toks, **sampling, **kwargs}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _texts(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+
+
+_LIMIT = (lambda v: _integer(v) and v >= 1, "a positive integer")
+# The generation settings every backend reads, with what their values must be.
+GENERATION_SETTINGS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "until": (_texts, "a stop string or a list of them"),
+    "max_gen_toks": _LIMIT,
+    "max_new_tokens": _LIMIT,
+    "max_tokens": _LIMIT,
+    "max_completion_tokens": _LIMIT,
+    "do_sample": (lambda v: isinstance(v, bool), "true or false"),
+    "temperature": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "top_p": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "top_k": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    "min_p": (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "num_beams": _LIMIT,
+    "repetition_penalty": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "presence_penalty": (_number, "a number"),
+    "frequency_penalty": (_number, "a number"),
+    "seed": (_integer, "an integer"),
+}
+
+
+def generation_problems(kwargs: dict[str, Any], flag: str = "--gen-kwargs") -> list[str]:
+    """What is wrong with generation settings, one line each, before any model loads: a key must be
+    one of ``GENERATION_SETTINGS`` (value checked) or another setting transformers' ``generate``
+    takes (a ``GenerationConfig`` field)."""
+    problems = []
+    fields: set[str] | None = None
+    for key, value in kwargs.items():
+        if key in GENERATION_SETTINGS:
+            valid, expected = GENERATION_SETTINGS[key]
+            if not valid(value):
+                problems.append(f"{flag} {key}={value!r}: expected {expected}")
+            continue
+        if fields is None:
+            from transformers import GenerationConfig
+
+            fields = set(GenerationConfig().to_dict())
+        if key not in fields:
+            known = [*GENERATION_SETTINGS, *fields]
+            problems.append(f"{flag}: unknown generation setting {key!r}{did_you_mean(key, known)}")
+    if kwargs.get("do_sample") is True and kwargs.get("temperature", 0) == 0:
+        problems.append(f"{flag} do_sample=true samples, and needs temperature > 0 (greedy: do_sample=false)")
+    return problems
 
 
 def rolling_windows(tokens: list[int], prefix: int, max_len: int) -> list[tuple[list[int], list[int]]]:

@@ -404,5 +404,8 @@ def config_problems(config: RunConfig) -> list[str]:
         folder = Path(config.model)
         if not (folder / "config.json").is_file():
             return []  # the model source is checked (and refused) before the run starts
-        spec = select(config.backend, config.model)
+        try:
+            spec = select(config.backend, config.model)
+        except ValueError:  # an unreadable config.json: refused by the same check
+            return []
     return spec.problems(config)
