@@ -1,5 +1,7 @@
 """Merge: rank 0 streams every rank's shard (this launch's and earlier ones') into one output per
-request, by global index, with an exactly-once check against what the ranks say they wrote."""
+request, by global index, with an exactly-once check against what the ranks say they wrote. What
+this launch computed is its own: an earlier launch's result for a request this launch ran again
+(a member of a context group it recomputed whole) is not used."""
 
 from __future__ import annotations
 
@@ -21,10 +23,11 @@ def merge_results(output: Path, plan: RunPlan, launch: str, written: int) -> lis
 
     def pairs() -> Iterator[tuple[int, Any]]:
         for path in shard_files(output):
-            for record in read_records(path):
-                counted["now"] += path.name.startswith(launch)
+            now = path.name.startswith(launch)
+            for record in read_records(path, warn=False):  # planning already reported bad lines
+                counted["now"] += now
                 index = index_of.get(record.get("k"))
-                if index is not None:
+                if index is not None and (now or index in plan.done):
                     yield index, record["r"] if "r" in record else RequestError(record["error"])
 
     outputs = merge_shards([pairs()], len(plan.requests), replaceable=lambda r: isinstance(r, RequestError))

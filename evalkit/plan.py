@@ -138,12 +138,27 @@ def identify(
     keyed = [replace(r, key=request_key(model["hash"], task_hashes[r.task], r)) for r in requests]
     plan = RunPlan(inputs.model, tasks, groups, keyed, model, task_hashes, done=set())
     plan.done = finished_indices(config.output, plan.index_of)
+    if inputs.spec.packs_contexts(config):
+        plan.done = whole_groups(keyed, plan.done)
     return plan
 
 
 def finished_indices(output: Path, index_of: dict[str, int]) -> set[int]:
     """Global indices of requests whose results earlier runs saved (read by rank 0 only)."""
     return {index_of[r["k"]] for r in read_all(output) if r.get("k") in index_of and "r" in r}
+
+
+def whole_groups(requests: list[Request], done: set[int]) -> set[int]:
+    """``done`` less every loglikelihood request whose context group (a doc's choices, which a packing
+    backend scores in one row) is not all done: a resume computes such a group whole again, as an
+    uninterrupted run did, so its values stay bit-identical."""
+    members: dict[str, list[int]] = {}
+    for request in requests:
+        group = context_group(request.args[0]) if request.kind == "loglikelihood" else None
+        if group is not None:
+            members.setdefault(group, []).append(request.index)
+    broken = {i for group in members.values() if not done.issuperset(group) for i in group}
+    return done - broken
 
 
 def deal(plan: RunPlan, dp: int, launch: str) -> list[Work]:

@@ -31,6 +31,21 @@ def saved_lines(output) -> int:
     return sum(len(p.read_text().splitlines()) for p in (output / "shards").glob("*.jsonl"))
 
 
+def whole_docs_saved(output, reference_run, damaged: frozenset = frozenset()) -> int:
+    """Saved results a resume reuses: those of docs whose requests were all saved intact (a doc's
+    choices share one packed row, so a resume computes a partly saved doc's requests together)."""
+    counts: dict[tuple[str, int], int] = {}
+    for path in (output / "shards").glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            counts[record["task"], record["doc_id"]] = counts.get((record["task"], record["doc_id"]), 0) + 1
+    needed = {(task, d["doc_id"]): len(d["arguments"]) for task in DEMO_TASKS for d in reference_run.docs(task)}
+    return sum(n for doc, n in counts.items() if n == needed[doc] and doc not in damaged)
+
+
 def assert_same_as_uninterrupted(run, reference_run):
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.results()["results"] == reference_run.results()["results"]
@@ -80,11 +95,11 @@ def test_resume_on_another_world_size(killed, reference_run, tmp_path, nproc):
     _, output = killed
     copy = tmp_path / "out"
     shutil.copytree(output, copy)
-    saved = saved_lines(copy)
+    saved, reused = saved_lines(copy), whole_docs_saved(copy, reference_run)
     run = resume(copy, nproc)
     assert_same_as_uninterrupted(run, reference_run)
-    assert run.results()["resume"] == {"reused": saved, "computed": TOTAL_REQUESTS - saved}
-    assert saved_lines(copy) == TOTAL_REQUESTS
+    assert run.results()["resume"] == {"reused": reused, "computed": TOTAL_REQUESTS - reused}
+    assert saved_lines(copy) == saved + TOTAL_REQUESTS - reused  # partly saved docs were computed whole
 
 
 def test_raising_rank_keeps_results_and_resumes(tmp_path, reference_run):
@@ -99,11 +114,11 @@ def test_raising_rank_keeps_results_and_resumes(tmp_path, reference_run):
     )
     assert crashed.returncode != 0 and crashed.seconds < BOUND_SECONDS
     assert "evalkit: rank 1 failed: RuntimeError: injected failure in the forward of rank 1" in crashed.stderr
-    saved = saved_lines(output)
-    assert saved > 0
+    assert saved_lines(output) > 0
+    reused = whole_docs_saved(output, reference_run)
     run = resume(output, 2)
     assert_same_as_uninterrupted(run, reference_run)
-    assert run.results()["resume"]["reused"] == saved
+    assert run.results()["resume"]["reused"] == reused
 
 
 def test_stalled_rank_ends_the_run(tmp_path):
@@ -151,22 +166,46 @@ def test_sigterm_to_the_launcher_stops_cleanly_and_resumes(tmp_path, reference_r
     assert stderr.count("stopped by SIGTERM; finished results are saved") == 2, stderr[-3000:]
     for path in (output / "shards").glob("*.jsonl"):
         assert all(json.loads(line) for line in path.read_text().splitlines()), "shards hold only whole lines"
-    saved = saved_lines(output)
-    assert 20 <= saved < TOTAL_REQUESTS
+    assert 20 <= saved_lines(output) < TOTAL_REQUESTS
+    reused = whole_docs_saved(output, reference_run)
     run = resume(output, 2)
     assert_same_as_uninterrupted(run, reference_run)
-    assert run.results()["resume"] == {"reused": saved, "computed": TOTAL_REQUESTS - saved}
+    assert run.results()["resume"] == {"reused": reused, "computed": TOTAL_REQUESTS - reused}
 
 
-def test_torn_last_line_is_dropped_and_recomputed(killed, reference_run, tmp_path):
+def damage_a_line(output, damage) -> tuple[str, int]:
+    """Apply ``damage`` to the last line of the biggest shard it changes; (task, doc id) of that line."""
+    shard = max((output / "shards").glob("*.jsonl"), key=lambda p: p.stat().st_size)
+    lines = shard.read_bytes().splitlines(keepends=True)
+    n = max(i for i, line in enumerate(lines) if damage(line) is not None)
+    record = json.loads(lines[n])
+    lines[n] = damage(lines[n])
+    shard.write_bytes(b"".join(lines))
+    return record["task"], record["doc_id"]
+
+
+def tear(line: bytes) -> bytes:
+    """The end of the file's last line lost, newline included (the process died mid-write)."""
+    return line[:-20]
+
+
+def change_a_digit(line: bytes) -> bytes | None:
+    head, value = line.split(b'"r":', 1)
+    digits = [i for i, c in enumerate(value) if chr(c) in "123456789"]
+    return head + b'"r":' + value[: digits[0]] + b"0" + value[digits[0] + 1 :] if digits else None
+
+
+@pytest.mark.parametrize("damage", [tear, change_a_digit], ids=["torn-last-line", "changed-digit"])
+def test_damaged_line_is_recomputed_with_its_doc(killed, reference_run, tmp_path, damage):
+    """A torn last line (the process died mid-write) or a changed digit fails its checksum: never
+    used, counted in a warning, and recomputed with the rest of its doc's choices, so every value
+    equals an uninterrupted run's."""
     _, output = killed
     copy = tmp_path / "out"
     shutil.copytree(output, copy)
-    shard = max((copy / "shards").glob("*.jsonl"), key=lambda p: p.stat().st_size)
-    data = shard.read_bytes()
-    shard.write_bytes(data[: len(data) - 20])  # the last line loses its end and its newline
-    saved = saved_lines(copy) - 1
+    task, doc_id = damage_a_line(copy, damage)
+    reused = whole_docs_saved(copy, reference_run, damaged=frozenset({(task, doc_id)}))
     run = resume(copy, 1)
-    assert "dropped a half-written last line" in run.stderr
+    assert "evalkit: warning: 1 saved result(s) in " in run.stderr and "failed their checksum" in run.stderr
     assert_same_as_uninterrupted(run, reference_run)
-    assert run.results()["resume"] == {"reused": saved, "computed": TOTAL_REQUESTS - saved}
+    assert run.results()["resume"] == {"reused": reused, "computed": TOTAL_REQUESTS - reused}

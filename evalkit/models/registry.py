@@ -131,6 +131,10 @@ class BackendSpec:
     def build(self, config: RunConfig, context: BuildContext) -> Backend:
         return self.load(self.options(config, context))
 
+    def packs_contexts(self, config: RunConfig) -> bool:
+        """Whether it scores a doc's choices in one packed row (so a resume computes them together)."""
+        return "shared_prefix" in self.honours and config.shared_prefix
+
     def placement_for_tp(self, tp_backend: str) -> str:
         """The placement a TP group of this backend takes (--tp-backend unless it splits models itself)."""
         return (self.tp_placement or Placement(tp_backend)).value
