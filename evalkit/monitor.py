@@ -7,7 +7,8 @@ but has finished nothing for ``stall_timeout`` seconds ends the run, with a mess
 and where it was, instead of leaving the others waiting at the final gather. A rank whose
 heartbeat stops altogether for ``SILENT_SECONDS`` (its process died, or froze outside evalkit's
 loop) ends the run too: the collectives normally notice a dead peer at once, and this bounds the
-wait when they do not.
+wait when they do not. A rank that fails announces it in the store (``FAILED_KEY``), and every
+other rank's monitor ends at its next beat, rather than finishing its share first.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from tqdm import tqdm
 
 from evalkit.errors import say
-from evalkit.parallel import Topology
+from evalkit.parallel import FAILED_KEY, Topology
 
 POLL_SECONDS = 0.5
 SILENT_SECONDS = 30.0  # 60 missed heartbeats
@@ -85,6 +86,8 @@ class Monitor:
         if self.store is None:
             return {self.topo.rank: mine}
         self.store.set(f"evalkit/heartbeat/{self.topo.rank}", json.dumps(mine))
+        if self.store.check([FAILED_KEY]):
+            self._end_failed(self.store.get(FAILED_KEY).decode(errors="replace"))
         keys = [f"evalkit/heartbeat/{r}" for r in range(self.topo.layout.world_size)]
         # One round trip once every rank has published (multi_get would wait for missing keys).
         if not self._everyone_seen:
@@ -99,6 +102,11 @@ class Monitor:
             f"evalkit: rank {rank} made no progress for {seconds:.0f} s ({beat['done']} requests done, {where}); "
             f"ending the run (--stall-timeout {self.stall_timeout:g}); finished results are kept, rerun with --resume"
         )
+        self.before_exit()
+        os._exit(1)
+
+    def _end_failed(self, line: str) -> None:
+        say(f"evalkit: rank {self.topo.rank} ends the run: another rank failed ({line.removeprefix('evalkit: ')})")
         self.before_exit()
         os._exit(1)
 

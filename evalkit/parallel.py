@@ -366,6 +366,28 @@ def settle_before_exit() -> None:
             dist.barrier()
 
 
+FAILED_KEY = "evalkit/failed"  # the launcher's store: the first failure of any rank, in one line
+
+
+def announce_failure(line: str, wait_s: float = 2.0) -> None:
+    """Tell every rank, through the launcher's store, that this rank failed (their monitors end the
+    run at once instead of at the next collective); never waits more than ``wait_s`` for a store
+    that is gone with the rank that served it."""
+    if not dist.is_initialized():
+        return
+    import threading
+
+    def tell() -> None:
+        try:
+            dist.distributed_c10d._get_default_store().set(FAILED_KEY, line)
+        except Exception:  # noqa: BLE001 - the store went away; the collectives will notice instead
+            pass
+
+    teller = threading.Thread(target=tell, daemon=True)
+    teller.start()
+    teller.join(wait_s)
+
+
 def shutdown() -> bool:
     """End the process group; whether there was one."""
     if not dist.is_initialized():

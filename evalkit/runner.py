@@ -36,7 +36,15 @@ from evalkit.models.registry import BuildContext
 from evalkit.monitor import Monitor
 from evalkit.outdir import write_manifest
 from evalkit.output_lock import OutputLock
-from evalkit.parallel import AgreedError, Topology, init_topology, launcher_rank, settle_before_exit, shutdown
+from evalkit.parallel import (
+    AgreedError,
+    Topology,
+    announce_failure,
+    init_topology,
+    launcher_rank,
+    settle_before_exit,
+    shutdown,
+)
 from evalkit.shards import SHARD_DIR, ShardWriter
 from evalkit.tasks.images import VisualSource
 from evalkit.timings import Phases
@@ -215,7 +223,9 @@ def run_guarded(config: RunConfig) -> int:
         os._exit(130)
     except BaseException as exc:  # noqa: BLE001 - a crash must end this rank now, never wait on peers
         traceback.print_exc()
-        say(f"evalkit: rank {rank} failed: {type(exc).__name__}: {exc}")
+        line = f"evalkit: rank {rank} failed: {type(exc).__name__}: {exc}"
+        say(line)
+        announce_failure(line)
         os._exit(1)
     if shutdown():
         # Everything is written and closed. Interpreter teardown after destroy_process_group can still

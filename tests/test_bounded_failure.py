@@ -49,6 +49,7 @@ def test_crash_without_torchrun_supervision_still_ends(tmp_path, monkeypatch):
         "FAULT": "raise",
         "FAULT_RANK": "1",
         "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",  # one thread per rank, as torchrun gives (the machine runs other tests)
     }
     cmd = [
         sys.executable,

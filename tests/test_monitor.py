@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from evalkit import monitor as monitor_module
 from evalkit.monitor import Monitor
-from evalkit.parallel import Layout, Topology
+from evalkit.parallel import FAILED_KEY, Layout, Topology
 
 
 class StoreTopology(Topology):
@@ -77,3 +77,20 @@ def test_a_rank_that_keeps_beating_is_left_alone(exits):
     finally:
         watch._stop.set()
     assert codes == []
+
+
+def test_a_failure_announced_by_another_rank_ends_the_run_at_once(exits, capfd):
+    ended, codes = exits
+    kv = dist.HashStore()
+    beat(kv, 1)
+    watch = Monitor(rank0(kv), total=4, stall_timeout=3600)
+    try:
+        kv.set(FAILED_KEY, "evalkit: rank 1 failed: RuntimeError: out of memory")
+        assert ended.wait(10)  # the next beat, not SILENT_SECONDS later
+    finally:
+        watch._stop.set()
+    assert codes == [1]
+    assert (
+        "evalkit: rank 0 ends the run: another rank failed (rank 1 failed: RuntimeError: out of memory)"
+        in capfd.readouterr().err
+    )
