@@ -147,22 +147,32 @@ def broken_checkpoint(tmp_path: Path, damage: str) -> Path:
     return model
 
 
+BAD_FLAGS_AND_FILES = {
+    "gen-kwargs-garbage": (["--gen-kwargs", "garbage"], ["--gen-kwargs: unknown generation setting 'garbage'"]),
+    "gen-kwargs-value": (
+        ["--gen-kwargs", "temperature=abc"],
+        ["--gen-kwargs temperature='abc': expected a number >= 0"],
+    ),
+    "gen-kwargs-limit": (
+        ["--gen-kwargs", "max_gen_toks=-5"],
+        ["--gen-kwargs max_gen_toks=-5: expected a positive integer"],
+    ),
+    "corrupt-config": ("config", ["config.json is not valid JSON", "restore it"]),
+    "truncated-weights": ("weights", ["model.safetensors is cut short", "copy the checkpoint again"]),
+    "jinja": (["--tasks", str(BROKEN / "template_syntax.yaml")], ["broken_template_syntax", "TemplateSyntaxError"]),
+}
+# Every case on 1 rank; on 2 ranks one of each kind of check (the three --gen-kwargs cases share
+# one check, made on every rank as the flags are parsed).
+BAD_FLAG_RUNS = [(1, name) for name in BAD_FLAGS_AND_FILES] + [
+    (2, name) for name in ("gen-kwargs-garbage", "corrupt-config", "truncated-weights", "jinja")
+]
+
+
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("nproc", [1, 2])
-@pytest.mark.parametrize(
-    ("case", "fragments"),
-    [
-        (["--gen-kwargs", "garbage"], ["--gen-kwargs: unknown generation setting 'garbage'"]),
-        (["--gen-kwargs", "temperature=abc"], ["--gen-kwargs temperature='abc': expected a number >= 0"]),
-        (["--gen-kwargs", "max_gen_toks=-5"], ["--gen-kwargs max_gen_toks=-5: expected a positive integer"]),
-        ("config", ["config.json is not valid JSON", "restore it"]),
-        ("weights", ["model.safetensors is cut short", "copy the checkpoint again"]),
-        (["--tasks", str(BROKEN / "template_syntax.yaml")], ["broken_template_syntax", "TemplateSyntaxError"]),
-    ],
-    ids=["gen-kwargs-garbage", "gen-kwargs-value", "gen-kwargs-limit", "corrupt-config", "truncated-weights", "jinja"],
-)
-def test_bad_flags_and_files_write_nothing(tmp_path, nproc, case, fragments):
+@pytest.mark.parametrize(("nproc", "name"), BAD_FLAG_RUNS, ids=[f"{name}-{n}rank" for n, name in BAD_FLAG_RUNS])
+def test_bad_flags_and_files_write_nothing(tmp_path, nproc, name):
     """Refused before the output folder exists (so it can be rerun or resumed once fixed), on every rank."""
+    case, fragments = BAD_FLAGS_AND_FILES[name]
     model = broken_checkpoint(tmp_path, case) if isinstance(case, str) else TINY_MODEL
     flags = [] if isinstance(case, str) else case
     tasks = [] if "--tasks" in flags else ["--tasks", "demo_gen"]
