@@ -21,6 +21,11 @@ class UsageError(Exception):
         super().__init__(" ".join(message.split("\n")))
 
 
+class RunFailed(RuntimeError):
+    """A run that cannot go on for a reason its message says in full (a server that stopped
+    answering, after every retry): one line and exit code 1, no traceback; what finished is saved."""
+
+
 def did_you_mean(name: str, known: Iterable[str]) -> str:
     """' (did you mean 'x'?)' for the closest known name, or '' when nothing is close."""
     close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)

@@ -36,7 +36,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import IO, Any
 
-from evalkit.errors import UsageError
+from evalkit.errors import RunFailed, UsageError
 from evalkit.models.openai_api import Server, ServerError, check_reachable
 
 JOURNAL = "judge.jsonl"
@@ -111,7 +111,7 @@ def check_judge(options: JudgeOptions) -> None:
         )
 
 
-class JudgeFailed(RuntimeError):
+class JudgeFailed(RunFailed):
     """The judge did not answer some requests, after every retry."""
 
 

@@ -24,6 +24,12 @@ def answer_for(prompt: Any) -> str:
     return f" answer-{len(json.dumps(prompt, sort_keys=True)) % 97}\n\nrest after the stop"
 
 
+def _hash(text: str) -> int:
+    import hashlib
+
+    return int(hashlib.sha256(text.encode()).hexdigest(), 16)
+
+
 def hashed_grade(messages: Any) -> str:
     """An LLM judge's grade from the request alone (0.0 to 1.0 in tenths, by its sha256), so two tools
     that send a judge the same prompts get the same grades."""
@@ -35,8 +41,16 @@ def hashed_grade(messages: Any) -> str:
 
 @dataclass
 class StubBehaviour:
-    failures_per_prompt: int = 0  # answer this many attempts of each prompt with ``failure_status``
+    failures_per_prompt: int = 0  # answer this many attempts of each prompt with a failure:
+    # ``failure_kind`` "status" (``failure_status``), "malformed" (200, not JSON), "empty" (200, no
+    # choices), "two" (200, two choices for one), "drop" (the connection closed unanswered) or
+    # "trickle" (the right answer, one byte every ``trickle_s`` seconds)
     failure_status: int = 503
+    failure_kind: str = "status"
+    trickle_s: float = 0.05
+    get_failures: int = 0  # answer this many GETs (``/models``) with 503
+    always_fail_one_in: int | None = None  # one prompt in this many (by its hash) fails every attempt
+    answered: int = 0  # POSTs answered 200 with a whole, well-formed answer
     prompt_logprobs: bool = False  # echo + logprobs answered with logprobs (as vLLM) or without (as OpenAI)
     api_key: str | None = None
     attempts: Counter = field(default_factory=Counter)
@@ -68,13 +82,40 @@ class OpenAIStub:
             def log_message(self, *args: Any) -> None:  # quiet
                 pass
 
-            def _send(self, status: int, body: dict[str, Any]) -> None:
-                data = json.dumps(body).encode()
+            def _send(self, status: int, body: dict[str, Any] | bytes, trickle: bool = False) -> None:
+                import time
+
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data)
+                if not trickle:
+                    self.wfile.write(data)
+                    return
+                for byte in data:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(behaviour.trickle_s)
+
+            def _fail(self, ok: tuple[int, dict[str, Any]]) -> None:
+                kind = behaviour.failure_kind
+                if kind == "status":
+                    self._send(behaviour.failure_status, {"error": {"message": "try again"}})
+                elif kind == "malformed":
+                    self._send(200, b'{"choices": [{"text": "cut')
+                elif kind == "empty":
+                    self._send(200, {"choices": []})
+                elif kind == "two":
+                    self._send(200, {"choices": ok[1]["choices"] * 2})
+                elif kind == "drop":
+                    self.close_connection = True
+                    self.connection.close()
+                elif kind == "trickle":
+                    try:
+                        self._send(*ok, trickle=True)
+                    except OSError:  # the client gave up on it
+                        pass
 
             def _authorized(self) -> bool:
                 header = self.headers.get("Authorization", "")
@@ -88,7 +129,12 @@ class OpenAIStub:
             def do_GET(self) -> None:
                 if not self._authorized():
                     return
-                if self.path.rstrip("/").endswith("/models"):
+                with behaviour.lock:
+                    behaviour.get_failures -= 1
+                    failing = behaviour.get_failures >= 0
+                if failing:
+                    self._send(503, {"error": {"message": "starting up"}})
+                elif self.path.rstrip("/").endswith("/models"):
                     self._send(200, {"object": "list", "data": [{"id": "stub-model", "object": "model"}]})
                 else:
                     self._send(404, {"error": {"message": "not found"}})
@@ -113,16 +159,24 @@ class OpenAIStub:
                         ):
                             behaviour.hold_missed += 1
                 try:
-                    if attempt <= behaviour.failures_per_prompt:
-                        self._send(behaviour.failure_status, {"error": {"message": "try again"}})
-                    elif self.path.endswith("/chat/completions"):
+                    if behaviour.always_fail_one_in and _hash(key) % behaviour.always_fail_one_in == 0:
+                        self._send(behaviour.failure_status, {"error": {"message": "this one never works"}})
+                        return
+                    if self.path.endswith("/chat/completions"):
                         reply = behaviour.chat_reply or answer_for
                         message = {"role": "assistant", "content": reply(prompt)}
-                        self._send(200, {"choices": [{"index": 0, "message": message}]})
+                        ok = (200, {"choices": [{"index": 0, "message": message}]})
                     elif body.get("echo") and body.get("logprobs") is not None:
-                        self._send(*self._scored(prompt))
+                        ok = self._scored(prompt)
                     else:
-                        self._send(200, {"choices": [{"index": 0, "text": answer_for(prompt)}]})
+                        ok = (200, {"choices": [{"index": 0, "text": answer_for(prompt)}]})
+                    if attempt <= behaviour.failures_per_prompt:
+                        self._fail(ok)
+                        return
+                    self._send(*ok)
+                    if ok[0] == 200:
+                        with behaviour.lock:
+                            behaviour.answered += 1
                 finally:
                     with behaviour.lock:
                         behaviour.in_flight -= 1

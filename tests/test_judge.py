@@ -323,7 +323,7 @@ def test_an_unreachable_or_wrong_judge_is_refused_before_the_model_loads(data, t
     url = f"http://127.0.0.1:{free_port()}/v1"
     args = ["--model", str(TINY_MODEL), "--device", "cpu", "--tasks", "mmvet", "--judge-api-key-env", "JUDGE_KEY"]
     run = run_evalkit(
-        [*args, "--judge-base-url", url, "--judge-model", JUDGE_MODEL],
+        [*args, "--judge-base-url", url, "--judge-model", JUDGE_MODEL, "--max-retries", "1"],  # the probe retries
         output=tmp_path / "out",
         cwd=data,
         env={"JUDGE_KEY": SECRET},

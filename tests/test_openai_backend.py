@@ -19,7 +19,14 @@ from evalkit.cli import parse_config
 from evalkit.config import RunConfig
 from evalkit.errors import UsageError
 from evalkit.models import registry
-from evalkit.models.openai_api import OpenAICompletions, Server, ServerError, ServerOptions, run_concurrently
+from evalkit.models.openai_api import (
+    OpenAICompletions,
+    Server,
+    ServerError,
+    ServerOptions,
+    one_choice,
+    run_concurrently,
+)
 from evalkit.models.registry import BuildContext, RunKinds
 
 from conftest import TINY_MODEL, free_port, run_evalkit
@@ -108,6 +115,65 @@ def test_server_retries_429_and_5xx_then_gives_up_with_the_reason():
             fewer.post("/completions", {"prompt": "b"})
 
 
+@pytest.mark.parametrize("kind", ["malformed", "empty", "two", "drop", "trickle"])
+def test_answers_that_are_not_answers_are_retried(kind):
+    """A 200 that is not JSON, has no choices or two for one, a dropped connection, and an answer sent
+    a byte at a time past --request-timeout (which bounds the whole request): each a fault, retried."""
+    behaviour = StubBehaviour(failures_per_prompt=1, failure_kind=kind, trickle_s=0.05)
+    with OpenAIStub(behaviour) as stub:
+        server = Server(stub.base_url, "UNSET_KEY_VARIABLE", timeout=1.0, max_retries=2, backoff=0.0)
+        answer = server.post("/completions", {"prompt": kind}, check=lambda a: one_choice(a, "text"))
+        assert answer["choices"][0]["text"].startswith(" answer-")
+        # the trickled answer is whole and valid: only cutting it off at the timeout makes a second attempt
+        assert behaviour.attempts[json.dumps(kind)] == 2
+
+
+def test_start_up_calls_are_retried_like_requests():
+    """A 503 on /models and on the prompt-logprobs probe (a server still starting) is retried, not
+    taken for "unreachable" or "no prompt logprobs"."""
+    behaviour = StubBehaviour(prompt_logprobs=True, get_failures=1, failures_per_prompt=1)
+    with OpenAIStub(behaviour) as stub:
+        config = replace(served_config(stub.base_url), max_retries=2)
+        backend = OpenAICompletions.load(server_options(config, scores=True))
+    assert backend.server.base_url == stub.base_url
+    assert behaviour.get_failures == -1  # counted down by two GETs: the 503, then the model list
+    assert list(behaviour.attempts.values()) == [2]  # the probe: a 503, then its logprobs
+
+
+def test_answers_in_flight_when_a_request_fails_are_reported():
+    """Nothing new starts after a failure, but what the calls in flight return still reaches
+    ``progress`` (and so the shard) before the failure is raised."""
+    failed = threading.Event()
+    reported: list[tuple[int, int]] = []
+
+    def call(i: int) -> int:
+        if i == 0:
+            failed.set()
+            raise ServerError("HTTP 500 for good")
+        assert failed.wait(30)
+        return i
+
+    with pytest.raises(ServerError, match="HTTP 500 for good"):
+        run_concurrently([lambda i=i: call(i) for i in range(10)], 4, reported.extend)
+    assert sorted(reported) == [(1, 1), (2, 2), (3, 3)]
+
+
+def test_a_permanent_server_error_ends_in_one_line_with_every_answer_saved(tmp_path):
+    """A prompt the server never answers (500 after every retry) ends the run with exit 1 and one
+    line, no traceback; every answer the server sent is in the shards for --resume."""
+    behaviour = StubBehaviour(always_fail_one_in=10, failure_status=500)
+    with OpenAIStub(behaviour) as stub:
+        args = served_args(stub.base_url, "--tasks", "demo_gen", "--concurrency", "4", "--max-retries", "1")
+        run = run_evalkit(args, output=tmp_path / "out")
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
+    # (the progress bar leaves its line open, so the message may follow it on the same line)
+    (line,) = [line[line.index("evalkit:") :] for line in run.stderr.splitlines() if "evalkit:" in line]
+    assert line.startswith("evalkit: rank 0 failed: ServerError: HTTP 500 from ") and "after 2 attempts" in line
+    saved = sum(len(p.read_text().splitlines()) for p in (tmp_path / "out" / "shards").glob("*.jsonl"))
+    assert 0 < saved == behaviour.answered
+
+
 def test_client_errors_are_not_retried():
     with OpenAIStub(StubBehaviour(failures_per_prompt=5, failure_status=400)) as stub:
         server = Server(stub.base_url, "UNSET_KEY_VARIABLE", timeout=10, max_retries=4, backoff=0.0)
@@ -153,7 +219,8 @@ def test_loglikelihood_tasks_through_the_completions_route(tmp_path):
 @pytest.mark.multiprocess
 def test_unreachable_base_url_ends_every_rank(tmp_path):
     dead = f"http://127.0.0.1:{free_port()}/v1"
-    run = run_evalkit(served_args(dead, "--tasks", "demo_gen"), launcher="torchrun", nproc=2, output=tmp_path / "out")
+    args = served_args(dead, "--tasks", "demo_gen", "--max-retries", "1")  # the probe is retried like requests
+    run = run_evalkit(args, launcher="torchrun", nproc=2, output=tmp_path / "out")
     assert "exitcode: 2" in run.stderr
     assert_usage_error(run, "cannot reach an OpenAI-compatible server", dead, ranks=2)
 

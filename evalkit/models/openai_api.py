@@ -4,9 +4,13 @@
 logprobs (``echo`` with ``logprobs``) where the server returns them. ``openai-chat`` talks to
 ``/chat/completions`` and generates only. Each rank keeps at most ``--concurrency`` requests in
 flight; a request that meets a 429, a 5xx, a dropped connection or a timeout is retried with
-backoff, up to ``--max-retries`` times. Every finished request is reported at once, so its result
-is in the rank's shard before the next one returns: a run against a server that goes away ends
-with what it has saved, and ``--resume`` asks the server only for the rest.
+backoff, up to ``--max-retries`` times; so is an answer that is not what was asked for (malformed
+JSON, no ``choices``, another number of them, a choice without its text or logprobs), and so are
+the start-up calls (``/models``, the prompt-logprobs probe). ``--request-timeout`` bounds each
+attempt as a whole, however slowly the server sends it. Every finished request is reported at
+once, so its result is in the rank's shard before the next one returns; after a request fails for
+good, nothing new starts, and the answers still in flight are saved before the run ends, in one
+line (``ServerError``) with what it has saved; ``--resume`` asks the server only for the rest.
 
 The key comes from the environment variable named by ``--api-key-env`` and is sent only in the
 Authorization header; it is never printed or written.
@@ -26,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evalkit.errors import UsageError, one_line
+from evalkit.errors import RunFailed, UsageError, one_line
 from evalkit.models.lm_rules import (
     DEFAULT_MAX_LENGTH,
     LMTokenizer,
@@ -46,8 +50,32 @@ PROBE_TIMEOUT_S = 30.0
 API_SAMPLING_KEYS = ("top_p", "seed", "presence_penalty", "frequency_penalty")
 
 
-class ServerError(RuntimeError):
-    """A request the server did not answer, after every retry; says why."""
+class ServerError(RunFailed):
+    """A request the server did not answer, after every retry; says why. ``status`` is the HTTP
+    status of a refusal that is not retried (400, 401, 404, ...), None when the server failed."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class BadAnswer(ValueError):
+    """A 200 answer that is not what was asked for; retried like a 5xx."""
+
+
+def one_choice(answer: Any, *fields: str) -> dict[str, Any]:
+    """The single choice of an answer, with ``fields`` (``a.b`` for nested) present; BadAnswer if not."""
+    choices = answer.get("choices") if isinstance(answer, dict) else None
+    if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
+        count = len(choices) if isinstance(choices, list) else "no"
+        raise BadAnswer(f"{count} choices where one was asked for")
+    for name in fields:
+        value: Any = choices[0]
+        for part in name.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is None:
+            raise BadAnswer(f"the choice has no {name}")
+    return choices[0]
 
 
 @dataclass(frozen=True)
@@ -62,11 +90,21 @@ class Server:
     backoff: float = 0.5
     api_key: str | None = field(default=None, repr=False)
 
-    def post(self, route: str, body: dict[str, Any]) -> dict[str, Any]:
-        return self.call(route, body, retries=self.max_retries, timeout=self.timeout)
+    def post(self, route: str, body: dict[str, Any], check: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+        return self.call(route, body, retries=self.max_retries, timeout=self.timeout, check=check)
 
-    def call(self, route: str, body: dict[str, Any] | None, *, retries: int, timeout: float) -> dict[str, Any]:
-        """The JSON answer of one request (GET without a body), retried on errors that can pass."""
+    def call(
+        self,
+        route: str,
+        body: dict[str, Any] | None,
+        *,
+        retries: int,
+        timeout: float,
+        check: Callable[[Any], Any] | None = None,
+    ) -> dict[str, Any]:
+        """The JSON answer of one request (GET without a body), retried on errors that can pass: 429,
+        5xx, a dropped connection, an attempt over ``timeout`` seconds in all, an answer that is not
+        JSON or that ``check`` refuses (by raising BadAnswer)."""
         url = self.base_url.rstrip("/") + route
         headers = {"Content-Type": "application/json"}
         key = self.api_key if self.api_key is not None else os.environ.get(self.api_key_env)
@@ -79,13 +117,17 @@ class Server:
                 request = urllib.request.Request(
                     url, data=data, headers=headers, method="GET" if body is None else "POST"
                 )
-                with urllib.request.urlopen(request, timeout=timeout) as response:
-                    return json.loads(response.read())
+                answer = json.loads(read_within(request, timeout))
+                if check is not None:
+                    check(answer)
+                return answer
+            except (ValueError, UnicodeDecodeError) as exc:  # not JSON, or BadAnswer
+                problem = f"a malformed answer from {url}: {one_line(exc)[:200]}"
             except urllib.error.HTTPError as exc:
                 detail = one_line(exc.read().decode(errors="replace"))[:300]
                 problem = f"HTTP {exc.code} from {url}: {detail}"
                 if exc.code not in RETRY_STATUS:
-                    raise ServerError(problem) from None
+                    raise ServerError(problem, status=exc.code) from None
                 retry_after = exc.headers.get("Retry-After") if exc.headers else None
                 if retry_after and retry_after.isdigit():
                     wait_s = min(float(retry_after), MAX_BACKOFF_S)
@@ -95,6 +137,25 @@ class Server:
             if attempt < retries:
                 time.sleep(wait_s)
         raise ServerError(f"{problem} (after {retries + 1} attempts)")
+
+
+def read_within(request: urllib.request.Request, timeout: float) -> bytes:
+    """The body of one request, which must arrive within ``timeout`` seconds in all (a server that
+    sends its answer a byte at a time is cut off, as one that sends nothing is)."""
+    deadline = time.monotonic() + timeout
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        sock = getattr(getattr(response.fp, "raw", None), "_sock", None)
+        chunks = []
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"the answer took longer than --request-timeout {timeout:g} s")
+            if sock is not None:
+                sock.settimeout(left)
+            chunk = response.read1(65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,8 +188,8 @@ def run_concurrently(
 ) -> list[Any]:
     """Every call's result by position, at most ``concurrency`` in flight; each finished call is
     reported as soon as it returns. A call starts only when one before it has finished, so after
-    a failure (or a stop raised by ``progress``) nothing new starts; the failure is raised once the
-    calls in flight are done."""
+    a failure (or a stop raised by ``progress``) nothing new starts; the calls in flight are waited
+    for and what they return is reported too, then the first failure is raised."""
     out: list[Any] = [None] * len(calls)
     waiting = iter(range(len(calls)))
     with ThreadPoolExecutor(
@@ -143,9 +204,10 @@ def run_concurrently(
 
         for _ in range(concurrency):
             start_next()
+        failure: BaseException | None = None
         while running:
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            done, failure = [], None
+            done = []
             for future in sorted(finished, key=running.__getitem__):
                 position = running.pop(future)
                 if future.exception() is not None:
@@ -153,11 +215,15 @@ def run_concurrently(
                     continue
                 out[position] = future.result()
                 done.append((position, out[position]))
-            progress(done)  # what finished is saved even when a call beside it failed
-            if failure is not None:
-                raise failure  # the pool waits for the calls still in flight
-            for _ in done:
-                start_next()
+            try:
+                progress(done)  # what finished is saved even when a call beside it failed
+            except BaseException as stop:  # noqa: BLE001 - raised below, once the calls in flight are in
+                failure = failure or stop
+            if failure is None:
+                for _ in done:
+                    start_next()
+    if failure is not None:
+        raise failure
     return out
 
 
@@ -166,6 +232,7 @@ class OpenAICompletions:
 
     name = "openai-completions"
     route = "/completions"
+    text_fields: tuple[str, ...] = ("text",)  # what a generation's choice must hold
 
     def __init__(
         self,
@@ -236,16 +303,24 @@ class OpenAICompletions:
             )
         probe = self.tokens.encode("The probe")
         try:
-            self._prompt_logprobs(probe, retries=0)
-        except (ServerError, KeyError, TypeError, IndexError, ValueError) as exc:
-            raise UsageError(
-                f"the server at {self.server.base_url} returns no prompt logprobs (echo with logprobs), which "
-                f"loglikelihood tasks need ({one_line(exc)[:160]}); run them with --backend vllm or hf, or on a "
-                f"vLLM/SGLang server"
-            ) from None
+            self._prompt_logprobs(probe, probe=True)
+        except ServerError as exc:
+            if exc.status is None:  # the server failed (5xx, no answer, garbage) after every retry
+                raise
+            refusal: Exception = exc  # it refused the request (400: echo with logprobs unsupported)
+        except (KeyError, TypeError, IndexError, ValueError) as exc:  # it answered without logprobs
+            refusal = exc
+        else:
+            return
+        raise UsageError(
+            f"the server at {self.server.base_url} returns no prompt logprobs (echo with logprobs), which "
+            f"loglikelihood tasks need ({one_line(refusal)[:160]}); run them with --backend vllm or hf, or on a "
+            f"vLLM/SGLang server"
+        )
 
-    def _prompt_logprobs(self, tokens: list[int], retries: int | None = None) -> list[tuple[float, float]]:
-        """(log-prob of the token, the best log-prob at its position) for every prompt token but the first."""
+    def _prompt_logprobs(self, tokens: list[int], probe: bool = False) -> list[tuple[float, float]]:
+        """(log-prob of the token, the best log-prob at its position) for every prompt token but the
+        first. The start-up ``probe`` takes an answer without logprobs (that server has none)."""
         body = {
             "model": self.model,
             "prompt": tokens,
@@ -254,12 +329,8 @@ class OpenAICompletions:
             "echo": True,
             "logprobs": 1,
         }
-        if retries is None:
-            answer = self.server.post(self.route, body)
-        else:
-            answer = self.server.call(
-                self.route, body, retries=retries, timeout=min(self.server.timeout, PROBE_TIMEOUT_S)
-            )
+        fields = () if probe else ("logprobs.token_logprobs", "logprobs.top_logprobs")
+        answer = self.server.post(self.route, body, check=lambda a: one_choice(a, *fields))
         logprobs = answer["choices"][0]["logprobs"]
         values, tops = logprobs["token_logprobs"], logprobs["top_logprobs"]
         out = []
@@ -326,7 +397,7 @@ class OpenAICompletions:
         body = {"model": self.model, **self._sampling(kwargs), **self._prompt(context, budget)}
         if self.tokens is not None:
             body["return_token_ids"] = True  # vLLM: the generated ids, decoded here as the other backends do
-        answer = self.server.post(self.route, body)
+        answer = self.server.post(self.route, body, check=lambda a: one_choice(a, *self.text_fields))
         token_ids = answer["choices"][0].get("token_ids")
         if self.tokens is not None and token_ids is not None:
             return self.tokens.decode_generated(token_ids, kwargs["until"])
@@ -362,6 +433,7 @@ class OpenAIChat(OpenAICompletions):
 
     name = "openai-chat"
     route = "/chat/completions"
+    text_fields = ("message",)
 
     def _prompt(self, context: str, budget: int) -> dict[str, Any]:
         return {"messages": [{"role": "user", "content": context}]}
@@ -375,7 +447,7 @@ def check_reachable(server: Server, flag: str = "--base-url") -> dict[str, Any]:
     """The server's ``/models`` answer; a one-line usage error naming ``flag`` when nothing
     OpenAI-compatible answers there."""
     try:
-        return server.call("/models", None, retries=0, timeout=min(server.timeout, PROBE_TIMEOUT_S))
+        return server.call("/models", None, retries=server.max_retries, timeout=min(server.timeout, PROBE_TIMEOUT_S))
     except ServerError as exc:
         hint = "" if server.base_url.rstrip("/").endswith("/v1") else "; the base URL usually ends in /v1"
         raise UsageError(f"cannot reach an OpenAI-compatible server at {flag} {server.base_url}: {exc}{hint}") from None
