@@ -100,6 +100,10 @@ def test_resume_on_another_world_size(killed, reference_run, tmp_path, nproc):
     assert_same_as_uninterrupted(run, reference_run)
     assert run.results()["resume"] == {"reused": reused, "computed": TOTAL_REQUESTS - reused}
     assert saved_lines(copy) == saved + TOTAL_REQUESTS - reused  # partly saved docs were computed whole
+    if nproc == 1:  # a finished folder resumed again: the latest result of each request counts
+        again = resume(copy, 2)
+        assert_same_as_uninterrupted(again, reference_run)
+        assert again.results()["resume"] == {"reused": TOTAL_REQUESTS, "computed": 0}
 
 
 def test_raising_rank_keeps_results_and_resumes(tmp_path, reference_run):
