@@ -98,23 +98,25 @@ class Monitor:
 
     def _end_stalled(self, rank: int, beat: dict, seconds: float) -> None:
         where = f"last finished {', '.join(beat['docs'])}" if beat["docs"] else "before finishing any request"
-        say(
+        self._end(
             f"evalkit: rank {rank} made no progress for {seconds:.0f} s ({beat['done']} requests done, {where}); "
             f"ending the run (--stall-timeout {self.stall_timeout:g}); finished results are kept, rerun with --resume"
         )
-        self.before_exit()
-        os._exit(1)
 
     def _end_failed(self, line: str) -> None:
-        say(f"evalkit: rank {self.topo.rank} ends the run: another rank failed ({line.removeprefix('evalkit: ')})")
-        self.before_exit()
-        os._exit(1)
+        self._end(
+            f"evalkit: rank {self.topo.rank} ends the run: another rank failed ({line.removeprefix('evalkit: ')})"
+        )
 
     def _end_silent(self, rank: int, seconds: float) -> None:
-        say(
+        self._end(
             f"evalkit: rank {rank} sent no heartbeat for {seconds:.0f} s (its process died or froze); ending the run; "
             f"finished results are kept, rerun with --resume"
         )
+
+    def _end(self, line: str) -> None:
+        """End this rank with ``line``, its shard synced first."""
+        say(line)
         self.before_exit()
         os._exit(1)
 
