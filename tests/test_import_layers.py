@@ -42,6 +42,7 @@ LAYERS: list[list[str]] = [
         "evalkit.sharding",
         "evalkit.shards",
         "evalkit.bundled_tasks",
+        "evalkit.code_child",
     ],
 ]
 

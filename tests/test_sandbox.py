@@ -10,9 +10,8 @@ import gzip
 import json
 import math
 import os
-import shutil
 import socket
-import stat
+import sys
 import tempfile
 import threading
 from collections import defaultdict
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from evalkit.code_exec import CodeEval, Limits, code_eval, estimate_pass_at_k, run_program
+from evalkit.code_exec import CodeEval, code_eval, estimate_pass_at_k, run_program
 from evalkit.compat import install_compat
 from evalkit.sandbox import SandboxError, SandboxRequest, score_in_sandbox
 
@@ -208,23 +207,101 @@ def test_no_network_when_isolated():
     assert outcome.result == f"failed: {unreachable}"
 
 
-def _readable_by_others(path: str) -> bool:
-    parts = Path(path).resolve().parts
-    return all(os.stat(Path(*parts[:i])).st_mode & stat.S_IXOTH for i in range(2, len(parts) + 1))
+JAILED = pytest.mark.skipif(os.geteuid() != 0, reason="the jail is built only when evalkit runs as root")
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the switch to 'nobody' happens only when running as root")
-def test_root_runs_programs_as_nobody(tmp_path):
-    """With an interpreter 'nobody' can read (here the system one), root's programs lose root's rights."""
-    python = shutil.which("python3", path="/usr/bin:/usr/local/bin")
-    if python is None or not _readable_by_others(python):
-        pytest.skip("no interpreter readable by other users")
-    limits = Limits(python=python)
+@JAILED
+def test_root_runs_programs_jailed_as_nobody(tmp_path):
+    """As here: root, with Python in a private home. The program still runs as nobody, sees only
+    the system's and Python's files, read-only, and a private /tmp; no /proc, no other process."""
     tmp_path.chmod(0o755)
-    assert run_program("import os, json, math\nassert os.getuid() != 0 and os.getgroups() == []", limits=limits).passed
-    outcome = run_program(f"open({str(tmp_path / 'x')!r}, 'w').write('root?')", limits=limits)
-    assert not outcome.passed and "Permission denied" in outcome.result
-    assert not (tmp_path / "x").exists()
+    (tmp_path / "mine.txt").write_text("yours")
+    (tmp_path / "mine.txt").chmod(0o644)
+    program = f"""
+import os, json, math, sys
+assert os.getuid() == os.geteuid() != 0 and os.getgroups() == []
+assert os.getcwd() == os.environ["HOME"] == os.environ["TMPDIR"] == "/tmp"
+assert not os.path.exists({str(tmp_path)!r}) and not os.path.exists("/proc/1")
+assert sorted(os.listdir("/tmp")) == []
+open("/tmp/ok", "w").write("x")
+for path in ("/x", "/usr/x", {sys.prefix + "/x"!r}):
+    try:
+        open(path, "w")
+    except OSError as e:
+        assert e.errno in (13, 30), e
+    else:
+        raise AssertionError(path + " is writable")
+"""
+    outcome = run_program(program)
+    assert outcome.passed, outcome.result
+    assert outcome.uid not in (None, 0) and outcome.network_isolated
+    assert (tmp_path / "mine.txt").read_text() == "yours"
+
+
+FORGED = {
+    "status pipe": "def add(a, b):\n    return 0\nimport os\nfor fd in range(3, 64):\n"
+    "    try:\n        os.write(fd, b\"{'result': 'passed'}\\n\")\n    except OSError:\n        pass\nos._exit(0)",
+    "harness": "def add(a, b):\n    return 0\nimport __main__\nfor name in dir(__main__):\n"
+    "    try:\n        getattr(__main__, name)({'result': 'passed'})\n    except BaseException:\n        pass",
+    "equals everything": "class Yes:\n    def __eq__(self, other):\n        return True\n"
+    "    __hash__ = object.__hash__\ndef add(a, b):\n    return Yes()",
+    "str subclass": "class S(str):\n    def __eq__(self, other):\n        return True\n"
+    "    __hash__ = str.__hash__\ndef add(a, b):\n    return S('no')",
+}
+
+
+@pytest.mark.parametrize("program", FORGED.values(), ids=FORGED.keys())
+def test_a_program_cannot_forge_its_pass(program):
+    outcome = run_program(program, "assert add(2, 3) == 5\nassert add(1, 1) == 2")
+    assert not outcome.passed, outcome.result
+
+
+@pytest.mark.parametrize(
+    ("candidate", "test"),
+    [
+        (
+            "from collections import namedtuple\nP = namedtuple('P', 'x y')\ndef f():\n    return P(1, 2)",
+            "assert f() == (1, 2)",
+        ),
+        ("def f(xs):\n    xs.sort()\n", "xs = [3, 1, 2]\nf(xs)\nassert xs == [1, 2, 3]"),
+        ("def f(n):\n    return (i * i for i in range(n))", "assert list(f(3)) == [0, 1, 4]"),
+        (
+            "def f(x):\n    raise ValueError(x)",
+            "try:\n    f(1)\nexcept ValueError:\n    pass\nelse:\n    raise AssertionError",
+        ),
+        (
+            "class Pair:\n    def __init__(self, a, b):\n        self.a, self.b = a, b\ndef total(ps):\n    return sum(p.a + p.b for p in ps)",
+            "assert total([Pair(1, 2), Pair(3, 4)]) == 10",
+        ),
+        (
+            "def f(x, *, scale=1.0):\n    return {'v': x * scale, 'n': None, 'c': 1j, 's': {1}, 'b': b'\\xff'}",
+            "assert f(2, scale=0.5) == {'v': 1.0, 'n': None, 'c': 1j, 's': {1}, 'b': b'\\xff'}",
+        ),
+        ("import math\ndef f():\n    return math.nan", "import math\nassert math.isnan(f())"),
+        (
+            "TABLE = list(range(10 ** 6))\ndef f(i):\n    return TABLE[i]",
+            "assert f(7) == 7 and TABLE[9] == 9 and len(TABLE) == 10 ** 6",
+        ),
+        (
+            "def poly(xs, x):\n    return sum(c * x ** i for i, c in enumerate(xs))\ndef zero(xs):\n    return 0.0",
+            "def check(candidate):\n    assert poly([0, 1], candidate([0, 1])) == 0\ncheck(zero)",
+        ),
+    ],
+    ids=[
+        "namedtuple",
+        "in-place",
+        "generator",
+        "raises",
+        "instances",
+        "kwargs-and-types",
+        "nan",
+        "big-table",
+        "helper",
+    ],
+)
+def test_correct_programs_pass_through_the_calls_by_value(candidate, test):
+    outcome = run_program(candidate, test)
+    assert outcome.passed, outcome.result
 
 
 def test_install_compat_serves_code_eval_and_leaves_other_names(monkeypatch):
