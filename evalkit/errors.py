@@ -7,6 +7,7 @@ single line that says what is wrong and how to fix it, on every rank, with no tr
 from __future__ import annotations
 
 import difflib
+import errno
 import os
 import sys
 from collections.abc import Iterable
@@ -24,6 +25,29 @@ class UsageError(Exception):
 class RunFailed(RuntimeError):
     """A run that cannot go on for a reason its message says in full (a server that stopped
     answering, after every retry): one line and exit code 1, no traceback; what finished is saved."""
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def no_space(exc: BaseException | None) -> OSError | None:
+    """The disk-full error (no space, or over quota) behind ``exc``, following its causes."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def disk_full(exc: OSError, output: object) -> str:
+    """What a rank says when a disk filled: where, and how to go on."""
+    where = f" writing {exc.filename}" if exc.filename else ""
+    return (
+        f"{exc.strerror or 'no space left on device'}{where}; free space for --output {output} "
+        f"and rerun with --resume (finished results are saved)"
+    )
 
 
 def did_you_mean(name: str, known: Iterable[str]) -> str:

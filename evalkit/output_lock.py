@@ -88,6 +88,11 @@ class OutputLock:
             ) from None
         try:
             self._take()
+        except OSError as exc:
+            self.release()
+            raise UsageError(
+                f"cannot write to --output {self.output}: {exc.strerror or exc}; free space or choose another folder"
+            ) from None
         except BaseException:
             self.release()
             raise

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -15,20 +16,28 @@ PACKAGES = ("lm_eval", "torch", "transformers", "accelerate", "datasets", "token
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        f.write(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _write_atomic(path, [json.dumps(data, indent=2, ensure_ascii=False, default=str)], sync=True)
 
 
 def write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
+    _write_atomic(path, (json.dumps(row, ensure_ascii=False, default=str) for row in rows), sync=False)
+
+
+def _write_atomic(path: Path, lines: Iterable[str], *, sync: bool) -> None:
+    """``lines`` to ``path`` through a temporary name; a write that fails (a full disk) leaves
+    neither a half-written file nor the temporary one."""
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w") as f:
+            for line in lines:
+                f.write(line + "\n")
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def package_versions() -> dict[str, str]:

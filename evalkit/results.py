@@ -15,7 +15,7 @@ from typing import Any
 from lm_eval.utils import make_table
 
 from evalkit.config import RunConfig
-from evalkit.errors import UsageError
+from evalkit.errors import UsageError, no_space
 from evalkit.judge import JudgeProxy, task_environment
 from evalkit.parallel import Topology
 from evalkit.plan import RunPlan
@@ -124,6 +124,8 @@ def write_outputs(
         document["total_evaluation_time_seconds"] = round(time.time() - started, 3)
         write_json_atomic(config.output / "results.json", document)
     except OSError as exc:
+        if no_space(exc):
+            raise  # a full disk is not bad input: the run ends resumable (runner.run_guarded)
         raise UsageError(f"cannot write to --output {config.output}: {exc.strerror}") from None
     print(make_table(document), flush=True)
     if document.get("groups"):

@@ -28,7 +28,7 @@ import torch
 
 from evalkit import execute, merge, plan, preflight, results
 from evalkit.config import RunConfig
-from evalkit.errors import USAGE_EXIT_CODE, RunFailed, UsageError, say
+from evalkit.errors import USAGE_EXIT_CODE, RunFailed, UsageError, disk_full, no_space, say
 from evalkit.judge import JudgeProxy
 from evalkit.models import registry
 from evalkit.models.protocol import Backend
@@ -222,9 +222,13 @@ def run_guarded(config: RunConfig) -> int:
         say(f"evalkit: rank {rank} interrupted; finished results are saved, rerun with --resume to continue")
         os._exit(130)
     except BaseException as exc:  # noqa: BLE001 - a crash must end this rank now, never wait on peers
-        if not isinstance(exc, RunFailed):  # a RunFailed message says everything; anything else is a bug
+        full = no_space(exc)
+        if not isinstance(exc, RunFailed) and full is None:  # these messages say everything; the rest is a bug
             traceback.print_exc()
-        line = f"evalkit: rank {rank} failed: {type(exc).__name__}: {exc}"
+        if full is not None:
+            line = f"evalkit: rank {rank} failed: {disk_full(full, config.output)}"
+        else:
+            line = f"evalkit: rank {rank} failed: {type(exc).__name__}: {exc}"
         say(line)
         announce_failure(line)
         os._exit(1)
