@@ -20,6 +20,7 @@ from evalkit.errors import UsageError, raise_all
 from evalkit.judge import check_judge
 from evalkit.model_source import check_model_source
 from evalkit.models import registry
+from evalkit.models.lm_rules import normalize_generation_kwargs
 from evalkit.models.protocol import DEFAULT_MAX_GEN_TOKS, is_video_digest
 from evalkit.models.registry import BackendSpec, RunKinds
 from evalkit.outdir import check_writable
@@ -100,6 +101,9 @@ def check_requests(config: RunConfig, topo: Topology, inputs: Inputs, requests: 
     """The backend can run these requests, and the layout holds the longest of them (rank 0)."""
     spec = inputs.spec
     raise_all(spec.problems(config, topo.layout, run_kinds(requests)))
+    known = config.max_length or (None if spec.served else read_shape(inputs.model).max_positions)
+    if known is not None:
+        raise_all(generation_room_problems(requests, known))
     # A split over own GPUs is checked by its device map instead, a served model by its server.
     if topo.layout.placement is Placement.SPLIT or spec.served:
         return
@@ -114,6 +118,21 @@ def check_requests(config: RunConfig, topo: Topology, inputs: Inputs, requests: 
         max_len=longest,
         batch=config.batch_limit().rows_at(longest),
     )
+
+
+def generation_room_problems(requests: list[Request], context: int) -> list[str]:
+    """Tasks whose max_gen_toks leaves no room for a prompt in the model's context (one per task)."""
+    problems: dict[str, str] = {}
+    for request in requests:
+        if request.kind == "generate_until" and request.task not in problems:
+            kwargs = normalize_generation_kwargs(request.args[1] or {})
+            if kwargs["max_gen_toks"] >= context:
+                problems[request.task] = (
+                    f"task {request.task}: max_gen_toks {kwargs['max_gen_toks']} leaves no room for a prompt in "
+                    f"the model's {context} positions; pass --max-length above it, or a smaller max_gen_toks "
+                    f"with --gen-kwargs"
+                )
+    return list(problems.values())
 
 
 def gpu_memory_gib(config: RunConfig, topo: Topology) -> float | None:

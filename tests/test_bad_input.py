@@ -157,6 +157,10 @@ BAD_FLAGS_AND_FILES = {
         ["--gen-kwargs", "max_gen_toks=-5"],
         ["--gen-kwargs max_gen_toks=-5: expected a positive integer"],
     ),
+    "gen-kwargs-too-long": (
+        ["--gen-kwargs", "max_gen_toks=500"],
+        ["task demo_gen: max_gen_toks 500 leaves no room for a prompt in the model's 128 positions"],
+    ),
     "corrupt-config": ("config", ["config.json is not valid JSON", "restore it"]),
     "truncated-weights": ("weights", ["model.safetensors is cut short", "copy the checkpoint again"]),
     "jinja": (["--tasks", str(BROKEN / "template_syntax.yaml")], ["broken_template_syntax", "TemplateSyntaxError"]),
