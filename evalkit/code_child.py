@@ -439,6 +439,12 @@ def build_root(kernel: Kernel, root: str, spec: dict) -> None:
     kernel.mount(None, "/", None, MS_REC | MS_PRIVATE)
     kernel.mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
     os.umask(0o022)
+    # The program's /tmp first: Python itself may live under /tmp (a clone's venv), and its binds
+    # then go inside it, in root-owned folders the program cannot change.
+    uid, gid = spec["run_as"]
+    os.mkdir(root + "/tmp")
+    options = f"mode=0700,uid={uid},gid={gid},size={spec['tmp_bytes']}"
+    kernel.mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, options)
 
     def bind(source: str, is_dir: bool) -> None:
         target = root + source
@@ -465,10 +471,6 @@ def build_root(kernel: Kernel, root: str, spec: dict) -> None:
     for name in DEVICES:
         if os.path.exists("/dev/" + name):
             bind("/dev/" + name, False)
-    uid, gid = spec["run_as"]
-    os.mkdir(root + "/tmp")
-    options = f"mode=0700,uid={uid},gid={gid},size={spec['tmp_bytes']}"
-    kernel.mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, options)
     kernel.mount(None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, "mode=0755")
     os.chroot(root)
     os.chdir("/tmp")
