@@ -43,8 +43,15 @@ script exits 1 after the tables. Per task it prints the largest absolute and rel
 One repeat of all four configurations takes about 20-30 minutes on the 2-core development
 machine, most of it lm-eval's.
 
+``--suite mmlu`` runs lm-eval's own ``mmlu`` group instead (its installed YAMLs, unchanged) at
+``--num_fewshot 5`` / ``--num-fewshot 5``, on a synthetic ``cais/mmlu`` in the hub layout written
+by tests/library_data.py (``--mmlu-docs`` test docs per subject, 4 by default: 228 docs, 912
+requests) into .bench, which is the working folder of both tools so ``load_dataset`` finds it.
+mmlu's ``first_n`` few-shot sampler gives every doc of a subject the same five examples, the
+prefix evalkit computes once per run of docs.
+
     python benchmarks/vs_lmeval.py [--repeats 1] [--batch-size 8] [--only both] [--nproc 1,2]
-                                   [--json PATH]
+                                   [--json PATH] [--suite bench|mmlu] [--mmlu-docs 4]
 """
 
 from __future__ import annotations
@@ -362,9 +369,33 @@ class Measurement:
 @dataclass
 class Settings:
     model: Path
-    tasks: Path
+    tasks: Path | None  # an --include-path folder (None: the installed library)
     batch_size: int
     env: dict[str, str] = field(default_factory=dict)
+    names: str = TAG  # --tasks
+    flags: tuple[str, ...] = ()  # the same flags for both tools (spelled alike: --num_fewshot, --num-fewshot)
+    cwd: Path = REPO  # where datasets.load_dataset looks for hub ids
+
+
+@dataclass(frozen=True)
+class Suite:
+    """What a benchmark run evaluates: ``bench`` (the tasks above) or ``mmlu`` (lm-eval's own mmlu
+    group, 5-shot, on a synthetic cais/mmlu in the hub layout, ``--mmlu-docs`` test docs per subject)."""
+
+    name: str
+
+    def settings(self, args: argparse.Namespace, env: dict[str, str]) -> Settings:
+        tasks = write_tasks(TASKS_DIR)  # the model's tokenizer is trained on the bench text either way
+        model = ensure_model(MODEL_DIR, tasks)
+        if self.name == "bench":
+            return Settings(model, tasks, args.batch_size, env)
+        sys.path.insert(0, str(REPO / "tests"))
+        from library_data import write_mmlu
+
+        data = BENCH / f"mmlu-{args.mmlu_docs}"
+        if not (data / "cais" / "mmlu").exists():
+            write_mmlu(data, test_docs=args.mmlu_docs)
+        return Settings(model, None, args.batch_size, env, names="mmlu", flags=("fewshot=5",), cwd=data)
 
 
 def tool_env() -> dict[str, str]:
@@ -393,9 +424,9 @@ def lmeval_command(config: Config, s: Settings, out: Path) -> list[str]:
         "--model_args",
         f"pretrained={s.model},dtype=float32",
         "--tasks",
-        TAG,
-        "--include_path",
-        str(s.tasks),
+        s.names,
+        *(["--include_path", str(s.tasks)] if s.tasks else []),
+        *(["--num_fewshot", "5"] if "fewshot=5" in s.flags else []),
         "--batch_size",
         str(s.batch_size),
         "--device",
@@ -414,9 +445,9 @@ def evalkit_command(config: Config, s: Settings, out: Path) -> list[str]:
         "--model",
         str(s.model),
         "--tasks",
-        TAG,
-        "--include-path",
-        str(s.tasks),
+        s.names,
+        *(["--include-path", str(s.tasks)] if s.tasks else []),
+        *(["--num-fewshot", "5"] if "fewshot=5" in s.flags else []),
         "--batch-size",
         str(s.batch_size),
         "--dtype",
@@ -432,12 +463,12 @@ def command_for(config: Config, s: Settings, out: Path) -> list[str]:
     return (lmeval_command if config.tool == "lmeval" else evalkit_command)(config, s, out)
 
 
-def run_logged(cmd: list[str], env: dict[str, str], log: Path) -> float:
+def run_logged(cmd: list[str], env: dict[str, str], log: Path, cwd: Path = REPO) -> float:
     """Run ``cmd`` with its output in ``log``; wall seconds. Exits with the log's tail on failure."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as fh:
         start = time.monotonic()
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT)
         wall = time.monotonic() - start
     if proc.returncode != 0:
         tail = log.read_text(errors="replace")[-4000:]
@@ -446,11 +477,11 @@ def run_logged(cmd: list[str], env: dict[str, str], log: Path) -> float:
 
 
 def measure(config: Config, s: Settings, repeat: int) -> Measurement:
-    run_dir = RUNS_DIR / f"{config.label}-r{repeat}"
+    run_dir = RUNS_DIR / f"{s.names}-{config.label}-r{repeat}"
     shutil.rmtree(run_dir, ignore_errors=True)
     out = run_dir / "results"
     env = {**s.env, "LMEVAL_TIMING_DIR": str(run_dir / "timing")}
-    wall = run_logged(command_for(config, s, out), env, run_dir / "log.txt")
+    wall = run_logged(command_for(config, s, out), env, run_dir / "log.txt", s.cwd)
     if config.tool == "lmeval":
         reports = [json.loads(p.read_text()) for p in sorted((run_dir / "timing").glob("rank*.json"))]
         if len(reports) != config.nproc:
@@ -480,7 +511,7 @@ def warm_up(s: Settings) -> None:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [*evalkit_command(Config("evalkit", 1), s, out / "results"), "--limit", "2"]
     print(f"warm-up (untimed): {shlex.join(cmd)}", flush=True)
-    run_logged(cmd, s.env, out / "log.txt")
+    run_logged(cmd, s.env, out / "log.txt", s.cwd)
 
 
 # --------------------------------------------------------------------------------------------
@@ -653,13 +684,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--nproc", default="1,2", type=lambda s: [int(x) for x in s.split(",")], help="process counts, e.g. 1,2"
     )
     parser.add_argument("--json", type=Path, help="write the raw numbers here")
+    parser.add_argument("--suite", choices=["bench", "mmlu"], default="bench", help="what both tools evaluate")
+    parser.add_argument("--mmlu-docs", type=int, default=4, help="--suite mmlu: test docs per subject")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    tasks = write_tasks(TASKS_DIR)
-    settings = Settings(ensure_model(MODEL_DIR, tasks), tasks, args.batch_size, tool_env())
+    settings = Suite(args.suite).settings(args, tool_env())
     tools = ["lmeval", "evalkit"] if args.only == "both" else [args.only]
     configs = [Config(tool, n) for tool in tools for n in args.nproc]
     for c in configs:

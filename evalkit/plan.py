@@ -9,6 +9,7 @@ request), so a run resumed on any number of processes finds every result it alre
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,7 +19,7 @@ from evalkit.config import RunConfig
 from evalkit.errors import UsageError
 from evalkit.identity import model_fingerprint, request_key, served_fingerprint, task_config_hash
 from evalkit.judge import task_environment
-from evalkit.models.packing import context_group
+from evalkit.models.packing import share_keys
 from evalkit.outdir import check_folder
 from evalkit.preflight import Inputs
 from evalkit.sharding import shard_indices
@@ -148,28 +149,30 @@ def finished_indices(output: Path, index_of: dict[str, int]) -> set[int]:
     return {index_of[r["k"]] for r in read_all(output) if r.get("k") in index_of and "r" in r}
 
 
-def whole_groups(requests: list[Request], done: set[int]) -> set[int]:
-    """``done`` less every loglikelihood request whose context group (a doc's choices, which a packing
-    backend scores in one row) is not all done: a resume computes such a group whole again, as an
-    uninterrupted run did, so its values stay bit-identical."""
-    members: dict[str, list[int]] = {}
+def sharing_units(requests: list[Request]) -> list[list[Request]]:
+    """The requests in the units a packing backend scores together (``packing.share_keys``: a doc's
+    choices, docs whose prompts begin alike), each other request alone; in order of first request."""
+    scored = [r for r in requests if r.kind == "loglikelihood"]
+    key_of = dict(zip((r.index for r in scored), share_keys([r.args[0] for r in scored]), strict=True))
+    units: dict[Any, list[Request]] = {}
     for request in requests:
-        group = context_group(request.args[0]) if request.kind == "loglikelihood" else None
-        if group is not None:
-            members.setdefault(group, []).append(request.index)
-    broken = {i for group in members.values() if not done.issuperset(group) for i in group}
+        key = key_of.get(request.index)
+        units.setdefault(("request", request.index) if key is None else ("shared", key), []).append(request)
+    return list(units.values())
+
+
+def whole_groups(requests: list[Request], done: set[int]) -> set[int]:
+    """``done`` less every request of a sharing unit that is not all done: a resume computes such a
+    unit whole again, as an uninterrupted run did, so its values stay bit-identical."""
+    broken = {r.index for unit in sharing_units(requests) if not done.issuperset(r.index for r in unit) for r in unit}
     return done - broken
 
 
 def deal(plan: RunPlan, dp: int, launch: str) -> list[Work]:
-    """Each dp rank's share of the pending requests, balanced by cost. Loglikelihood requests with
-    the same context (a doc's choices) go to one rank together, where they share a row."""
+    """Each dp rank's share of the pending requests, balanced by cost. A sharing unit (a doc's
+    choices, docs whose prompts begin alike) goes to one rank whole, where it shares rows."""
     pending = [r for r in plan.requests if r.index not in plan.done]
-    units: dict[Any, list[Request]] = {}
-    for request in pending:
-        group = context_group(request.args[0]) if request.kind == "loglikelihood" else None
-        units.setdefault(request.index if group is None else ("context", group), []).append(request)
-    grouped = list(units.values())
+    grouped = sharing_units(pending)
     costs = [unit_cost(unit) for unit in grouped]
     kinds = frozenset(r.kind for r in pending)
     shares = []
@@ -180,6 +183,11 @@ def deal(plan: RunPlan, dp: int, launch: str) -> list[Work]:
 
 
 def unit_cost(requests: list[Request]) -> int:
-    """A shared context is computed once: the longest request plus the others' continuations."""
-    longest = max(r.cost for r in requests)
-    return longest + sum(len(r.args[1]) for r in requests[1:])
+    """The work left after sharing: the contexts' common beginning once, each distinct context's
+    rest once, every continuation (never less than the unit's costliest request)."""
+    if len(requests) == 1:
+        return requests[0].cost
+    contexts = sorted({r.args[0].rstrip() for r in requests})
+    common = len(os.path.commonprefix([contexts[0], contexts[-1]]))
+    shared = common + sum(len(c) - common for c in contexts) + sum(len(r.args[1]) for r in requests)
+    return max(shared, max(r.cost for r in requests))

@@ -77,6 +77,17 @@ def score_outputs(
     return scored
 
 
+def token_totals(rank_stats: list[dict[str, Any]]) -> dict[str, int]:
+    """Scored tokens the model computed, and one row per request would have, over the ranks that
+    carry results ("tokens_computed", "tokens_one_row_per_request"; none from a backend that does
+    not count them)."""
+    totals: dict[str, int] = {}
+    for stats in rank_stats:
+        for name, count in (stats.get("token_counts") or {}).items():
+            totals[f"tokens_{name}"] = totals.get(f"tokens_{name}", 0) + int(count)
+    return totals
+
+
 def write_outputs(
     config: RunConfig,
     topo: Topology,
@@ -120,7 +131,7 @@ def write_outputs(
         with phases.phase("writing"):
             for task, rows in scored.samples.items():
                 write_jsonl_atomic(config.output / f"samples_{task}.jsonl", rows)
-        document["timings"] = phases.report()
+        document["timings"] = {**phases.report(), **token_totals(carried)}
         document["total_evaluation_time_seconds"] = round(time.time() - started, 3)
         write_json_atomic(config.output / "results.json", document)
     except OSError as exc:

@@ -163,6 +163,7 @@ def run_requests(config: RunConfig, topo: Topology, ready: Ready, phases: Phases
             "seconds": round(time.time() - t0, 3),
             "parameters": backend.num_parameters_local,
             "written": writer.written if writer else 0,
+            "token_counts": dict(backend.token_counts),
         },
     )
     monitor.close()

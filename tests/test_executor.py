@@ -26,6 +26,7 @@ class FakeBackend:
     name = "fake"
     num_parameters_local = 0
     timings: dict[str, float] = {}  # noqa: RUF012 - read only
+    token_counts: dict[str, int] = {}  # noqa: RUF012 - read only
 
     def __init__(self, batch_size: int, poison: set[str] = frozenset(), answer=None) -> None:
         self.batch_size = batch_size

@@ -14,7 +14,7 @@ import transformers
 
 from evalkit.models.batching import BatchLimit, largest_fitting, split_when_out_of_memory, width_batches
 from evalkit.models.hf import HFCausalLM
-from evalkit.models.packing import PACKED_WIDTH, block_attention, context_group, pack_requests
+from evalkit.models.packing import PACKED_WIDTH, block_attention, pack_requests, share_keys
 
 from conftest import TINY_MODEL
 
@@ -81,7 +81,7 @@ def test_shared_prefix_equals_scoring_each_request_alone(model, scored_alone, ba
         assert want_greedy == have_greedy
     # The shared path really shares: far fewer rows than requests, and fewer tokens.
     encoded = [shared.encode_pair(c, x) for c, x in pairs]
-    packs = pack_requests(encoded, [context_group(c) for c, _ in pairs], shared.max_length)
+    packs = pack_requests(encoded, share_keys([c for c, _ in pairs]), shared.max_length)
     assert len(packs) < len(pairs) / 2
     assert sum(len(p) for p in packs) < sum(len(c) + len(x) - 1 for c, x in encoded) / 2
 
@@ -136,7 +136,8 @@ def test_packs_share_the_context_and_keep_positions():
     assert shared.positions == (0, 1, 2, 3, 4, 5, 4)
     assert [shared.scoring_rows(s) for s in shared.segments] == [[3, 4, 5], [3], [3, 6]]
     assert alone.tokens == (1, 5, 6) and alone.scoring_rows(alone.segments[0]) == [1, 2]
-    allowed = block_attention(torch.tensor([shared.block_ids(8)]))[0, 0]
+    nodes, blocks = shared.visibility(8)
+    allowed = block_attention(torch.tensor([nodes]), torch.tensor([blocks]))[0, 0]
     # Block 3 (row 6) sees the context and itself, not block 1 (rows 4, 5); padding sees itself.
     assert allowed[6].tolist() == [True] * 4 + [False, False, True, False]
     assert allowed[5].tolist() == [True] * 6 + [False, False]
@@ -181,3 +182,87 @@ def test_auto_budget_search_and_out_of_memory_halving():
     assert calls == [5, 2, 3, 1, 2]
     with pytest.raises(torch.OutOfMemoryError):
         split_when_out_of_memory(lambda w, b: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))(8, [1])
+
+
+# -- docs whose prompts begin alike (a few-shot block) share rows ---------------------------------
+
+
+def few_shot_pairs(seed: int = 5, subjects: int = 3, docs: int = 7) -> list[tuple[str, str]]:
+    """Per subject, one fixed shot then each doc's question (lm-eval's first_n sampler), 2-4 choices."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(subjects):
+        shot = f"Question: {sentence(rng, 9)}?\nAnswer: {sentence(rng, 2)}\n\n"
+        for doc in range(docs):
+            context = f"{shot}Question: {sentence(rng, 3 + doc % 4)}?\nAnswer:"
+            pairs += [(context, " " + sentence(rng, rng.randint(1, 3))) for _ in range(2 + doc % 3)]
+    rng.shuffle(pairs)
+    return pairs
+
+
+@pytest.fixture
+def short_prefixes(monkeypatch):
+    """The tiny model has 128 positions; prompts that begin alike for 40 characters share rows."""
+    monkeypatch.setattr("evalkit.models.packing.PREFIX_CHARS", 40)
+
+
+def test_docs_sharing_a_few_shot_block_score_as_alone_at_any_batch_and_order(model, short_prefixes):
+    pairs = few_shot_pairs()
+    alone = score(backend(model, 1, shared_prefix=False), pairs)
+    shared = backend(model, 1, shared_prefix=True)
+    reference = score(shared, pairs)
+    for (want, want_greedy), (have, have_greedy) in zip(alone, reference, strict=True):
+        assert abs(want - have) <= TOLERANCE and want_greedy == have_greedy
+    counts = shared.token_counts  # what results.json's timings report
+    encoded_pairs = [shared.encode_pair(c, x) for c, x in pairs]
+    assert counts["one_row_per_request"] == sum(len(c) + len(x) - 1 for c, x in encoded_pairs)
+    assert counts["computed"] < 0.5 * counts["one_row_per_request"]
+    for batch in (8, BatchLimit(rows=512, tokens=150)):
+        assert score(backend(model, batch, shared_prefix=True), pairs) == reference
+    order = list(range(len(pairs)))
+    random.Random(6).shuffle(order)
+    shuffled = score(backend(model, 8, shared_prefix=True), [pairs[i] for i in order])
+    assert [shuffled[order.index(i)] for i in range(len(pairs))] == reference
+    # Really shared across docs: rows hold several docs, and the few-shot block is computed once per row.
+    encoded = [shared.encode_pair(c, x) for c, x in pairs]
+    packs = pack_requests(encoded, share_keys([c for c, _ in pairs]), shared.max_length)
+    same_context = pack_requests(encoded, [c.rstrip() for c, _ in pairs], shared.max_length)
+    assert max(max(p.nodes) for p in packs) > 1
+    assert sum(map(len, packs)) < 0.7 * sum(map(len, same_context))
+
+
+def test_a_tree_row_keeps_each_context_apart():
+    shot = [1, 2, 3]
+    encoded = [(shot + [4, 5], [20, 21]), (shot + [7], [30]), (shot + [4, 5], [40, 41, 42]), (shot, [50, 51])]
+    (row,) = pack_requests(encoded, ["g"] * 4, max_length=100)
+    # contexts in token order: [1,2,3], [1,2,3,4,5], [1,2,3,7]; each context's blocks in token order
+    assert row.tokens == (1, 2, 3, 50, 4, 5, 20, 40, 41, 7)
+    assert row.positions == (0, 1, 2, 3, 3, 4, 5, 5, 6, 3)
+    assert row.nodes == (0, 0, 0, 1, 2, 2, 2, 2, 2, 3)
+    by_request = {s.request: row.scoring_rows(s) for s in row.segments}
+    assert by_request == {3: [2, 3], 0: [5, 6], 2: [5, 7, 8], 1: [9]}
+    nodes, blocks = row.visibility(11)
+    allowed = block_attention(torch.tensor([nodes]), torch.tensor([blocks]))[0, 0]
+    seen = {i: [k for k in range(11) if allowed[i, k]] for i in range(11)}
+    assert seen[3] == [0, 1, 2, 3]  # block of the context that is the shot itself
+    assert seen[6] == [0, 1, 2, 4, 5, 6]  # first block of [1,2,3,4,5]: the shot, its rest, itself
+    assert seen[8] == [0, 1, 2, 4, 5, 7, 8]  # second block: not the first block
+    assert seen[9] == [0, 1, 2, 9]  # [1,2,3,7]: not the other context's rest
+    assert seen[10] == [10]  # padding
+
+
+def test_share_keys_cut_any_union_of_runs_alike(short_prefixes):
+    rng = random.Random(7)
+    heads = [sentence(rng, 12) for _ in range(3)]
+    contexts = [f"{rng.choice(heads)} {sentence(rng, 4)}" for _ in range(300)] + ["short", "short ", ""]
+    keys = share_keys(contexts)
+    assert keys[-3:] == ["short", "short", None]
+    runs: dict = {}
+    for context, key in zip(contexts, keys, strict=True):
+        runs.setdefault(key, []).append(context)
+    assert 3 < len(runs) < 150, "long contexts share in runs, neither all apart nor all together"
+    assert all(len({c.rstrip()[:40] for c in members}) == 1 for members in runs.values())
+    for trial in range(5):
+        chosen = [k for k in runs if random.Random(trial).random() < 0.5]
+        subset = [c for k in chosen for c in runs[k]]
+        assert share_keys(subset) == [k for k in chosen for _ in runs[k]]

@@ -28,7 +28,7 @@ from evalkit.models.lm_rules import (
     model_max_length,
     rolling_loglikelihoods,
 )
-from evalkit.models.packing import PACKED_WIDTH, Encoded, Pack, block_attention, context_group, pack_requests
+from evalkit.models.packing import PACKED_WIDTH, Encoded, Pack, block_attention, pack_requests, share_keys
 from evalkit.models.protocol import GenerationInput, Progress
 from evalkit.models.stopping import StopOnSequences, cut_at_stop
 from evalkit.parallel import Topology
@@ -117,6 +117,7 @@ class HFCausalLM:
         self.device = device
         self.tp_group = tp_group
         self.timings: dict[str, float] = {}
+        self.token_counts = {"computed": 0, "one_row_per_request": 0}
         self.num_parameters_local = num_parameters_local
         tokens = LMTokenizer(
             transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code), self.timings
@@ -159,13 +160,14 @@ class HFCausalLM:
         generator = torch.Generator().manual_seed(0)
         vocab = min(len(self.tokenizer), unwrap(self.model).get_input_embeddings().num_embeddings)
         tokens = torch.randint(0, vocab, (24,), generator=generator).tolist()
-        pairs = [(tokens[:14], tokens[14:20]), (tokens[:14], tokens[20:])]
+        # two choices of one context, and a second context sharing its first 10 tokens: one row
+        pairs = [(tokens[:14], tokens[14:20]), (tokens[:14], tokens[20:]), (tokens[:10] + tokens[20:], tokens[14:17])]
         try:
-            (shared,) = pack_requests(pairs, ["probe", "probe"], self.max_length)
+            (shared,) = pack_requests(pairs, ["probe"] * len(pairs), self.max_length)
             scores = self._score_rows(len(shared), [shared], True)[0]
             by_request = {segment.request: score for segment, score in zip(shared.segments, scores, strict=True)}
-            packed = [by_request[0], by_request[1]]
-            alone = [self._score_rows(len(p), [p], False)[0][0] for p in pack_requests(pairs, [None, None], 100)]
+            packed = [by_request[i] for i in range(len(pairs))]
+            alone = [self._score_rows(len(p), [p], False)[0][0] for p in pack_requests(pairs, [None] * len(pairs), 100)]
         except (TypeError, ValueError, RuntimeError) as exc:
             return False, f"off: the model refused a packed row ({type(exc).__name__}: {exc})"[:300]
         gap = max(abs(a[0] - b[0]) for a, b in zip(packed, alone, strict=True))
@@ -211,7 +213,7 @@ class HFCausalLM:
 
     def loglikelihood(self, pairs: list[tuple[str, str]], progress: Progress) -> list[tuple[float, bool]]:
         encoded = [self.encode_pair(c, x) for c, x in pairs]
-        groups = [context_group(c) if self.shared_prefix else None for c, _ in pairs]
+        groups = share_keys([c for c, _ in pairs]) if self.shared_prefix else [None] * len(pairs)
         return self.score_tokens(encoded, progress, groups=groups, masked=self.shared_prefix)
 
     def score_tokens(
@@ -224,6 +226,8 @@ class HFCausalLM:
         """(summed log-prob, greedy) of each continuation; requests of one group with the same
         context share a row (``packing``) when ``masked``, which every row of the call then uses."""
         packs = pack_requests(encoded, groups or [None] * len(encoded), self.max_length)
+        self.token_counts["computed"] += sum(map(len, packs))
+        self.token_counts["one_row_per_request"] += sum(min(len(c) + len(x) - 1, self.max_length) for c, x in encoded)
         out: list[Any] = [None] * len(encoded)
 
         def report(finished: list[tuple[int, list[tuple[float, bool]]]]) -> None:
@@ -260,8 +264,9 @@ class HFCausalLM:
             positions = torch.zeros((len(packs), width), dtype=torch.long)
             for row, pack in enumerate(packs):
                 positions[row, : len(pack)] = torch.tensor(pack.positions)
-            blocks = torch.tensor([pack.block_ids(width) for pack in packs], device=self.device)
-            kwargs = {"attention_mask": self._mask(block_attention(blocks)), "position_ids": positions.to(self.device)}
+            nodes, blocks = zip(*(pack.visibility(width) for pack in packs), strict=True)
+            allowed = block_attention(torch.tensor(nodes, device=self.device), torch.tensor(blocks, device=self.device))
+            kwargs = {"attention_mask": self._mask(allowed), "position_ids": positions.to(self.device)}
         # Right padding never changes the scored positions of a causal model.
         logits = self.model(input_ids=ids.to(self.device), **kwargs).logits
         rows: list[int] = []

@@ -72,6 +72,7 @@ class HFVisionLM:
         self.path = path
         self.device = device
         self.timings: dict[str, float] = {}
+        self.token_counts: dict[str, int] = {}
         self.limit = BatchLimit.of(batch)
         if self.limit.auto:
             if device.type == "cuda":

@@ -250,6 +250,7 @@ class OpenAICompletions:
         self.batch_size = concurrency
         self.num_parameters_local = None
         self.timings: dict[str, float] = {}
+        self.token_counts: dict[str, int] = {}
         self.tokens = LMTokenizer(tokenizer, self.timings) if tokenizer is not None else None
         self.max_length = max_length
         # The server (vLLM) wants room for one generated token after a scored prompt.

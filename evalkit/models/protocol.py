@@ -86,6 +86,9 @@ class Backend(Protocol):
     batch_size: int  # requests per model call; the executor retries failures in chunks of this size
     num_parameters_local: int | None  # parameters held by this rank (a TP shard counts only its slice)
     timings: dict[str, float]  # seconds of the model calls spent on the backend's own steps (tokenize)
+    # Tokens of scored requests the model computed ("computed") and would have computed scoring each
+    # request in its own row ("one_row_per_request"); {} for a backend that does not count them.
+    token_counts: dict[str, int]
 
     def loglikelihood(self, pairs: list[tuple[str, str]], progress: Progress) -> list[tuple[float, bool]]:
         """(log p(continuation | context), continuation is the greedy decode) per pair."""

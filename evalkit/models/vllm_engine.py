@@ -148,6 +148,7 @@ class VLLMBackend:
         self.chat = chat  # a vision-language model's prompts; None for a language model
         self.engine = engine
         self.timings: dict[str, float] = {}
+        self.token_counts: dict[str, int] = {}
         self.tokens = LMTokenizer(tokenizer, self.timings)
         self.max_length = max_length
         self.window = scoring_window(max_length, engine_length)
