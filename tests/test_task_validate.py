@@ -181,3 +181,36 @@ def test_cli_list(capfd: pytest.CaptureFixture[str]) -> None:
     groups, tags, tasks = (lines.index(h) for h in lines if h.endswith("):"))
     assert groups < lines.index(mmlu) < tags < lines.index(demo) < tasks < lines.index(demo_gen)
     assert lines[-1].endswith(" tasks") and "groups" in lines[-1] and "tags" in lines[-1]
+
+
+def test_each_folder_is_indexed_on_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new or edited --include-path folder re-indexes that folder alone, and the merged index is
+    what lm-eval's TaskIndex builds over all the folders at once."""
+    monkeypatch.setenv("EVALKIT_CACHE", str(tmp_path / "cache"))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    task = "task: my_task\ndataset_path: json\noutput_type: generate_until\ndoc_to_text: q\ndoc_to_target: a\n"
+    (mine / "my_task.yaml").write_text(task + "tag: mmlu_stem\n")
+    built: list[list[Path]] = []
+    real_build = TaskIndex.build
+
+    def recording_build(paths, **kwargs):
+        built.append(list(paths))
+        return real_build(paths, **kwargs)
+
+    monkeypatch.setattr(TaskIndex, "build", staticmethod(recording_build))
+    first = TaskLibrary([mine])
+    assert "my_task" in first.all_tasks and "mmlu" in first.all_tasks
+    roots = first._roots
+    assert sorted(map(str, built)) == sorted(str([root]) for root in roots), "each folder on its own"
+    whole = real_build(roots)
+    assert {n: (e.kind, e.yaml_path, e.tags) for n, e in first._index.items()} == {
+        n: (e.kind, e.yaml_path, e.tags) for n, e in whole.items()
+    }
+    built.clear()
+    (mine / "my_task.yaml").write_text(task)  # edited: only this folder is indexed again
+    TaskLibrary([mine])
+    assert built == [[mine.resolve()]]
+    built.clear()
+    TaskLibrary([mine])
+    assert built == []

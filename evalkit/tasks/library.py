@@ -2,9 +2,10 @@
 
 lm-eval's ``TaskManager`` resolves task, tag and group names and YAML paths; evalkit only keeps
 its index on disk. Indexing lm-eval's 14,000 names parses every YAML file (about 10 s), a cost
-every run and every rank would pay; the cached index is keyed by lm-eval's version and by the
-path, size and modification time of every YAML file under the indexed folders, so an edited or
-added task file rebuilds it.
+every run and every rank would pay. Each folder's index is cached on its own: the installed
+library's by its version, evalkit's bundled tasks and every ``--include-path`` folder by the path,
+size and modification time of their YAML files, so an edited or added task file of one's own
+re-indexes only its folder.
 """
 
 from __future__ import annotations
@@ -55,15 +56,19 @@ def _yaml_files(root: Path) -> Iterator[tuple[str, int, int]]:
                 yield os.path.relpath(path, root), stat.st_mtime_ns, stat.st_size
 
 
-def index_fingerprint(roots: Iterable[Path], rules: str = "lm_eval") -> str:
-    """What the index depends on: the indexing rules and their library's version, and every YAML
-    file's path, size and mtime."""
-    digest = hashlib.sha256(f"{INDEX_FORMAT} {rules} {version(rules)}".encode())
-    for root in roots:
-        digest.update(f"\0root {root}".encode())
+def index_fingerprint(root: Path, rules: str = "lm_eval") -> str:
+    """What one folder's index depends on: the indexing rules and their library's version, and,
+    unless the folder is that installed library itself (which changes only with its version),
+    every YAML file's path, size and mtime."""
+    digest = hashlib.sha256(f"{INDEX_FORMAT} {rules} {version(rules)}\0root {root}".encode())
+    if root not in _installed_libraries():
         for rel, mtime, size in _yaml_files(root):
             digest.update(f"\0{rel} {mtime} {size}".encode())
     return digest.hexdigest()
+
+
+def _installed_libraries() -> set[Path]:
+    return {LM_EVAL_TASKS, *filter(None, [lmms_index.tasks_dir()])}
 
 
 def _to_json(index: dict[str, Entry]) -> dict[str, Any]:
@@ -79,8 +84,17 @@ def _from_json(data: dict[str, Any]) -> dict[str, Entry]:
 
 def cached_index(roots: list[Path], rules: str = "lm_eval") -> dict[str, Entry]:
     """The index of ``roots`` (later roots override earlier ones) by lm-eval's rules, or by
-    lmms-eval's (``rules="lmms_eval"``, one root), from the cache when fresh."""
-    key = index_fingerprint(roots, rules)
+    lmms-eval's (``rules="lmms_eval"``, one root). Each folder is indexed and cached on its own, as
+    lm-eval's TaskIndex indexes each root before merging them, so a new or edited folder of one's
+    own costs only that folder."""
+    index: dict[str, Entry] = {}
+    for root in roots:
+        index.update(_cached_root_index(root, rules))
+    return index
+
+
+def _cached_root_index(root: Path, rules: str) -> dict[str, Entry]:
+    key = index_fingerprint(root, rules)
     path = cache_dir() / f"task-index-{key[:32]}.json"
     try:
         return _from_json(json.loads(path.read_text()))
@@ -88,7 +102,7 @@ def cached_index(roots: list[Path], rules: str = "lm_eval") -> dict[str, Entry]:
         pass
     # lm-eval logs a warning for every duplicate name in its own library; that is not the user's news.
     logging.getLogger("lm_eval.tasks._index").setLevel(logging.ERROR)
-    index = lmms_index.build(roots[0]) if rules == "lmms_eval" else TaskIndex.build(roots)
+    index = lmms_index.build(root) if rules == "lmms_eval" else TaskIndex.build([root])
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
