@@ -110,6 +110,7 @@ gpu-check: install
 
 bench: install
 	$(PY) benchmarks/vs_lmeval.py
+	$(PY) benchmarks/vs_lmeval.py --suite mmlu --nproc 1
 	$(PY) benchmarks/layouts.py
 	$(PY) benchmarks/task_building.py
 

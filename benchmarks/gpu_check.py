@@ -6,7 +6,8 @@ on 1 process, and on 2 processes (dp=2) when 2 GPUs are visible. For each run it
 second of the model loop (the slowest rank's loop time) and, for loglikelihood scoring one request
 per row, the model-FLOPs utilisation: 2 x parameters FLOPs per token against the GPU's dense bf16
 peak. Loglikelihood runs a second time with shared-prefix scoring (the default), where tokens/s
-counts the requests' tokens as lm-eval would compute them (so no MFU: the model computes fewer).
+counts the requests' tokens as lm-eval would compute them (so no MFU: the model computes fewer),
+and a line below it gives the tokens the model did compute (prefix reuse, from results.json).
 
 On a machine without CUDA it prints one line saying so and exits 0.
 
@@ -132,6 +133,14 @@ def main() -> int:
                 if number == 0 and peak:
                     mfu = f"{2 * params * rate / (peak * nproc):.1%}"
                 print(f"| {nproc} | {kind} | {tokens} | {seconds:.2f} | {rate:,.0f} | {mfu} |")
+                timings = results.get("timings", {})
+                if "tokens_computed" in timings and kind.endswith("shared prefix"):
+                    computed, alone = timings["tokens_computed"], timings["tokens_one_row_per_request"]
+                    print(
+                        f"|   | prefix reuse: the model computed {computed} of {alone} tokens "
+                        f"({computed / max(alone, 1):.2f}x), {computed / seconds if seconds else float('nan'):,.0f} "
+                        "computed tokens/s |  |  |  |  |"
+                    )
     return 0
 
 
