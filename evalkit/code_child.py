@@ -24,7 +24,7 @@ site-packages (at their own paths, so imports work even when Python lives in a p
 ``HOME`` and ``TMPDIR``). No ``/proc``, no user files, no other process visible.
 
 The verdict: the test code runs in the judge with every top-level name the candidate defined bound
-to a proxy. A call through a proxy is a request on the pipe; the program answers with the value
+to a proxy (a standard-library module it imported is imported in the judge by name). A call through a proxy is a request on the pipe; the program answers with the value
 *encoded by value* (``None``, bool, int, float, complex, str, bytes, bytearray and lists, tuples,
 dicts, sets of them, subclasses reduced to their base type). Anything else comes back as an opaque
 handle whose equality is identity: the program cannot hand the tests an object that equals
@@ -356,9 +356,11 @@ def serve(source: str, into: int, out: int) -> None:
         import types
 
         defined = {
-            name: by_value_or_handle(value, keep, BIG_NAME)
+            name: ["m", value.__name__]
+            if isinstance(value, types.ModuleType)
+            else by_value_or_handle(value, keep, BIG_NAME)
             for name, value in list(names.items())
-            if not name.startswith("__") and not isinstance(value, types.ModuleType)
+            if not name.startswith("__")
         }
         send(out, {"defined": defined})
     except BaseException as exc:  # noqa: BLE001 - the program failed before its tests
@@ -534,6 +536,19 @@ def warden(kernel: Kernel, spec: dict, source: str, into: int, out: int) -> None
 # ----- the judge ------------------------------------------------------------------------------------
 
 
+def standard_module(rest: list):
+    """A module the candidate imported, imported here too when it is the standard library's (the
+    tests may use what the candidate's imports bound, as they do in one program); else None."""
+    if len(rest) != 1 or not isinstance(rest[0], str) or rest[0].split(".")[0] not in sys.stdlib_module_names:
+        return None
+    import importlib
+
+    try:
+        return importlib.import_module(rest[0])
+    except ImportError:
+        return None
+
+
 def run_tests(test: str, link: Link, timeout: float) -> str:
     """Run the tests against the program's names; "passed", "timed out" or "failed: ..."."""
 
@@ -553,7 +568,14 @@ def run_tests(test: str, link: Link, timeout: float) -> str:
             defined = first.get("defined")
             if not isinstance(defined, dict):
                 raise ProgramEnded("the program sent a malformed answer")
-            names = {str(name): link.value(tree) for name, tree in defined.items()}
+            names = {}
+            for name, tree in defined.items():
+                if isinstance(tree, list) and tree[:1] == ["m"]:
+                    module = standard_module(tree[1:])
+                    if module is not None:
+                        names[str(name)] = module
+                else:
+                    names[str(name)] = link.value(tree)
             exec(compile(test, "<test>", "exec", dont_inherit=True), names)
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)

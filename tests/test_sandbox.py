@@ -286,6 +286,7 @@ def test_a_program_cannot_forge_its_pass(program):
             "def poly(xs, x):\n    return sum(c * x ** i for i, c in enumerate(xs))\ndef zero(xs):\n    return 0.0",
             "def check(candidate):\n    assert poly([0, 1], candidate([0, 1])) == 0\ncheck(zero)",
         ),
+        ("import math\ndef f(x):\n    return math.sqrt(x)", "assert math.isclose(f(4.0), 2.0)"),
     ],
     ids=[
         "namedtuple",
@@ -297,6 +298,7 @@ def test_a_program_cannot_forge_its_pass(program):
         "nan",
         "big-table",
         "helper",
+        "candidate-import",
     ],
 )
 def test_correct_programs_pass_through_the_calls_by_value(candidate, test):
