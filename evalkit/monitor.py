@@ -22,7 +22,7 @@ from collections.abc import Callable
 from tqdm import tqdm
 
 from evalkit.errors import say
-from evalkit.parallel import FAILED_KEY, Topology
+from evalkit.parallel import FAILED_KEY, Topology, ended_by_peer
 
 POLL_SECONDS = 0.5
 SILENT_SECONDS = 30.0  # 60 missed heartbeats
@@ -104,9 +104,7 @@ class Monitor:
         )
 
     def _end_failed(self, line: str) -> None:
-        self._end(
-            f"evalkit: rank {self.topo.rank} ends the run: another rank failed ({line.removeprefix('evalkit: ')})"
-        )
+        self._end(ended_by_peer(self.topo.rank, line))
 
     def _end_silent(self, rank: int, seconds: float) -> None:
         self._end(
@@ -117,7 +115,10 @@ class Monitor:
     def _end(self, line: str) -> None:
         """End this rank with ``line``, its shard synced first."""
         say(line)
-        self.before_exit()
+        try:
+            self.before_exit()
+        except OSError:  # a full disk: what did not reach the shard is computed again on --resume
+            pass
         os._exit(1)
 
     def close(self) -> None:

@@ -369,6 +369,34 @@ def settle_before_exit() -> None:
 FAILED_KEY = "evalkit/failed"  # the launcher's store: the first failure of any rank, in one line
 
 
+def ended_by_peer(rank: int, line: str) -> str:
+    """What a rank says when it ends because another rank failed with ``line``."""
+    return f"evalkit: rank {rank} ends the run: another rank failed ({line.removeprefix('evalkit: ')})"
+
+
+def posted_failure(wait_s: float = 2.0) -> str | None:
+    """The failure another rank announced in the launcher's store, if any (a collective that broke
+    because that rank is gone); never waits more than ``wait_s`` for a store that is gone too."""
+    if not dist.is_initialized():
+        return None
+    import threading
+
+    found: list[str] = []
+
+    def read() -> None:
+        try:
+            store = dist.distributed_c10d._get_default_store()
+            if store.check([FAILED_KEY]):
+                found.append(store.get(FAILED_KEY).decode(errors="replace"))
+        except Exception:  # noqa: BLE001 - the store went away with the launcher
+            pass
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(wait_s)
+    return found[0] if found else None
+
+
 def announce_failure(line: str, wait_s: float = 2.0) -> None:
     """Tell every rank, through the launcher's store, that this rank failed (their monitors end the
     run at once instead of at the next collective); never waits more than ``wait_s`` for a store

@@ -38,10 +38,13 @@ from evalkit.outdir import write_manifest
 from evalkit.output_lock import OutputLock
 from evalkit.parallel import (
     AgreedError,
+    CollectiveError,
     Topology,
     announce_failure,
+    ended_by_peer,
     init_topology,
     launcher_rank,
+    posted_failure,
     settle_before_exit,
     shutdown,
 )
@@ -224,8 +227,14 @@ def run_guarded(config: RunConfig) -> int:
         os._exit(130)
     except BaseException as exc:  # noqa: BLE001 - a crash must end this rank now, never wait on peers
         full = no_space(exc)
-        if not isinstance(exc, RunFailed) and full is None:  # these messages say everything; the rest is a bug
+        # A collective that broke because another rank failed and said so (gloo raises a plain
+        # RuntimeError for a peer that closed its connection): that rank's line is the news.
+        peer = posted_failure() if isinstance(exc, (CollectiveError, RuntimeError)) else None
+        if not isinstance(exc, RunFailed) and full is None and peer is None:  # the rest is a bug
             traceback.print_exc()
+        if peer is not None:
+            say(ended_by_peer(rank, peer))
+            os._exit(1)
         if full is not None:
             line = f"evalkit: rank {rank} failed: {disk_full(full, config.output)}"
         else:
