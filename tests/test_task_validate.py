@@ -214,3 +214,34 @@ def test_each_folder_is_indexed_on_its_own(tmp_path: Path, monkeypatch: pytest.M
     built.clear()
     TaskLibrary([mine])
     assert built == []
+
+
+def test_a_local_dataset_folder_is_resolved_once_per_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mmlu's 57 tasks each load a config of one local folder: its card is read once, and every
+    config loads the same data as without the shortcut."""
+    import datasets
+    import datasets.load
+    from library_data import write_mmlu
+
+    from evalkit.tasks.library import local_dataset_modules_once
+
+    write_mmlu(tmp_path, test_docs=2)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    subjects = ["abstract_algebra", "anatomy", "virology"]
+    plain = [datasets.load_dataset("cais/mmlu", s)["test"].to_list() for s in subjects]
+    calls: list[str] = []
+    real = datasets.load.dataset_module_factory
+
+    def counted(path, *args, **kwargs):
+        calls.append(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(datasets.load, "dataset_module_factory", counted)
+    with local_dataset_modules_once():
+        once = [datasets.load_dataset("cais/mmlu", s)["test"].to_list() for s in subjects]
+    assert calls == ["cais/mmlu"]
+    assert once == plain
+    assert datasets.load.dataset_module_factory is counted, "put back afterwards"

@@ -10,6 +10,8 @@ re-indexes only its folder.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import hashlib
 import json
@@ -193,6 +195,33 @@ def compile_templates_once() -> None:
     env.from_string = from_string
 
 
+@contextlib.contextmanager
+def local_dataset_modules_once() -> Iterator[None]:
+    """While tasks load: a local dataset folder's ``datasets`` module is resolved once per set of
+    arguments, not once per task. lm-eval builds every task with its own ``load_dataset(path, name)``;
+    for one folder with many configs (mmlu's 57 subjects in ``cais/mmlu``) ``datasets`` re-reads and
+    re-parses the folder's card (hundreds of YAML lines per config) for each, most of a run's plan
+    time. Each caller gets its own copy of the same resolved module."""
+    import datasets.load
+
+    original = datasets.load.dataset_module_factory
+    resolved: dict[tuple[str, str], Any] = {}
+
+    def once(path: str, *args: Any, **kwargs: Any) -> Any:
+        if args or not isinstance(path, str) or not os.path.isdir(path):
+            return original(path, *args, **kwargs)
+        key = (os.path.abspath(path), repr(sorted(kwargs.items())))
+        if key not in resolved:
+            resolved[key] = original(path, **kwargs)
+        return copy.deepcopy(resolved[key])
+
+    datasets.load.dataset_module_factory = once
+    try:
+        yield
+    finally:
+        datasets.load.dataset_module_factory = original
+
+
 class TaskLibrary(TaskManager):
     """lm-eval's TaskManager over its own tasks, evalkit's bundled tasks and ``include_path``, with
     lmms-eval's task folder (when installed) as a second namespace.
@@ -305,7 +334,8 @@ class TaskLibrary(TaskManager):
         """lm-eval's ``load`` (tasks, groups, group_map); any failure is one line naming the task."""
         self.check_names(names)
         try:
-            return self.load(list(names))
+            with local_dataset_modules_once():
+                return self.load(list(names))
         except TaskLoadError as exc:
             raise UsageError(explain(exc)) from None
         except yaml.YAMLError as exc:
