@@ -374,46 +374,41 @@ def ended_by_peer(rank: int, line: str) -> str:
     return f"evalkit: rank {rank} ends the run: another rank failed ({line.removeprefix('evalkit: ')})"
 
 
-def posted_failure(wait_s: float = 2.0) -> str | None:
-    """The failure another rank announced in the launcher's store, if any (a collective that broke
-    because that rank is gone); never waits more than ``wait_s`` for a store that is gone too."""
+def _with_store(use: Callable[[Any], T], wait_s: float) -> T | None:
+    """``use(store)`` on the launcher's store, in a thread given at most ``wait_s`` seconds: the store
+    may be gone with the rank or launcher that served it. None when it failed or took too long."""
     if not dist.is_initialized():
         return None
     import threading
 
-    found: list[str] = []
+    found: list[T] = []
 
-    def read() -> None:
+    def run() -> None:
         try:
-            store = dist.distributed_c10d._get_default_store()
-            if store.check([FAILED_KEY]):
-                found.append(store.get(FAILED_KEY).decode(errors="replace"))
-        except Exception:  # noqa: BLE001 - the store went away with the launcher
+            found.append(use(dist.distributed_c10d._get_default_store()))
+        except Exception:  # noqa: BLE001 - the store went away; the collectives will notice instead
             pass
 
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(wait_s)
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(wait_s)
     return found[0] if found else None
+
+
+def posted_failure(wait_s: float = 2.0) -> str | None:
+    """The failure another rank announced in the launcher's store, if any (a collective that broke
+    because that rank is gone)."""
+
+    def read(store: Any) -> str | None:
+        return store.get(FAILED_KEY).decode(errors="replace") if store.check([FAILED_KEY]) else None
+
+    return _with_store(read, wait_s)
 
 
 def announce_failure(line: str, wait_s: float = 2.0) -> None:
     """Tell every rank, through the launcher's store, that this rank failed (their monitors end the
-    run at once instead of at the next collective); never waits more than ``wait_s`` for a store
-    that is gone with the rank that served it."""
-    if not dist.is_initialized():
-        return
-    import threading
-
-    def tell() -> None:
-        try:
-            dist.distributed_c10d._get_default_store().set(FAILED_KEY, line)
-        except Exception:  # noqa: BLE001 - the store went away; the collectives will notice instead
-            pass
-
-    teller = threading.Thread(target=tell, daemon=True)
-    teller.start()
-    teller.join(wait_s)
+    run at once instead of at the next collective)."""
+    _with_store(lambda store: store.set(FAILED_KEY, line), wait_s)
 
 
 def shutdown() -> bool:

@@ -98,15 +98,20 @@ def test_eager_attention_takes_the_block_mask_as_an_additive_mask():
         assert abs(want - have) <= TOLERANCE
 
 
+def assert_same_at_any_batch_and_order(model, pairs, reference, *, tokens: int, seed: int) -> None:
+    """Shared-prefix values bit-identical to ``reference`` at batch 8, a token budget, and shuffled."""
+    for batch in (8, BatchLimit(rows=512, tokens=tokens)):
+        assert score(backend(model, batch, shared_prefix=True), pairs) == reference
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    shuffled = score(backend(model, 8, shared_prefix=True), [pairs[i] for i in order])
+    assert [shuffled[order.index(i)] for i in range(len(pairs))] == reference
+
+
 def test_shared_prefix_values_do_not_depend_on_batch_or_order(model):
     pairs = multiple_choice_pairs(seed=1)
     reference = score(backend(model, 1, shared_prefix=True), pairs)
-    for batch in (8, BatchLimit(rows=512, tokens=200)):
-        assert score(backend(model, batch, shared_prefix=True), pairs) == reference
-    order = list(range(len(pairs)))
-    random.Random(2).shuffle(order)
-    shuffled = score(backend(model, 8, shared_prefix=True), [pairs[i] for i in order])
-    assert [shuffled[order.index(i)] for i in range(len(pairs))] == reference
+    assert_same_at_any_batch_and_order(model, pairs, reference, tokens=200, seed=2)
 
 
 def test_rolling_and_generation_are_unchanged_by_token_budget(model):
@@ -217,12 +222,7 @@ def test_docs_sharing_a_few_shot_block_score_as_alone_at_any_batch_and_order(mod
     encoded_pairs = [shared.encode_pair(c, x) for c, x in pairs]
     assert counts["one_row_per_request"] == sum(len(c) + len(x) - 1 for c, x in encoded_pairs)
     assert counts["computed"] < 0.5 * counts["one_row_per_request"]
-    for batch in (8, BatchLimit(rows=512, tokens=150)):
-        assert score(backend(model, batch, shared_prefix=True), pairs) == reference
-    order = list(range(len(pairs)))
-    random.Random(6).shuffle(order)
-    shuffled = score(backend(model, 8, shared_prefix=True), [pairs[i] for i in order])
-    assert [shuffled[order.index(i)] for i in range(len(pairs))] == reference
+    assert_same_at_any_batch_and_order(model, pairs, reference, tokens=150, seed=6)
     # Really shared across docs: rows hold several docs, and the few-shot block is computed once per row.
     encoded = [shared.encode_pair(c, x) for c, x in pairs]
     packs = pack_requests(encoded, share_keys([c for c, _ in pairs]), shared.max_length)
