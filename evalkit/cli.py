@@ -51,7 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
         dest="shared_prefix",
         action="store_false",
         default=None,
-        help="score each loglikelihood request in its own row instead of once per shared context",
+        help="score each loglikelihood request in its own row instead of once per shared context "
+        "(--backend vllm: turn off vLLM's prefix cache)",
+    )
+    p.add_argument(
+        "--vllm-prefix-cache",
+        action="store_true",
+        default=None,
+        help="vllm: loglikelihood prompts reuse vLLM's cached prefixes (few-shot tasks: several times faster; "
+        "values move by float rounding, about 1e-6, and then depend on which prompts ran before)",
     )
     p.add_argument("--limit", type=float, help="first N docs per task, or a fraction in (0, 1)")
     p.add_argument("--num-fewshot", type=int, help="override every task's num_fewshot")

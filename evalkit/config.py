@@ -66,6 +66,8 @@ class RunConfig:
     batch_size: int | str | None = None
     max_batch_tokens: int | None = None
     shared_prefix: bool = True
+    # vllm: loglikelihood prompts read vLLM's prefix cache (faster; values move by float rounding).
+    vllm_prefix_cache: bool = False
     limit: float | None = None
     num_fewshot: int | None = None
     seed: Seeds = DEFAULT_SEED

@@ -27,6 +27,7 @@ FLAG_VALUES = {
     "batch_size=auto": {"batch_size": "auto"},
     "max_batch_tokens": {"max_batch_tokens": 4096},
     "shared_prefix": {"shared_prefix": False},
+    "vllm_prefix_cache": {"vllm_prefix_cache": True},
     "dtype": {"dtype": "bfloat16"},
     "tp_backend": {"tp_backend": "transformers"},
     "deepspeed": {"deepspeed": Path("ds.json")},
@@ -75,7 +76,6 @@ REFUSED_FLAGS = {
         "batch_size=auto": "--backend vllm does not take --batch-size auto" + VLLM_BATCH,
         "max_batch_tokens": "--backend vllm does not take --max-batch-tokens; vLLM schedules the tokens of its "
         "batches itself",
-        "shared_prefix": "--backend vllm does not take --no-shared-prefix; vLLM caches shared prefixes itself",
         "tp_backend": "--backend vllm does not take --tp-backend; vLLM splits the model over the --tp ranks itself",
         "deepspeed": "--backend vllm does not take --deepspeed; vLLM splits the model over the --tp ranks itself "
         "(give --tp)",
@@ -95,6 +95,8 @@ for served in ("openai-completions", "openai-chat"):
         "deepspeed": f"--backend {served} does not take --deepspeed; the server splits its model",
         "gpu_mem": f"--backend {served} does not take --gpu-mem; the server holds the model",
     }
+for name in ("hf", "hf-vlm", "openai-completions", "openai-chat"):
+    REFUSED_FLAGS[name]["vllm_prefix_cache"] = f"--vllm-prefix-cache is for --backend vllm, not {name}"
 REFUSED_FLAGS["openai-chat"]["apply_chat_template"] = (
     "--backend openai-chat does not take --apply-chat-template; the server applies the model's chat template"
 )

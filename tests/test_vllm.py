@@ -115,6 +115,41 @@ def test_vllm_agrees_with_the_hf_backend(vllm_one, hf_one):
     assert differing_generations == 0, f"{differing_generations} greedy generations differ between hf and vllm"
 
 
+def test_scoring_reads_the_prefix_cache_only_when_asked(tmp_path):
+    """lm-eval's mmlu, 5-shot (a subject's docs share the five examples; vLLM's CPU cache blocks are
+    128 tokens). By default a scored prompt is computed whole, so its values do not depend on the
+    prompts before it; with --vllm-prefix-cache it reads the blocks earlier prompts cached and
+    computes far fewer tokens, for values within float rounding (measured up to 3e-6 on the
+    benchmark's mmlu). A prompt whose cached blocks cover its scored positions is scored again
+    uncached. --no-shared-prefix turns vLLM's cache off."""
+    from library_data import write_mmlu
+
+    from evalkit.testing.tinymodel import DEFAULT_TASKS_DIR, build_tiny_llama, corpus_from_tasks
+
+    model = build_tiny_llama(tmp_path / "m", corpus_from_tasks(DEFAULT_TASKS_DIR), head_dim=32, max_positions=1024)
+    write_mmlu(tmp_path, test_docs=4)
+    tasks = ["mmlu_anatomy", "mmlu_virology"]
+
+    def run(name: str, *extra: str) -> Run:
+        args = ["--model", str(model), "--tasks", ",".join(tasks), "--num-fewshot", "5", "--device", "cpu"]
+        args += ["--backend", "vllm", "--bootstrap-iters", "0", *extra]
+        return ok(run_evalkit(args, output=tmp_path / name, env=ENV, cwd=tmp_path))
+
+    whole, cached = run("whole"), run("cached", "--vllm-prefix-cache")
+    assert whole.results()["model"]["prefix_cache"] is True
+    assert [r.results()["model"]["prefix_cache_scoring"] for r in (whole, cached)] == [False, True]
+    counts = [r.results()["timings"] for r in (whole, cached)]
+    assert (
+        counts[0]["tokens_computed"]
+        == counts[0]["tokens_one_row_per_request"]
+        == counts[1]["tokens_one_row_per_request"]
+    )
+    assert counts[1]["tokens_computed"] < 0.6 * counts[1]["tokens_one_row_per_request"], counts
+    for task in tasks:
+        assert_same_docs(whole.docs(task), cached.docs(task), 1e-5)
+    assert run("off", "--no-shared-prefix", "--limit", "1").results()["model"]["prefix_cache"] is False
+
+
 def test_resuming_a_vllm_run_with_the_hf_backend_is_refused(vllm_one, model32):
     run = run_evalkit(demo_args(model32, "--backend", "hf", "--resume"), output=vllm_one.output)
     assert run.returncode == 2

@@ -37,6 +37,7 @@ FLAGS: dict[str, str] = {
     "batch_size=auto": "--batch-size auto",
     "max_batch_tokens": "--max-batch-tokens",
     "shared_prefix": "--no-shared-prefix",
+    "vllm_prefix_cache": "--vllm-prefix-cache",
     "dtype": "--dtype",
     "tp_backend": "--tp-backend",
     "deepspeed": "--deepspeed",
@@ -49,6 +50,7 @@ FLAGS: dict[str, str] = {
     "max_retries": "--max-retries",
     "request_timeout": "--request-timeout",
 }
+VLLM_FLAGS = frozenset({"vllm_prefix_cache"})
 SERVER_FLAGS = frozenset({"tokenizer", "base_url", "api_key_env", "concurrency", "max_retries", "request_timeout"})
 # Server flags that also set the LLM judge's calls (--judge-base-url), so every backend takes them then.
 JUDGE_FLAGS = frozenset({"concurrency", "max_retries", "request_timeout"})
@@ -110,6 +112,7 @@ class BackendSpec:
     # Its results name it in the model's identity, so a run resumed by another engine (whose scores
     # differ in their last digits) recomputes them; the transformers backends score alike.
     keyed_by_backend: bool = True
+    packs_rows: bool = False  # scores a sharing unit's requests in shared rows (--no-shared-prefix: not)
     needs: tuple[str, ...] = ()  # options it cannot run without
     hints: Mapping[str, str] = field(default_factory=dict)  # how to fix a refused flag or layout
 
@@ -133,7 +136,7 @@ class BackendSpec:
 
     def packs_contexts(self, config: RunConfig) -> bool:
         """Whether it scores a doc's choices in one packed row (so a resume computes them together)."""
-        return "shared_prefix" in self.honours and config.shared_prefix
+        return self.packs_rows and config.shared_prefix
 
     def placement_for_tp(self, tp_backend: str) -> str:
         """The placement a TP group of this backend takes (--tp-backend unless it splits models itself)."""
@@ -143,6 +146,8 @@ class BackendSpec:
         if name in SERVER_FLAGS and not self.served:
             judge = " or a judge (--judge-base-url)" if name in JUDGE_FLAGS else ""
             return f"{FLAGS[name]} is for --backend {' or '.join(SERVED)}{judge}, not {self.name}"
+        if name in VLLM_FLAGS:
+            return f"{FLAGS[name]} is for --backend vllm, not {self.name}"
         return f"--backend {self.name} does not take {FLAGS[name]}{self.hints.get(name, '; drop it')}"
 
     def _layout_problems(self, layout: Layout) -> list[str]:
@@ -224,6 +229,8 @@ def _vllm_options(config: RunConfig, context: BuildContext) -> Any:
         max_length=config.max_length,
         seed=config.seed.torch,
         requests_per_call=config.batch_size if isinstance(config.batch_size, int) else None,
+        prefix_cache=config.shared_prefix,
+        prefix_cache_scoring=config.vllm_prefix_cache,
     )
 
 
@@ -294,6 +301,7 @@ BACKENDS: dict[str, BackendSpec] = {
             options=_transformers_options,
             load=_load_hf,
             keyed_by_backend=False,
+            packs_rows=True,
             hints={"tokenizer": "; it reads the tokenizer from --model"},
         ),
         BackendSpec(
@@ -320,7 +328,9 @@ BACKENDS: dict[str, BackendSpec] = {
             name="vllm",
             kinds=KINDS,
             images=False,
-            honours=frozenset({"batch_size", "dtype", "gpu_mem", "apply_chat_template"}),
+            honours=frozenset(
+                {"batch_size", "dtype", "gpu_mem", "apply_chat_template", "shared_prefix", "vllm_prefix_cache"}
+            ),
             placements=frozenset({Placement.REPLICA, Placement.VLLM_TP}),
             options=_vllm_options,
             load=_load_vllm,
@@ -330,7 +340,6 @@ BACKENDS: dict[str, BackendSpec] = {
                 "batch_size=auto": "; vLLM schedules its own batches: give --batch-size N (requests per engine "
                 "call) or leave it out",
                 "max_batch_tokens": "; vLLM schedules the tokens of its batches itself",
-                "shared_prefix": "; vLLM caches shared prefixes itself",
                 "tp_backend": "; vLLM splits the model over the --tp ranks itself",
                 "deepspeed": "; vLLM splits the model over the --tp ranks itself (give --tp)",
                 "layout:split": "; vLLM splits a model over GPUs with --tp, not --gpus-per-rank",

@@ -53,6 +53,8 @@ class VLLMOptions:
     max_length: int | None
     seed: int
     requests_per_call: int | None  # --batch-size N; DEFAULT_CHUNK without it
+    prefix_cache: bool  # vLLM's automatic prefix caching (--no-shared-prefix turns it off)
+    prefix_cache_scoring: bool  # loglikelihood prompts read the cache too (--vllm-prefix-cache)
 
 
 def import_vllm() -> Any:
@@ -143,12 +145,14 @@ class VLLMBackend:
         chunk: int,
         sampling: Any,
         chat: ChatPrompts | None = None,
+        prefix_cache_scoring: bool = False,
     ) -> None:
         self.path = path
         self.chat = chat  # a vision-language model's prompts; None for a language model
         self.engine = engine
         self.timings: dict[str, float] = {}
-        self.token_counts: dict[str, int] = {}
+        self.token_counts = {"computed": 0, "one_row_per_request": 0}
+        self.prefix_cache_scoring = prefix_cache_scoring
         self.tokens = LMTokenizer(tokenizer, self.timings)
         self.max_length = max_length
         self.window = scoring_window(max_length, engine_length)
@@ -181,6 +185,7 @@ class VLLMBackend:
             "seed": options.seed,
             "max_model_len": engine_length,
             "trust_remote_code": remote,
+            "enable_prefix_caching": options.prefix_cache,
         }
         if topo.distributed:
             engine_options["distributed_executor_backend"] = "external_launcher"
@@ -205,6 +210,7 @@ class VLLMBackend:
             chunk=options.requests_per_call or DEFAULT_CHUNK,
             sampling=vllm.SamplingParams,
             chat=chat,
+            prefix_cache_scoring=options.prefix_cache and options.prefix_cache_scoring,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -218,6 +224,8 @@ class VLLMBackend:
             "max_length": self.max_length,
             "scoring_window": self.window,
             "requests_per_call": self.batch_size,
+            "prefix_cache": bool(self.engine.llm_engine.vllm_config.cache_config.enable_prefix_caching),
+            "prefix_cache_scoring": self.prefix_cache_scoring,
         }
 
     # -- scoring ------------------------------------------------------------------------------
@@ -227,21 +235,50 @@ class VLLMBackend:
         return self._score(encoded, progress)
 
     def _score(self, encoded: list[tuple[list[int], list[int]]], progress: Progress) -> list[tuple[float, bool]]:
-        """(summed log-prob, greedy) per (context, continuation) tokens, from prompt logprobs."""
-        params = self._sampling(max_tokens=1, temperature=0.0, prompt_logprobs=1, detokenize=False)
+        """(summed log-prob, greedy) per (context, continuation) tokens, from prompt logprobs.
+
+        By default every prompt is computed whole, so its values do not depend on which prompts
+        ran before it. With ``--vllm-prefix-cache`` a prompt reads the cached blocks of earlier
+        prompts (a few-shot block, a doc's other choices); vLLM then computes no log-probs for the
+        cached positions, so a prompt whose cached blocks reach into the positions that score its
+        continuation is scored again without reading the cache.
+        """
         out: list[Any] = [None] * len(encoded)
         for start, chunk in chunked(encoded, self.batch_size):
             prompts = [prompt_in_window(context, continuation, self.window) for context, continuation in chunk]
-            results = self.engine.generate(
-                [{"prompt_token_ids": tokens} for tokens, _ in prompts], params, use_tqdm=False
-            )
-            done = []
-            for offset, ((tokens, context_len), result) in enumerate(zip(prompts, results, strict=True)):
-                score = continuation_score(tokens, context_len, result.prompt_logprobs)
-                out[start + offset] = score
-                done.append((start + offset, score))
-            progress(done)
+            self.token_counts["one_row_per_request"] += sum(len(tokens) for tokens, _ in prompts)
+            scores = self._prompt_scores(prompts, cached_reads=self.prefix_cache_scoring)
+            again = [i for i, score in enumerate(scores) if score is None]
+            for i, score in zip(
+                again, self._prompt_scores([prompts[i] for i in again], cached_reads=False), strict=True
+            ):
+                scores[i] = score
+            progress([(start + offset, score) for offset, score in enumerate(scores)])
+            out[start : start + len(scores)] = scores
         return out
+
+    def _prompt_scores(
+        self, prompts: list[tuple[list[int], int]], cached_reads: bool
+    ) -> list[tuple[float, bool] | None]:
+        """One engine call; None for a prompt whose scored positions came from the prefix cache."""
+        if not prompts:
+            return []
+        params = self._sampling(max_tokens=1, temperature=0.0, prompt_logprobs=1, detokenize=False)
+        # vLLM skips the cache for prompt log-probs unless told otherwise (older versions always do).
+        if cached_reads and hasattr(params, "skip_reading_prefix_cache"):
+            params.skip_reading_prefix_cache = False
+        results = self.engine.generate([{"prompt_token_ids": tokens} for tokens, _ in prompts], params, use_tqdm=False)
+        scores: list[tuple[float, bool] | None] = []
+        for (tokens, context_len), result in zip(prompts, results, strict=True):
+            cached = result.num_cached_tokens or 0
+            self.token_counts["computed"] += len(tokens) - cached
+            # The first scored token is predicted at position context_len - 1, which must have run.
+            scores.append(
+                None
+                if cached > max(context_len - 1, 0)
+                else continuation_score(tokens, context_len, result.prompt_logprobs)
+            )
+        return scores
 
     def loglikelihood_rolling(self, texts: list[str], progress: Progress) -> list[float]:
         # A window's prompt (its context and the tokens it scores) is at most one token longer than
