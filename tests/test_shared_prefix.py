@@ -211,10 +211,17 @@ def short_prefixes(monkeypatch):
     monkeypatch.setattr("evalkit.models.packing.PREFIX_CHARS", 40)
 
 
-def test_docs_sharing_a_few_shot_block_score_as_alone_at_any_batch_and_order(model, short_prefixes):
+@pytest.mark.parametrize("split_from", [4, 10**6], ids=["prefix-reused-from-kv-cache", "tree-rows-only"])
+def test_docs_sharing_a_few_shot_block_score_as_alone_at_any_batch_and_order(
+    model, short_prefixes, monkeypatch, split_from
+):
+    """Rows of docs that share a few-shot block, scored as one tree row each, or (when the block is
+    long enough) split at the block: the block once, each doc in its own row over its keys and values."""
+    monkeypatch.setattr("evalkit.models.packing.SPLIT_SHARED", split_from)
     pairs = few_shot_pairs()
     alone = score(backend(model, 1, shared_prefix=False), pairs)
     shared = backend(model, 1, shared_prefix=True)
+    assert shared.split_prefix, shared.shared_prefix_note
     reference = score(shared, pairs)
     for (want, want_greedy), (have, have_greedy) in zip(alone, reference, strict=True):
         assert abs(want - have) <= TOLERANCE and want_greedy == have_greedy
@@ -229,6 +236,8 @@ def test_docs_sharing_a_few_shot_block_score_as_alone_at_any_batch_and_order(mod
     same_context = pack_requests(encoded, [c.rstrip() for c, _ in pairs], shared.max_length)
     assert max(max(p.nodes) for p in packs) > 1
     assert sum(map(len, packs)) < 0.7 * sum(map(len, same_context))
+    split = [p for p in packs if p.split() is not None]
+    assert (len(split) >= len(packs) / 2) if split_from == 4 else not split
 
 
 def test_a_tree_row_keeps_each_context_apart():
@@ -249,6 +258,28 @@ def test_a_tree_row_keeps_each_context_apart():
     assert seen[8] == [0, 1, 2, 4, 5, 7, 8]  # second block: not the first block
     assert seen[9] == [0, 1, 2, 9]  # [1,2,3,7]: not the other context's rest
     assert seen[10] == [10]  # padding
+
+
+def test_a_row_splits_at_its_shared_prefix_into_one_row_per_context():
+    shot = [1, 2, 3]
+    encoded = [(shot + [4, 5], [20, 21]), (shot + [7], [30]), (shot + [4, 5], [40, 41, 42])]
+    (row,) = pack_requests(encoded, ["g"] * 3, max_length=100)
+    assert row.tokens == (1, 2, 3, 4, 5, 20, 40, 41, 7)
+    assert row.split(min_shared=4) is None  # the shared prefix is 3 tokens
+    prefix, (first, second) = row.split(min_shared=3)
+    assert prefix == (1, 2, 3)
+    assert (first.tokens, first.positions) == ((4, 5, 20, 40, 41), (3, 4, 5, 5, 6))
+    assert (second.tokens, second.positions) == ((7,), (3,))
+    # each segment scored at the same tokens as in the whole row, indexed within its own row
+    whole = {s.request: [row.tokens[i] for i in row.scoring_rows(s)] for s in row.segments}
+    parts = {
+        s.request: [part.tokens[i] for i in part.scoring_rows(s)] for part in (first, second) for s in part.segments
+    }
+    assert parts == whole == {0: [5, 20], 2: [5, 40, 41], 1: [7]}
+    assert [s.request for part in (first, second) for s in part.segments] == [s.request for s in row.segments]
+    # a context that is the shared prefix itself has nothing of its own to put in a row
+    (with_shot,) = pack_requests([*encoded, (shot, [50])], ["g"] * 4, max_length=100)
+    assert with_shot.split(min_shared=1) is None
 
 
 def test_share_keys_cut_any_union_of_runs_alike(short_prefixes):

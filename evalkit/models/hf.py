@@ -28,7 +28,15 @@ from evalkit.models.lm_rules import (
     model_max_length,
     rolling_loglikelihoods,
 )
-from evalkit.models.packing import PACKED_WIDTH, Encoded, Pack, block_attention, pack_requests, share_keys
+from evalkit.models.packing import (
+    PACKED_WIDTH,
+    SPLIT_SHARED,
+    Encoded,
+    Pack,
+    block_attention,
+    pack_requests,
+    share_keys,
+)
 from evalkit.models.protocol import GenerationInput, Progress
 from evalkit.models.stopping import StopOnSequences, cut_at_stop
 from evalkit.parallel import Topology
@@ -131,6 +139,8 @@ class HFCausalLM:
         inner = unwrap(self.model)
         self.attention = getattr(inner.config, "_attn_implementation", None)
         self.shared_prefix, self.shared_prefix_note = self._check_packing() if shared_prefix else (False, "off")
+        self.cache_argument = cache_argument(inner)
+        self.split_prefix = self.shared_prefix and self._check_split()
         self.limit = self._resolve(BatchLimit.of(batch))
         self.batch_size = self.limit.rows if self.limit.tokens is None else ROWS_PER_CHUNK
 
@@ -157,11 +167,7 @@ class HFCausalLM:
         """
         if self.attention not in ("sdpa", "eager"):
             return False, f"off: attention {self.attention!r} takes no custom masks"
-        generator = torch.Generator().manual_seed(0)
-        vocab = min(len(self.tokenizer), unwrap(self.model).get_input_embeddings().num_embeddings)
-        tokens = torch.randint(0, vocab, (24,), generator=generator).tolist()
-        # two choices of one context, and a second context sharing its first 10 tokens: one row
-        pairs = [(tokens[:14], tokens[14:20]), (tokens[:14], tokens[20:]), (tokens[:10] + tokens[20:], tokens[14:17])]
+        pairs = self._probe_pairs()
         try:
             (shared,) = pack_requests(pairs, ["probe"] * len(pairs), self.max_length)
             scores = self._score_rows(len(shared), [shared], True)[0]
@@ -175,6 +181,37 @@ class HFCausalLM:
         if gap > tolerance:
             return False, f"off: packed and separate rows differ by {gap:.3g} on a probe (> {tolerance})"
         return True, f"on (probe: packed and separate rows differ by {gap:.1e})"
+
+    def _probe_pairs(self) -> list[Encoded]:
+        """Two choices of one context, and a second context sharing its first 10 tokens (one row)."""
+        generator = torch.Generator().manual_seed(0)
+        vocab = min(len(self.tokenizer), unwrap(self.model).get_input_embeddings().num_embeddings)
+        tokens = torch.randint(0, vocab, (24,), generator=generator).tolist()
+        return [(tokens[:14], tokens[14:20]), (tokens[:14], tokens[20:]), (tokens[:10] + tokens[20:], tokens[14:17])]
+
+    def _check_split(self) -> bool:
+        """Whether a row split at its shared prefix (``Pack.split``: the prefix once, each context
+        in its own row over the prefix's cached keys and values) scores as the packed row does, on
+        the packing probe; the note says which."""
+        pairs = self._probe_pairs()
+        (pack,) = pack_requests(pairs, ["probe"] * len(pairs), self.max_length)
+        split = pack.split(min_shared=1)
+        try:
+            assert split is not None and self.cache_argument is not None
+            packed = self._score_rows(len(pack), [pack], True)[0]
+            parts = self._score_split(*split)
+        except (AssertionError, TypeError, ValueError, RuntimeError) as exc:
+            self.shared_prefix_note += f"; long shared prefixes are not reused from the KV cache ({type(exc).__name__})"
+            return False
+        gap = max(abs(a[0] - b[0]) for a, b in zip(packed, parts, strict=True))
+        tolerance = PROBE_TOLERANCE.get(unwrap(self.model).dtype, 0.25)
+        if gap > tolerance:
+            self.shared_prefix_note += f"; long shared prefixes are not reused from the KV cache (probe gap {gap:.3g})"
+            return False
+        self.shared_prefix_note += (
+            f"; shared prefixes of {SPLIT_SHARED}+ tokens computed once, reused from the KV cache"
+        )
+        return True
 
     def _resolve(self, limit: BatchLimit) -> BatchLimit:
         """``--batch-size auto``: a token budget for this device, said out loud."""
@@ -250,8 +287,39 @@ class HFCausalLM:
         return out
 
     def _score_packs(self, width: int, packs: list[Pack], masked: bool) -> list[list[tuple[float, bool]]]:
-        """One batch of the run (the unit that is saved, retried and reported)."""
-        return self._score_rows(width, packs, masked)
+        """One batch of the run (the unit that is saved, retried and reported). A row with a long
+        shared prefix is scored split at it (``Pack.split``), the others together at ``width``."""
+        splits = [pack.split() if masked and self.split_prefix else None for pack in packs]
+        whole = [pack for pack, split in zip(packs, splits, strict=True) if split is None]
+        scored = iter(self._score_rows(width, whole, masked) if whole else [])
+        return [next(scored) if split is None else self._score_split(*split) for split in splits]
+
+    @torch.no_grad()
+    def _score_split(self, prefix: tuple[int, ...], rows: list[Pack]) -> list[tuple[float, bool]]:
+        """The (log-prob, greedy) of each segment of the split pack, in the pack's order: the prefix in one causal pass,
+        then every row in one pass over the prefix's keys and values. Both passes depend only on the
+        pack (widths from its own lengths), never on the batch."""
+        out = self.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True)
+        layers = [(layer[0], layer[1]) for layer in getattr(out, self.cache_argument)]
+        width = padded_width(max(map(len, rows)), self.max_length)
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row.tokens)
+            positions[i, : len(row)] = torch.tensor(row.positions)
+        nodes, blocks = zip(*(row.visibility(width) for row in rows), strict=True)
+        own = block_attention(torch.tensor(nodes, device=self.device), torch.tensor(blocks, device=self.device))
+        seen = torch.ones((len(rows), 1, width, len(prefix)), dtype=torch.bool, device=self.device)
+        cache = expanded_cache(layers, len(rows))
+        logits = self.model(
+            input_ids=ids.to(self.device),
+            attention_mask=self._mask(torch.cat([seen, own], dim=-1)),
+            position_ids=positions.to(self.device),
+            use_cache=True,
+            **{self.cache_argument: cache},
+        ).logits
+        # The rows hold the pack's contexts in order, so their segments concatenate to the pack's.
+        return [score for scores in self._scores(logits, rows) for score in scores]
 
     @torch.no_grad()
     def _score_rows(self, width: int, packs: list[Pack], masked: bool) -> list[list[tuple[float, bool]]]:
@@ -268,7 +336,10 @@ class HFCausalLM:
             allowed = block_attention(torch.tensor(nodes, device=self.device), torch.tensor(blocks, device=self.device))
             kwargs = {"attention_mask": self._mask(allowed), "position_ids": positions.to(self.device)}
         # Right padding never changes the scored positions of a causal model.
-        logits = self.model(input_ids=ids.to(self.device), **kwargs).logits
+        return self._scores(self.model(input_ids=ids.to(self.device), **kwargs).logits, packs)
+
+    def _scores(self, logits: torch.Tensor, packs: list[Pack]) -> list[list[tuple[float, bool]]]:
+        """Per pack (row ``i`` of ``logits``), the (log-prob, greedy) of each of its segments."""
         rows: list[int] = []
         cols: list[int] = []
         targets: list[int] = []
@@ -383,6 +454,23 @@ def announce_auto(limit: BatchLimit, tokens: int, how: str, rank: int) -> BatchL
     """``limit`` with the token budget ``--batch-size auto`` picked, said on stderr."""
     say(f"evalkit: rank {rank}: --batch-size auto: {tokens} tokens per model call ({how})")
     return replace(limit, tokens=tokens, auto=False)
+
+
+def cache_argument(model: Any) -> str | None:
+    """The keyword a model's forward takes its key/value cache by (transformers renamed it), or None."""
+    import inspect
+
+    names = inspect.signature(model.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in names), None)
+
+
+def expanded_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], rows: int) -> Any:
+    """A fresh key/value cache holding ``layers`` (one row each) for ``rows`` rows, without copying."""
+    data = [(k.expand(rows, *k.shape[1:]), v.expand(rows, *v.shape[1:])) for k, v in layers]
+    try:
+        return transformers.DynamicCache(ddp_cache_data=data)
+    except TypeError:  # transformers 4
+        return transformers.DynamicCache.from_legacy_cache(tuple(data))
 
 
 def unwrap(model: Any) -> Any:

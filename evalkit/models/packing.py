@@ -35,6 +35,10 @@ PACKED_WIDTH = 4096
 PREFIX_CHARS = 256
 # Contexts of one beginning are cut into runs of about this many (see ``share_keys``).
 SHARE_RUN = 16
+# A row whose contexts share at least this many tokens computes them once and then each context in
+# a row of its own that attends to their cached keys and values (``Pack.split``): attention then
+# costs each context its own length times the prefix's, not the whole row's length squared.
+SPLIT_SHARED = 64
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,29 @@ class Pack:
         if not segment.continuation:
             return []
         return [segment.last, *range(segment.start, segment.start + len(segment.continuation) - 1)]
+
+    def split(self, min_shared: int | None = None) -> tuple[tuple[int, ...], list[Pack]] | None:
+        """(the shared prefix's tokens, one row per context: its rest and its continuations' blocks,
+        indexed within that row), or None when the row does not split: fewer than two contexts, a
+        shared prefix shorter than ``min_shared`` (SPLIT_SHARED), or a context with no tokens past it."""
+        shared = self.nodes.count(0)
+        if (
+            shared < max(SPLIT_SHARED if min_shared is None else min_shared, 1)
+            or max(self.nodes) < 2
+            or any(s.last < shared for s in self.segments)
+        ):
+            return None
+        starts = [i for i in range(shared, len(self.nodes)) if self.nodes[i] != self.nodes[i - 1]]
+        rows = []
+        for start, end in zip(starts, [*starts[1:], len(self.nodes)], strict=True):
+            segments = tuple(
+                Segment(s.request, s.start - start, s.continuation, s.last - start)
+                for s in self.segments
+                if start <= s.last < end
+            )
+            part = slice(start, end)
+            rows.append(Pack(self.tokens[part], self.positions[part], self.nodes[part], self.blocks[part], segments))
+        return self.tokens[:shared], rows
 
     def visibility(self, width: int) -> tuple[list[int], list[int]]:
         """(nodes, blocks) over ``width`` rows; a padding row gets a negative node of its own, so it
