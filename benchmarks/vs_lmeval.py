@@ -395,6 +395,9 @@ class Suite:
         data = BENCH / f"mmlu-{args.mmlu_docs}"
         if not (data / "cais" / "mmlu").exists():
             write_mmlu(data, test_docs=args.mmlu_docs)
+        # A datasets cache of its own: datasets keys a local folder's prepared data by config name,
+        # so folders of different sizes sharing one cache would load each other's docs.
+        env = {**env, "HF_DATASETS_CACHE": str(data / "datasets-cache")}
         return Settings(model, None, args.batch_size, env, names="mmlu", flags=("fewshot=5",), cwd=data)
 
 

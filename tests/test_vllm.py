@@ -145,6 +145,7 @@ def test_scoring_reads_the_prefix_cache_only_when_asked(tmp_path):
         == counts[1]["tokens_one_row_per_request"]
     )
     assert counts[1]["tokens_computed"] < 0.6 * counts[1]["tokens_one_row_per_request"], counts
+    assert "tokens_scored_again_uncached" in counts[1] and "tokens_scored_again_uncached" not in counts[0]
     for task in tasks:
         assert_same_docs(whole.docs(task), cached.docs(task), 1e-5)
     assert run("off", "--no-shared-prefix", "--limit", "1").results()["model"]["prefix_cache"] is False

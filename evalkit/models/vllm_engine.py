@@ -152,6 +152,8 @@ class VLLMBackend:
         self.engine = engine
         self.timings: dict[str, float] = {}
         self.token_counts = {"computed": 0, "one_row_per_request": 0}
+        if prefix_cache_scoring:
+            self.token_counts["scored_again_uncached"] = 0  # prompts whose scored positions were cached
         self.prefix_cache_scoring = prefix_cache_scoring
         self.tokens = LMTokenizer(tokenizer, self.timings)
         self.max_length = max_length
@@ -249,6 +251,8 @@ class VLLMBackend:
             self.token_counts["one_row_per_request"] += sum(len(tokens) for tokens, _ in prompts)
             scores = self._prompt_scores(prompts, cached_reads=self.prefix_cache_scoring)
             again = [i for i, score in enumerate(scores) if score is None]
+            if again:
+                self.token_counts["scored_again_uncached"] += sum(len(prompts[i][0]) for i in again)
             for i, score in zip(
                 again, self._prompt_scores([prompts[i] for i in again], cached_reads=False), strict=True
             ):
