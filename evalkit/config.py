@@ -152,6 +152,10 @@ class RunConfig:
         """Every problem with the values themselves, one line each; whether the chosen backend honours
         them is its BackendSpec's question (``evalkit.models.registry``)."""
         problems = []
+        if self.vllm_prefix_cache and not self.shared_prefix:
+            problems.append(
+                "--vllm-prefix-cache reads vLLM's prefix cache, which --no-shared-prefix turns off; drop one"
+            )
         if not self.tasks:
             problems.append("no tasks given; pass --tasks name1,name2")
         if self.batch_size is not None and self.batch_size != "auto":

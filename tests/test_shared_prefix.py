@@ -98,6 +98,17 @@ def test_eager_attention_takes_the_block_mask_as_an_additive_mask():
         assert abs(want - have) <= TOLERANCE
 
 
+def test_a_sliding_window_shorter_than_a_packed_row_turns_packing_off():
+    """The block mask replaces the model's own, window included, so such a model scores one request per row."""
+    windowed = transformers.AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32)
+    windowed.config.sliding_window = 32
+    lm = backend(windowed, 8, shared_prefix=True)
+    assert not lm.shared_prefix and not lm.split_prefix
+    assert lm.shared_prefix_note == "off: sliding-window attention (32 tokens) is shorter than a packed row"
+    windowed.config.use_sliding_window = False  # Qwen2's configs carry a window they do not use
+    assert backend(windowed, 8, shared_prefix=True).shared_prefix
+
+
 def assert_same_at_any_batch_and_order(model, pairs, reference, *, tokens: int, seed: int) -> None:
     """Shared-prefix values bit-identical to ``reference`` at batch 8, a token budget, and shuffled."""
     for batch in (8, BatchLimit(rows=512, tokens=tokens)):
@@ -258,6 +269,24 @@ def test_a_tree_row_keeps_each_context_apart():
     assert seen[8] == [0, 1, 2, 4, 5, 7, 8]  # second block: not the first block
     assert seen[9] == [0, 1, 2, 9]  # [1,2,3,7]: not the other context's rest
     assert seen[10] == [10]  # padding
+
+
+def test_a_split_row_scores_the_same_however_its_rows_are_chunked(model, short_prefixes, monkeypatch):
+    """A split pack's rows run in calls bounded by memory (SPLIT_MEMORY); a row's values do not depend
+    on which other rows share its call."""
+    monkeypatch.setattr("evalkit.models.packing.SPLIT_SHARED", 4)
+    pairs = few_shot_pairs(seed=8)
+
+    def scored_in_calls(memory: int) -> tuple[list, int]:
+        monkeypatch.setattr("evalkit.models.hf.SPLIT_MEMORY", memory)
+        lm, calls = backend(model, 8, shared_prefix=True), []
+        original = lm._score_split_rows
+        monkeypatch.setattr(lm, "_score_split_rows", lambda *args: calls.append(1) or original(*args))
+        return score(lm, pairs), len(calls)
+
+    (roomy, few_calls), (tight, many_calls) = scored_in_calls(4), scored_in_calls(1)
+    assert tight == roomy
+    assert many_calls > few_calls > 0
 
 
 def test_a_row_splits_at_its_shared_prefix_into_one_row_per_context():

@@ -181,6 +181,8 @@ def test_batch_options_make_one_limit():
         ("--batch-size", "auto", "--max-batch-tokens", "64"): "--batch-size auto picks the token budget itself",
         ("--max-batch-tokens", "0"): "--max-batch-tokens 0 must be a positive number of tokens",
         ("--think-end-token", "151668"): "--think-end-token '151668' must be the token's text, e.g. '</think>'",
+        ("--backend", "vllm", "--vllm-prefix-cache", "--no-shared-prefix"): "--vllm-prefix-cache reads vLLM's "
+        "prefix cache, which --no-shared-prefix turns off; drop one",
     }
     assert parse_config([*base, "--think-end-token", "</think>"]).think_end_token == "</think>"
     for flags, message in problems.items():

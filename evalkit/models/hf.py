@@ -7,6 +7,7 @@ as lm-eval's hf model cuts them.
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -44,6 +45,9 @@ from evalkit.parallel import Topology
 AUTO_CPU_TOKENS = 4096  # --batch-size auto without CUDA: CPU tokens/s is flat from ~1k to 8k per call (BENCHMARKS.md)
 AUTO_MEMORY_SHARE = 0.5  # of the free GPU memory, when the budget is estimated rather than probed
 ROWS_PER_CHUNK = 16  # requests per retry chunk (and rolling texts per call) under a token budget
+# A split pack's rows run in calls whose keys and values total at most this many times the packed
+# row's tokens (every row holds its own copy of the prefix's).
+SPLIT_MEMORY = 4
 # How far packed and separate rows may differ on the probe (summed log-probs of 4-6 tokens) before
 # packing is judged broken for a model: float rounding is far below, a block that sees another
 # block or a shifted position far above.
@@ -140,6 +144,7 @@ class HFCausalLM:
         self.attention = getattr(inner.config, "_attn_implementation", None)
         self.shared_prefix, self.shared_prefix_note = self._check_packing() if shared_prefix else (False, "off")
         self.cache_argument = cache_argument(inner)
+        self.keeps_logits = "logits_to_keep" in inspect.signature(inner.forward).parameters
         self.split_prefix = self.shared_prefix and self._check_split()
         self.limit = self._resolve(BatchLimit.of(batch))
         self.batch_size = self.limit.rows if self.limit.tokens is None else ROWS_PER_CHUNK
@@ -167,6 +172,9 @@ class HFCausalLM:
         """
         if self.attention not in ("sdpa", "eager"):
             return False, f"off: attention {self.attention!r} takes no custom masks"
+        window = sliding_window(unwrap(self.model).config)
+        if window is not None and window < min(self.max_length, PACKED_WIDTH):
+            return False, f"off: sliding-window attention ({window} tokens) is shorter than a packed row"
         pairs = self._probe_pairs()
         try:
             (shared,) = pack_requests(pairs, ["probe"] * len(pairs), self.max_length)
@@ -200,7 +208,7 @@ class HFCausalLM:
             assert split is not None and self.cache_argument is not None
             packed = self._score_rows(len(pack), [pack], True)[0]
             parts = self._score_split(*split)
-        except (AssertionError, TypeError, ValueError, RuntimeError) as exc:
+        except Exception as exc:  # a probe: whatever the model does with a cache, splitting is then off
             self.shared_prefix_note += f"; long shared prefixes are not reused from the KV cache ({type(exc).__name__})"
             return False
         gap = max(abs(a[0] - b[0]) for a, b in zip(packed, parts, strict=True))
@@ -299,9 +307,25 @@ class HFCausalLM:
         """The (log-prob, greedy) of each segment of the split pack, in the pack's order: the prefix in one causal pass,
         then every row in one pass over the prefix's keys and values. Both passes depend only on the
         pack (widths from its own lengths), never on the batch."""
-        out = self.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True)
+        kept = {"logits_to_keep": 1} if self.keeps_logits else {}
+        out = self.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True, **kept)
         layers = [(layer[0], layer[1]) for layer in getattr(out, self.cache_argument)]
+        del out
+        if any(keys.shape[-2] != len(prefix) for keys, _ in layers):
+            raise ValueError("the model's cache does not hold the whole prefix")
         width = padded_width(max(map(len, rows)), self.max_length)
+        # Each call's keys and values stay within SPLIT_MEMORY times the packed row's tokens.
+        per_call = max(1, SPLIT_MEMORY * (len(prefix) + sum(map(len, rows))) // (len(prefix) + width))
+        scores: list[tuple[float, bool]] = []
+        for start in range(0, len(rows), per_call):
+            scores += self._score_split_rows(layers, width, rows[start : start + per_call])
+        return scores
+
+    def _score_split_rows(
+        self, layers: list[tuple[torch.Tensor, torch.Tensor]], width: int, rows: list[Pack]
+    ) -> list[tuple[float, bool]]:
+        """Rows of a split pack at ``width``, over the prefix's keys and values ``layers``."""
+        prefix = layers[0][0].shape[-2]
         ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
         positions = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):
@@ -309,7 +333,7 @@ class HFCausalLM:
             positions[i, : len(row)] = torch.tensor(row.positions)
         nodes, blocks = zip(*(row.visibility(width) for row in rows), strict=True)
         own = block_attention(torch.tensor(nodes, device=self.device), torch.tensor(blocks, device=self.device))
-        seen = torch.ones((len(rows), 1, width, len(prefix)), dtype=torch.bool, device=self.device)
+        seen = torch.ones((len(rows), 1, width, prefix), dtype=torch.bool, device=self.device)
         cache = expanded_cache(layers, len(rows))
         logits = self.model(
             input_ids=ids.to(self.device),
@@ -458,19 +482,27 @@ def announce_auto(limit: BatchLimit, tokens: int, how: str, rank: int) -> BatchL
 
 def cache_argument(model: Any) -> str | None:
     """The keyword a model's forward takes its key/value cache by (transformers renamed it), or None."""
-    import inspect
-
     names = inspect.signature(model.forward).parameters
     return next((name for name in ("cache", "past_key_values") if name in names), None)
 
 
 def expanded_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], rows: int) -> Any:
-    """A fresh key/value cache holding ``layers`` (one row each) for ``rows`` rows, without copying."""
+    """A fresh key/value cache holding ``layers`` (one row each) for ``rows`` rows."""
     data = [(k.expand(rows, *k.shape[1:]), v.expand(rows, *v.shape[1:])) for k, v in layers]
     try:
         return transformers.DynamicCache(ddp_cache_data=data)
     except TypeError:  # transformers 4
         return transformers.DynamicCache.from_legacy_cache(tuple(data))
+
+
+def sliding_window(config: Any) -> int | None:
+    """The sliding-window attention span of a model's config, or None when every layer sees the
+    whole context (Qwen2 carries a window it does not use)."""
+    text = getattr(config, "text_config", None) or config
+    window = getattr(text, "sliding_window", None)
+    if not window or getattr(text, "use_sliding_window", True) is False:
+        return None
+    return int(window)
 
 
 def unwrap(model: Any) -> Any:

@@ -16,6 +16,7 @@ placeholder to the image's features.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -187,8 +188,9 @@ class VLLMBackend:
             "seed": options.seed,
             "max_model_len": engine_length,
             "trust_remote_code": remote,
-            "enable_prefix_caching": options.prefix_cache,
         }
+        if not options.prefix_cache:  # else vLLM decides, per model, whether it caches prefixes
+            engine_options["enable_prefix_caching"] = False
         if topo.distributed:
             engine_options["distributed_executor_backend"] = "external_launcher"
         if topo.device.type == "cpu":
@@ -277,11 +279,12 @@ class VLLMBackend:
             cached = result.num_cached_tokens or 0
             self.token_counts["computed"] += len(tokens) - cached
             # The first scored token is predicted at position context_len - 1, which must have run.
-            scores.append(
-                None
-                if cached > max(context_len - 1, 0)
-                else continuation_score(tokens, context_len, result.prompt_logprobs)
-            )
+            if cached > max(context_len - 1, 0):
+                scores.append(None)
+            elif cached_reads:
+                scores.append(checked_score(tokens, context_len, result.prompt_logprobs))
+            else:
+                scores.append(continuation_score(tokens, context_len, result.prompt_logprobs))
         return scores
 
     def loglikelihood_rolling(self, texts: list[str], progress: Progress) -> list[float]:
@@ -339,6 +342,17 @@ class VLLMBackend:
 
 # Generation kwargs from task files that vLLM's SamplingParams takes under the same name.
 SAMPLING_KEYS = ("top_p", "top_k", "min_p", "seed", "repetition_penalty", "presence_penalty", "frequency_penalty")
+
+
+def checked_score(tokens: list[int], context_len: int, prompt_logprobs: Sequence[Any]) -> tuple[float, bool] | None:
+    """``continuation_score`` of a prompt that read the prefix cache, or None when an entry it needs
+    is missing or not a log-probability (a request preempted during its prefill can reuse more
+    cached blocks than vLLM reports, and their rows hold no computed values)."""
+    try:
+        total, greedy = continuation_score(tokens, context_len, prompt_logprobs)
+    except (KeyError, TypeError, IndexError):
+        return None
+    return (total, greedy) if math.isfinite(total) and total <= 0 else None
 
 
 def continuation_score(tokens: list[int], context_len: int, prompt_logprobs: Sequence[Any]) -> tuple[float, bool]:
