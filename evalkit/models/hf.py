@@ -326,19 +326,13 @@ class HFCausalLM:
     ) -> list[tuple[float, bool]]:
         """Rows of a split pack at ``width``, over the prefix's keys and values ``layers``."""
         prefix = layers[0][0].shape[-2]
-        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        positions = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row.tokens)
-            positions[i, : len(row)] = torch.tensor(row.positions)
-        nodes, blocks = zip(*(row.visibility(width) for row in rows), strict=True)
-        own = block_attention(torch.tensor(nodes, device=self.device), torch.tensor(blocks, device=self.device))
+        positions, own = self._tree_inputs(width, rows)
         seen = torch.ones((len(rows), 1, width, prefix), dtype=torch.bool, device=self.device)
         cache = expanded_cache(layers, len(rows))
         logits = self.model(
-            input_ids=ids.to(self.device),
+            input_ids=self._padded_ids(width, rows),
             attention_mask=self._mask(torch.cat([seen, own], dim=-1)),
-            position_ids=positions.to(self.device),
+            position_ids=positions,
             use_cache=True,
             **{self.cache_argument: cache},
         ).logits
@@ -348,19 +342,28 @@ class HFCausalLM:
     @torch.no_grad()
     def _score_rows(self, width: int, packs: list[Pack], masked: bool) -> list[list[tuple[float, bool]]]:
         """Per pack, the (log-prob, greedy) of each segment, from one forward pass at ``width``."""
+        kwargs: dict[str, Any] = {}
+        if masked and width <= PACKED_WIDTH:  # wider rows hold one request each: plain causal rows
+            positions, allowed = self._tree_inputs(width, packs)
+            kwargs = {"attention_mask": self._mask(allowed), "position_ids": positions}
+        # Right padding never changes the scored positions of a causal model.
+        return self._scores(self.model(input_ids=self._padded_ids(width, packs), **kwargs).logits, packs)
+
+    def _padded_ids(self, width: int, packs: list[Pack]) -> torch.Tensor:
+        """The packs' tokens as rows of ``width``, right-padded, on the model's device."""
         ids = torch.full((len(packs), width), self.tokenizer.pad_token_id, dtype=torch.long)
         for row, pack in enumerate(packs):
             ids[row, : len(pack)] = torch.tensor(pack.tokens)
-        kwargs: dict[str, Any] = {}
-        if masked and width <= PACKED_WIDTH:  # wider rows hold one request each: plain causal rows
-            positions = torch.zeros((len(packs), width), dtype=torch.long)
-            for row, pack in enumerate(packs):
-                positions[row, : len(pack)] = torch.tensor(pack.positions)
-            nodes, blocks = zip(*(pack.visibility(width) for pack in packs), strict=True)
-            allowed = block_attention(torch.tensor(nodes, device=self.device), torch.tensor(blocks, device=self.device))
-            kwargs = {"attention_mask": self._mask(allowed), "position_ids": positions.to(self.device)}
-        # Right padding never changes the scored positions of a causal model.
-        return self._scores(self.model(input_ids=ids.to(self.device), **kwargs).logits, packs)
+        return ids.to(self.device)
+
+    def _tree_inputs(self, width: int, packs: list[Pack]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(position ids, boolean block mask) of the packs' tree rows at ``width``, on the model's device."""
+        positions = torch.zeros((len(packs), width), dtype=torch.long)
+        for row, pack in enumerate(packs):
+            positions[row, : len(pack)] = torch.tensor(pack.positions)
+        nodes, blocks = zip(*(pack.visibility(width) for pack in packs), strict=True)
+        allowed = block_attention(torch.tensor(nodes, device=self.device), torch.tensor(blocks, device=self.device))
+        return positions.to(self.device), allowed
 
     def _scores(self, logits: torch.Tensor, packs: list[Pack]) -> list[list[tuple[float, bool]]]:
         """Per pack (row ``i`` of ``logits``), the (log-prob, greedy) of each of its segments."""

@@ -214,7 +214,7 @@ class VLLMBackend:
             chunk=options.requests_per_call or DEFAULT_CHUNK,
             sampling=vllm.SamplingParams,
             chat=chat,
-            prefix_cache_scoring=options.prefix_cache and options.prefix_cache_scoring,
+            prefix_cache_scoring=options.prefix_cache_scoring,
         )
 
     def describe(self) -> dict[str, Any]:
