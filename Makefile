@@ -107,6 +107,7 @@ test-fast: install
 # On a CUDA machine: the demo tasks in bf16 with nccl, tokens/s and MFU; skips with one line elsewhere.
 gpu-check: install
 	$(PY) benchmarks/gpu_check.py
+	$(PY) benchmarks/gpu_vlm_check.py
 
 bench: install
 	$(PY) benchmarks/vs_lmeval.py

@@ -375,6 +375,7 @@ class Settings:
     names: str = TAG  # --tasks
     flags: tuple[str, ...] = ()  # the same flags for both tools (spelled alike: --num_fewshot, --num-fewshot)
     cwd: Path = REPO  # where datasets.load_dataset looks for hub ids
+    device: str = "cpu"  # --device for both tools
 
 
 @dataclass(frozen=True)
@@ -388,7 +389,7 @@ class Suite:
         tasks = write_tasks(TASKS_DIR)  # the model's tokenizer is trained on the bench text either way
         model = ensure_model(MODEL_DIR, tasks)
         if self.name == "bench":
-            return Settings(model, tasks, args.batch_size, env)
+            return Settings(model, tasks, args.batch_size, env, device=args.device)
         sys.path.insert(0, str(REPO / "tests"))
         from library_data import write_mmlu
 
@@ -398,7 +399,9 @@ class Suite:
         # A datasets cache of its own: datasets keys a local folder's prepared data by config name,
         # so folders of different sizes sharing one cache would load each other's docs.
         env = {**env, "HF_DATASETS_CACHE": str(data / "datasets-cache")}
-        return Settings(model, None, args.batch_size, env, names="mmlu", flags=("fewshot=5",), cwd=data)
+        return Settings(
+            model, None, args.batch_size, env, names="mmlu", flags=("fewshot=5",), cwd=data, device=args.device
+        )
 
 
 def tool_env() -> dict[str, str]:
@@ -408,6 +411,9 @@ def tool_env() -> dict[str, str]:
         "HF_DATASETS_OFFLINE": "1",
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_CACHE": str(DATASETS_CACHE),
+        # transformers 5 fetches hub kernels for a model loaded onto a GPU (lm-eval's hf model),
+        # which fails offline; evalkit loads without them, so both tools run the same kernels.
+        "USE_HUB_KERNELS": "NO",
     }
 
 
@@ -433,7 +439,7 @@ def lmeval_command(config: Config, s: Settings, out: Path) -> list[str]:
         "--batch_size",
         str(s.batch_size),
         "--device",
-        "cpu",
+        s.device,
         "--log_samples",
         "--output_path",
         str(out),
@@ -456,7 +462,7 @@ def evalkit_command(config: Config, s: Settings, out: Path) -> list[str]:
         "--dtype",
         "float32",
         "--device",
-        "cpu",
+        s.device,
         "--output",
         str(out),
     ]
@@ -689,6 +695,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="write the raw numbers here")
     parser.add_argument("--suite", choices=["bench", "mmlu"], default="bench", help="what both tools evaluate")
     parser.add_argument("--mmlu-docs", type=int, default=4, help="--suite mmlu: test docs per subject")
+    parser.add_argument("--device", default="cpu", help="--device for both tools: cpu (default) or cuda")
     return parser.parse_args(argv)
 
 

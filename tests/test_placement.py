@@ -8,7 +8,8 @@ import transformers
 
 from evalkit.errors import UsageError
 from evalkit.models.device_map import split_device_map
-from evalkit.models.placement import SPLIT_WEIGHT_SHARE, rank_gpus
+from evalkit.models.placement import SPLIT_WEIGHT_SHARE, load_model, rank_gpus
+from evalkit.parallel import Layout, Topology
 
 from conftest import TINY_MODEL, model_args, run_evalkit
 
@@ -19,6 +20,15 @@ def test_each_rank_gets_its_own_block_of_gpus():
     assert [rank_gpus(r, 4, visible=8) for r in range(2)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     with pytest.raises(UsageError, match="at most 4 processes per node"):
         rank_gpus(4, 2, visible=8)
+
+
+def test_models_load_without_hub_kernels():
+    """transformers 5 swaps hub kernels in by default, fetched while loading (an offline CUDA
+    machine fails there) and only for a model loaded onto GPUs; evalkit keeps one choice."""
+    topo = Topology(layout=Layout(world_size=1), rank=0, local_rank=0, device=torch.device("cpu"), backend="gloo")
+    model = load_model(str(TINY_MODEL), "float32", topo, trust_remote_code=False)
+    assert getattr(model, "use_kernels", False) is False
+    assert transformers.AutoModelForCausalLM.from_pretrained(TINY_MODEL).use_kernels  # the default it overrides
 
 
 def test_gpus_per_rank_refused_without_cuda(tmp_path):

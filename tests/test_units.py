@@ -142,7 +142,8 @@ def test_backend_registry_selects_by_config(tmp_path):
     assert not registry.select("vllm", str(tmp_path)).images
 
 
-def test_gpu_check_skips_with_one_line_without_cuda():
+@pytest.mark.parametrize("script, name", [("gpu_check.py", "gpu-check"), ("gpu_vlm_check.py", "gpu-vlm-check")])
+def test_gpu_checks_skip_with_one_line_without_cuda(script, name):
     import subprocess
     import sys
 
@@ -152,11 +153,11 @@ def test_gpu_check_skips_with_one_line_without_cuda():
         pytest.skip("CUDA is present: make gpu-check runs for real here")
     repo = Path(__file__).resolve().parent.parent
     done = subprocess.run(
-        [sys.executable, str(repo / "benchmarks" / "gpu_check.py")], capture_output=True, text=True, timeout=120
+        [sys.executable, str(repo / "benchmarks" / script)], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines() == [
-        "gpu-check: skipped: no CUDA device is visible (torch.cuda.is_available() is False)"
+        f"{name}: skipped: no CUDA device is visible (torch.cuda.is_available() is False)"
     ]
 
 

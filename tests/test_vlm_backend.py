@@ -11,6 +11,7 @@ import torch
 import transformers
 from PIL import Image, ImageDraw
 
+from evalkit.models import vlm_prompts
 from evalkit.models.hf_vlm import LOOKAHEAD_BATCHES, HFVisionLM, collate
 from evalkit.models.protocol import GenerationInput, ImageInput
 from evalkit.models.vllm_engine import VLLMBackend
@@ -156,6 +157,15 @@ def test_backend_facts(tiny):
     with pytest.raises(NotImplementedError, match="generate_until"):
         backend.loglikelihood_rolling(["a"], progress=lambda finished: None)
     assert type(load_processor(str(path))).__name__ == type(backend.processor).__name__
+
+
+def test_a_checkpoint_without_video_settings_loads_for_images_where_torchvision_is_installed(tiny, monkeypatch):
+    """With torchvision installed, transformers refuses a processor whose checkpoint holds no video
+    processor's settings (as the tiny models' do; seen on a CUDA machine); its images still evaluate."""
+    _, path, _ = tiny
+    expected = type(load_processor(str(path))).__name__
+    monkeypatch.setattr(vlm_prompts, "is_torchvision_available", lambda: True)
+    assert type(load_processor(str(path))).__name__ == expected
 
 
 def test_builder_is_reproducible(tiny, tmp_path):

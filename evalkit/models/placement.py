@@ -26,6 +26,11 @@ from evalkit.parallel import Placement, Topology
 def _from_pretrained(path: str, dtype: str, trust_remote_code: bool, auto_class: type, **kwargs) -> torch.nn.Module:
     # safetensors whenever present, so a pickled .bin next to it is never unpickled.
     safetensors = any(Path(path).glob("*.safetensors")) if Path(path).is_dir() else False
+    if hasattr(transformers.PreTrainedModel, "set_use_kernels"):
+        # No hub kernels (transformers 5 swaps them in by default): they are fetched from the hub
+        # while loading, so an offline GPU machine fails there, and they apply only to a model
+        # loaded onto GPUs, so a split rank would compute otherwise than a replica moved there.
+        kwargs.setdefault("use_kernels", False)
     return auto_class.from_pretrained(
         path,
         dtype=torch_dtype(dtype),

@@ -81,10 +81,15 @@ def load_processor(path: str, *, trust_remote_code: bool = False) -> transformer
 
     Some processors (Qwen2-VL, InternVL, ...) also hold a video processor, and in transformers 5
     every video processor needs torchvision, so without it they cannot load at all. Images alone
-    do not need it: there the processor loads without its video part.
+    do not need it: there the processor loads without its video part. So does a checkpoint that
+    holds no video processor's settings (an image-only fine-tune), where transformers would refuse it.
     """
     if is_torchvision_available():
-        return transformers.AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        try:
+            return transformers.AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except OSError as error:
+            if "video processor" not in str(error):
+                raise
     processor_dict, _ = transformers.ProcessorMixin.get_processor_dict(path, trust_remote_code=trust_remote_code)
     name = processor_dict.get("processor_class")
     if name is None:
