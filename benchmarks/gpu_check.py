@@ -8,6 +8,9 @@ per row, the model-FLOPs utilisation: 2 x parameters FLOPs per token against the
 peak. Loglikelihood runs a second time with shared-prefix scoring (the default), where tokens/s
 counts the requests' tokens as lm-eval would compute them (so no MFU: the model computes fewer),
 and a line below it gives the tokens the model did compute (prefix reuse, from results.json).
+Generation counts the tokens of the answers (cut at their stop sequences); a line below it gives
+the decoding steps, the rows they advanced (a batch's rows step until the batch stops) and the
+time per step.
 
 On a machine without CUDA it prints one line saying so and exits 0.
 
@@ -134,6 +137,12 @@ def main() -> int:
                     mfu = f"{2 * params * rate / (peak * nproc):.1%}"
                 print(f"| {nproc} | {kind} | {tokens} | {seconds:.2f} | {rate:,.0f} | {mfu} |")
                 timings = results.get("timings", {})
+                if kind == "generation" and timings.get("generation_steps"):
+                    steps, decoded = timings["generation_steps"], timings["tokens_generated"]
+                    print(
+                        f"|   | decoding: {steps} steps advanced {decoded} rows ({decoded / steps:.1f} per step), "
+                        f"{1000 * seconds / steps:.1f} ms per step, {decoded / seconds:,.0f} rows/s |  |  |  |  |"
+                    )
                 if "tokens_computed" in timings and kind.endswith("shared prefix"):
                     computed, alone = timings["tokens_computed"], timings["tokens_one_row_per_request"]
                     print(

@@ -80,11 +80,13 @@ def score_outputs(
 def token_totals(rank_stats: list[dict[str, Any]]) -> dict[str, int]:
     """Scored tokens the model computed, and one row per request would have, over the ranks that
     carry results ("tokens_computed", "tokens_one_row_per_request", and under vLLM's prefix cache
-    "tokens_scored_again_uncached"; none from a backend that does not count them)."""
+    "tokens_scored_again_uncached"); the hf backend's decoding steps and the rows they advanced
+    ("generation_steps", "tokens_generated"). None from a backend that does not count them."""
     totals: dict[str, int] = {}
     for stats in rank_stats:
         for name, count in (stats.get("token_counts") or {}).items():
-            totals[f"tokens_{name}"] = totals.get(f"tokens_{name}", 0) + int(count)
+            key = name if name.endswith("_steps") else f"tokens_{name}"
+            totals[key] = totals.get(key, 0) + int(count)
     return totals
 
 

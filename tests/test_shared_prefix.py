@@ -137,6 +137,9 @@ def test_rolling_and_generation_are_unchanged_by_token_budget(model):
 
     requests = [GenerationInput(sentence(rng, n), {"until": ["\n\n"], "max_gen_toks": 8}) for n in (3, 20, 9, 30)]
     assert by_tokens.generate_until(requests, lambda _: None) == by_count.generate_until(requests, lambda _: None)
+    # Decoding is counted as steps and the rows they advanced: each row at most 8 steps.
+    steps, generated = by_count.token_counts["generation_steps"], by_count.token_counts["generated"]
+    assert 0 < steps <= generated <= 8 * len(requests), by_count.token_counts
 
 
 # -- packing, masks and batch limits without a model -------------------------------------------

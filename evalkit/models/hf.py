@@ -129,7 +129,9 @@ class HFCausalLM:
         self.device = device
         self.tp_group = tp_group
         self.timings: dict[str, float] = {}
-        self.token_counts = {"computed": 0, "one_row_per_request": 0}
+        # Scored tokens computed and one row per request would compute; generation's decoding steps
+        # and the rows they advanced (every row of a batch steps until the batch stops).
+        self.token_counts = {"computed": 0, "one_row_per_request": 0, "generation_steps": 0, "generated": 0}
         self.num_parameters_local = num_parameters_local
         tokens = LMTokenizer(
             transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code), self.timings
@@ -458,6 +460,9 @@ class HFCausalLM:
             use_cache=True,
             **kwargs,
         )
+        steps = generated.shape[1] - ids.shape[1]
+        self.token_counts["generation_steps"] += steps
+        self.token_counts["generated"] += steps * len(contexts)
         return [
             cut_at_stop(self.tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True), until)
             for row in generated.tolist()
