@@ -131,4 +131,4 @@ def test_an_output_type_only_lmms_eval_runs_is_refused_in_one_line(tmp_path) -> 
         TaskLibrary([tmp_path]).load_checked(["visual_cot_demo"])
     message = str(caught.value)
     assert "visual_cot_demo" in message and "\n" not in message
-    assert "output_type 'generate_visual_cot' is run only by lmms-eval's own model classes" in message
+    assert "output_type 'generate_visual_cot' needs a model that draws an image before it answers" in message

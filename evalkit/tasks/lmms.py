@@ -75,8 +75,14 @@ LMMS_KEYS = frozenset(
 # Keys only lmms-eval's runner reads; they change nothing in what is evaluated here.
 IGNORED_KEYS = frozenset({"group_alias", "process_results_use_image", "cluster_key", "score_key"})
 EXTRA_KEYS = LMMS_KEYS | IGNORED_KEYS | {"full_docs", "reasoning_tags", "auto_strip_thinking"}
-# Output types only lmms-eval's model classes implement (multi-round chat, agents, visual CoT).
-LMMS_ONLY_OUTPUT_TYPES = frozenset({"generate_until_multi_round", "generate_until_agentic", "generate_visual_cot"})
+# Output types only lmms-eval runs, and which of its model classes or loops run them (0.7.3).
+LMMS_ONLY_OUTPUT_TYPES = {
+    "generate_visual_cot": "a model that draws an image before it answers (lmms-eval's ovis_u1, bagel_unig2u, "
+    "illume_plus, qwen_image_edit classes; its llava_hf, qwen2_vl and internvl_hf classes refuse it too)",
+    "generate_until_multi_round": "lmms-eval's own round-by-round generation (its qwen2_vl, qwen2_5_vl and "
+    "llava_onevision classes; its llava_hf and internvl_hf classes refuse it)",
+    "generate_until_agentic": "lmms-eval's evaluator's agent loop",
+}
 # dataset_kwargs entries that steer lmms-eval's downloader, not datasets.load_dataset.
 DOWNLOADER_KWARGS = ("max_retries", "num_proc", "local_files_only", "force_download", "force_unzip", "create_link")
 
@@ -230,7 +236,7 @@ class LmmsTask(ConfigurableTask):
         kind = config.get("output_type")
         if kind in LMMS_ONLY_OUTPUT_TYPES:
             raise ValueError(
-                f"output_type '{kind}' is run only by lmms-eval's own model classes; evalkit runs "
+                f"output_type '{kind}' needs {LMMS_ONLY_OUTPUT_TYPES[kind]}; evalkit runs "
                 f"generate_until, loglikelihood, multiple_choice and loglikelihood_rolling"
             )
         self._lmms = {key: config.pop(key) for key in sorted(EXTRA_KEYS) if key in config}
