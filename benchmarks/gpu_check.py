@@ -84,11 +84,15 @@ def evaluate(model: Path, tasks: str, nproc: int, out: Path, device: str, flags:
 
 def tokens_in(out: Path, tokenizer, generated: bool) -> int:
     """Tokens the model processed: prompt and continuation of every loglikelihood request, or the
-    generated tokens of every generation."""
+    generated tokens of every generation. A doc counts once, though samples hold a row per filter."""
     total = 0
     for path in out.glob("samples_*.jsonl"):
+        seen = set()
         for line in path.read_text().splitlines():
             row = json.loads(line)
+            if row["doc_id"] in seen:
+                continue
+            seen.add(row["doc_id"])
             if generated:
                 total += sum(len(tokenizer.encode(r[0], add_special_tokens=False)) for r in row["resps"])
             else:
