@@ -73,7 +73,7 @@ demo: install
 
 # A tiny LLaVA built from a config evaluates the bundled image task (PIL-drawn shapes, colours,
 # counts, positions; lmms-eval task format) and lmms-eval's own `mme` task, by name and unchanged,
-# on local data in MME's hub schema, on 2 processes. VLM_FAMILY=qwen2_vl, internvl, llava_next or llava_onevision for the others.
+# on local data in MME's hub schema, on 2 processes. VLM_FAMILY=qwen2_vl, qwen2_5_vl, internvl, llava_next or llava_onevision for the others.
 VLM_FAMILY ?= llava
 demo-vlm: install
 	$(PY) -m evalkit.testing.tinyvlm $(VLM_FAMILY) $(DEMO)/tiny-$(VLM_FAMILY)

@@ -2,7 +2,7 @@
 
 Builds the tiny vision-language models of ``evalkit.testing.tinyvlm`` and local data in the hub
 schemas (``evalkit.testing.lmms_data``), runs lmms-eval's image tasks by name with ``python -m
-evalkit --device cuda --dtype float32``, and compares each sample with the references that lmms-eval
+evalkit --device cuda`` (float32; bfloat16 where lmms-eval's class loads in it), and compares each sample with the references that lmms-eval
 0.7.3's own model classes produced on CPU (tests/reference/lmms-eval-0.7.3): the prompt, the
 generation, the filtered answer and the per-sample metrics. It prints one line per family and task
 with the counts that match, and the run's wall time.
@@ -29,24 +29,29 @@ IMAGE_DATA = "mme,pope,chartqa,ai2d,scienceqa_img,mmbench_en_dev,mmmu_val,docvqa
 # family -> (evalkit flags, tasks), as tests/test_lmms_parity.py runs them (image tasks only).
 RUNS = {
     "llava": (
-        ["--batch-size", "4", "--gen-kwargs", "temperature=0"],
+        ["--batch-size", "4", "--gen-kwargs", "temperature=0", "--dtype", "float32"],
         ["mme", "pope", "chartqa", "ai2d", "scienceqa_img", "mmbench_en_dev_static", "mmmu_val", "docvqa_val"],
     ),
-    "qwen2_vl": (["--batch-size", "1"], ["mme"]),
-    "internvl": (["--batch-size", "1"], ["mme"]),
-    "llava_onevision": (["--batch-size", "2"], ["mme"]),
+    "qwen2_vl": (["--batch-size", "1", "--dtype", "float32"], ["mme"]),
+    "qwen2_5_vl": (["--batch-size", "1", "--dtype", "bfloat16"], ["mme"]),  # as lmms-eval's class loads it
+    "internvl": (["--batch-size", "1", "--dtype", "float32"], ["mme"]),
+    "llava_onevision": (["--batch-size", "2", "--dtype", "float32"], ["mme"]),
 }
-QWEN2_VL_CLASS_PIXELS = {"shortest_edge": 3136, "longest_edge": 602112}  # lmms-eval's qwen2_vl class
+# The image sizes lmms-eval's qwen2_vl and qwen2_5_vl classes load their processors with.
+CLASS_PIXELS = {
+    "qwen2_vl": {"shortest_edge": 3136, "longest_edge": 602112},
+    "qwen2_5_vl": {"shortest_edge": 256 * 28 * 28, "longest_edge": 1605632},
+}
 
 
 def build(family: str, folder: Path) -> Path:
     from evalkit.testing.tinyvlm import build_tiny_vlm
 
     model = build_tiny_vlm(family, folder / family)
-    if family == "qwen2_vl":
+    if family in CLASS_PIXELS:
         path = model / "processor_config.json"
         config = json.loads(path.read_text())
-        config["image_processor"]["size"] = QWEN2_VL_CLASS_PIXELS
+        config["image_processor"]["size"] = CLASS_PIXELS[family]
         path.write_text(json.dumps(config, indent=2))
     return model
 
@@ -91,7 +96,7 @@ def main() -> int:
             model = build(family, Path(tmp) / "models")
             out = Path(tmp) / f"out-{family}"
             cmd = [sys.executable, "-m", "evalkit", "--model", str(model), "--device", args.device]
-            cmd += ["--dtype", "float32", "--tasks", ",".join(f"lmms:{t}" for t in tasks), "--output", str(out), *flags]
+            cmd += ["--tasks", ",".join(f"lmms:{t}" for t in tasks), "--output", str(out), *flags]
             env = {**os.environ, "HF_HOME": str(data / HF_HOME), "PYTHONPATH": os.pathsep.join(sys.path)}
             start = time.perf_counter()
             done = subprocess.run(cmd, cwd=data, env=env, capture_output=True, text=True)

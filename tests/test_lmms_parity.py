@@ -52,12 +52,18 @@ RUNS = {
         + ["mmvet", "pope_full"],
     ),
     "qwen2_vl": ("qwen2_vl", ["--batch-size", "1"], ["mme", "videomme", "egoschema_subset"]),
+    # lmms-eval's qwen2_5_vl class loads every model in bfloat16, and its references are so made.
+    "qwen2_5_vl": ("qwen2_5_vl", ["--batch-size", "1", "--dtype", "bfloat16"], ["mme"]),
     "internvl": ("internvl_hf", ["--batch-size", "1"], ["mme", "videomme", "egoschema_subset"]),
     "llava_onevision": ("llava_hf", ["--batch-size", "2"], ["mme", "videomme", "egoschema_subset"]),
 }
 GROUPS = {"pope_full": ["pope_adv", "pope_pop", "pope_random"]}  # run by name, checked by member
 STRIPS_ANSWERS = {"qwen2_vl"}
-QWEN2_VL_CLASS_PIXELS = {"shortest_edge": 3136, "longest_edge": 602112}
+# The image sizes lmms-eval's qwen2_vl and qwen2_5_vl classes load their processors with.
+CLASS_PIXELS = {
+    "qwen2_vl": {"shortest_edge": 3136, "longest_edge": 602112},
+    "qwen2_5_vl": {"shortest_edge": 256 * 28 * 28, "longest_edge": 1605632},
+}
 NOT_METRICS = {"name", "sample_len", "alias"}
 
 
@@ -75,10 +81,10 @@ def tiny_model(family: str, folder: Path) -> Path:
     from evalkit.testing.tinyvlm import build_tiny_vlm
 
     model = build_tiny_vlm(family, folder / family)
-    if family == "qwen2_vl":
+    if family in CLASS_PIXELS:
         config_path = model / "processor_config.json"
         config = json.loads(config_path.read_text())
-        config["image_processor"]["size"] = QWEN2_VL_CLASS_PIXELS
+        config["image_processor"]["size"] = CLASS_PIXELS[family]
         config_path.write_text(json.dumps(config, indent=2))
     return model
 

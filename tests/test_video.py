@@ -96,9 +96,13 @@ def video_run(work: Path, model: Path, clips: dict[str, list[str]], *, missing: 
     return subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_different_clips_give_different_generations(tmp_path, qwen_model):
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_different_clips_give_different_generations(tmp_path, qwen_model, family):
+    from evalkit.testing.tinyvlm import build_tiny_vlm
+
+    model = qwen_model if family == "qwen2_vl" else build_tiny_vlm(family, tmp_path / family)
     clips = {"red.mp4": ["red", "red"], "blue.mp4": ["blue", "blue"], "mixed.mp4": ["green", "white"]}
-    done = video_run(tmp_path, qwen_model, clips)
+    done = video_run(tmp_path, model, clips)
     assert done.returncode == 0, done.stderr[-2000:]
     samples = [json.loads(line) for line in (tmp_path / "out" / "samples_vlm_video.jsonl").read_text().splitlines()]
     answers = [s["resps"][0][0] for s in samples]

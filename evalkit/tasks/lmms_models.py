@@ -136,10 +136,10 @@ def _as_list(until: Any) -> list[str]:
 @dataclass(frozen=True, kw_only=True)
 class ImageRule:
     """How one lmms-eval model class changes an image before its processor: a JPEG round trip at
-    ``jpeg_quality``, then ``qwen_vl_utils``' resize to multiples of ``factor`` pixels whose area lies
-    in [min_pixels, max_pixels] (PIL's default resampling)."""
+    ``jpeg_quality`` (None: none), then ``qwen_vl_utils``' resize to multiples of ``factor`` pixels
+    whose area lies in [min_pixels, max_pixels] (PIL's default resampling)."""
 
-    jpeg_quality: int
+    jpeg_quality: int | None
     factor: int
     min_pixels: int
     max_pixels: int
@@ -148,6 +148,10 @@ class ImageRule:
 IMAGE_RULES: dict[str, ImageRule] = {
     # models/simple/qwen2_vl.py:173-180 (_encode_image_data_url) and its max_pixels/min_pixels defaults
     "qwen2_vl": ImageRule(jpeg_quality=85, factor=28, min_pixels=3136, max_pixels=602112),
+    # models/chat/qwen2_5_vl.py:53-95: the PIL image from doc_to_messages goes to qwen_vl_utils with
+    # no pixel bounds, so its own (4 to 16384 tokens of 28x28 pixels); the processor then rescales
+    # within the class's bounds (256*28*28 to 1605632 pixels, the processor's own settings here).
+    "qwen2_5_vl": ImageRule(jpeg_quality=None, factor=28, min_pixels=4 * 28 * 28, max_pixels=16384 * 28 * 28),
 }
 
 
@@ -156,10 +160,12 @@ def prepare_image(name: str | None, image: Any) -> Any:
     rule = IMAGE_RULES.get(name or "")
     if rule is None or not isinstance(image, Image.Image):
         return image
-    buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="JPEG", quality=rule.jpeg_quality)
-    buffer.seek(0)
-    decoded = Image.open(buffer).convert("RGB")
+    decoded = image.convert("RGB")
+    if rule.jpeg_quality is not None:
+        buffer = io.BytesIO()
+        decoded.save(buffer, format="JPEG", quality=rule.jpeg_quality)
+        buffer.seek(0)
+        decoded = Image.open(buffer).convert("RGB")
     width, height = decoded.size
     return decoded.resize(_fitted(height, width, rule)[::-1])
 

@@ -233,6 +233,44 @@ def _qwen2_vl(tokenizer, template: str):
     return config, processor
 
 
+def _qwen2_5_vl(tokenizer, template: str):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil
+
+    from evalkit.models.vlm_prompts import image_only
+
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config=_text_config(
+            tokenizer, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+        ),
+        # Qwen2.5-VL's patches (14 px, merged 2x2) and windows (112 px) in the first block, full
+        # attention in the second, as Qwen2.5-VL alternates them. Real patch sizes keep images cheap
+        # at the sizes lmms-eval's qwen2_5_vl class scales them to (at least 448x448 pixels).
+        vision_config={
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 4,
+            "out_hidden_size": HIDDEN,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 112,
+            "fullatt_block_indexes": [1],
+            "initializer_range": INIT_STD,
+        },
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+    # 56x56 .. 112x112 pixels after resizing: 4 to 16 image tokens (28x28 pixels each after merging).
+    images = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2)
+    processor = image_only(Qwen2_5_VLProcessor)(image_processor=images, tokenizer=tokenizer, chat_template=template)
+    return config, processor
+
+
 def _llava_onevision(tokenizer, template: str):
     from transformers import (
         LlavaOnevisionConfig,
@@ -368,6 +406,21 @@ FAMILIES: dict[str, Family] = {
             video="<|vision_start|><|video_pad|><|vision_end|>",
         ),
         build=_qwen2_vl,
+    ),
+    # Qwen2.5-VL: Qwen2-VL's prompt format and tokens, a vision tower with window attention.
+    "qwen2_5_vl": Family(
+        specials=(*_CHATML_SPECIALS, "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"),
+        bos=None,
+        eos="<|im_end|>",
+        pad="<|endoftext|>",
+        template=_chat_template(
+            _CHATML_TURN,
+            "<|im_start|>assistant\n",
+            "<|vision_start|><|image_pad|><|vision_end|>",
+            default_system="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
+            video="<|vision_start|><|video_pad|><|vision_end|>",
+        ),
+        build=_qwen2_5_vl,
     ),
     # LLaVA-OneVision (Qwen2): ChatML with a default system turn, "<image>\n" and "<video>\n" parts.
     "llava_onevision": Family(

@@ -66,12 +66,14 @@ RUNS = [
     ("llava", "llava_hf", ["mmvet"]),
     ("qwen2_vl", "qwen2_vl", ["mme"]),
     ("qwen2_vl", "qwen2_vl", ["videomme", "egoschema_subset"]),
+    ("qwen2_5_vl", "qwen2_5_vl", ["mme"]),
     ("internvl", "internvl_hf", ["mme"]),
     ("internvl", "internvl_hf", ["videomme", "egoschema_subset"]),
     ("llava_onevision", "llava_hf", ["mme", "videomme", "egoschema_subset"]),
 ]
 VIDEO_PROCESSORS = {
     "qwen2_vl": "Qwen2VLVideoProcessor",
+    "qwen2_5_vl": "Qwen2VLVideoProcessor",
     "internvl": "InternVLVideoProcessor",
     "llava_onevision": "LlavaOnevisionVideoProcessor",
 }
