@@ -2,7 +2,7 @@
 
 Builds the tiny vision-language models of ``evalkit.testing.tinyvlm`` and local data in the hub
 schemas (``evalkit.testing.lmms_data``), runs lmms-eval's image tasks by name with ``python -m
-evalkit --device cuda`` (float32; bfloat16 where lmms-eval's class loads in it), and compares each sample with the references that lmms-eval
+evalkit --device cuda --dtype float32``, and compares each sample with the references that lmms-eval
 0.7.3's own model classes produced on CPU (tests/reference/lmms-eval-0.7.3): the prompt, the
 generation, the filtered answer and the per-sample metrics. It prints one line per family and task
 with the counts that match, and the run's wall time.
@@ -33,7 +33,7 @@ RUNS = {
         ["mme", "pope", "chartqa", "ai2d", "scienceqa_img", "mmbench_en_dev_static", "mmmu_val", "docvqa_val"],
     ),
     "qwen2_vl": (["--batch-size", "1", "--dtype", "float32"], ["mme"]),
-    "qwen2_5_vl": (["--batch-size", "1", "--dtype", "bfloat16"], ["mme"]),  # as lmms-eval's class loads it
+    "qwen2_5_vl": (["--batch-size", "1", "--dtype", "float32"], ["mme"]),
     "internvl": (["--batch-size", "1", "--dtype", "float32"], ["mme"]),
     "llava_onevision": (["--batch-size", "2", "--dtype", "float32"], ["mme"]),
 }

@@ -52,8 +52,7 @@ RUNS = {
         + ["mmvet", "pope_full"],
     ),
     "qwen2_vl": ("qwen2_vl", ["--batch-size", "1"], ["mme", "videomme", "egoschema_subset"]),
-    # lmms-eval's qwen2_5_vl class loads every model in bfloat16, and its references are so made.
-    "qwen2_5_vl": ("qwen2_5_vl", ["--batch-size", "1", "--dtype", "bfloat16"], ["mme"]),
+    "qwen2_5_vl": ("qwen2_5_vl", ["--batch-size", "1"], ["mme", "videomme", "egoschema_subset"]),
     "internvl": ("internvl_hf", ["--batch-size", "1"], ["mme", "videomme", "egoschema_subset"]),
     "llava_onevision": ("llava_hf", ["--batch-size", "2"], ["mme", "videomme", "egoschema_subset"]),
 }

@@ -41,6 +41,21 @@ def test_frame_rule_follows_internvl_video_processor():
     assert rule.indices(12, 4.0) == list(range(12))  # a shorter clip: every frame
 
 
+def test_frame_rule_follows_lmms_eval_qwen2_5_vl():
+    """lmms-eval's qwen2_5_vl class asks qwen-vl-utils for min(32, frames) frames, floored to an
+    even count (at least 2), at ``linspace(0, total - 1, n).round()`` whatever the clip's rate."""
+    from evalkit.tasks.video import rule_for
+
+    rule = rule_for("qwen2_5_vl")
+    assert rule.indices(32, 4.0) == list(range(32))
+    assert rule.indices(7, 30.0) == [0, 1, 2, 4, 5, 6]  # 6 frames: linspace 0, 1.2, 2.4, 3.6, 4.8, 6
+    picked = rule.indices(1000, 25.0)
+    assert len(picked) == 32 and picked[0] == 0 and picked[-1] == 999 and picked[1] == 32
+    with pytest.raises(ValueError, match="at least 2 frames"):  # evalkit refuses such a clip for every rule
+        rule.indices(1, 30.0)
+    assert (rule.min_pixels, rule.max_pixels) == (256 * 28 * 28, 768 * 28 * 28)
+
+
 def test_clip_digest_names_content_and_rule(tmp_path):
     a = write_clip(tmp_path / "a.mp4", ["red", "blue"])
     b = write_clip(tmp_path / "b.mp4", ["green", "white"])

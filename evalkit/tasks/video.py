@@ -35,6 +35,9 @@ class FrameRule:
     ``sampling="spread"``: lmms-eval's llava_hf class hands every frame to LLaVA-OneVision's video
     processor; so does this rule up to ``max_frames`` frames, and beyond that it takes ``max_frames``
     spread evenly from the first to the last (``linspace``, as lmms-eval's llava_onevision class).
+    ``sampling="nframes"``: lmms-eval's qwen2_5_vl class asks qwen-vl-utils for every frame up to
+    ``max_frames`` (an even count, at least 2), spread evenly from the first to the last (rounded
+    ``linspace``); each frame resized to the model's patch grid within the pixel limits.
     """
 
     fps: float = 2.0
@@ -42,11 +45,13 @@ class FrameRule:
     max_frames: int = 32
     min_pixels: int = 3136
     max_pixels: int = 602112
-    sampling: Literal["fps", "uniform", "spread"] = "fps"
+    sampling: Literal["fps", "uniform", "spread", "nframes"] = "fps"
 
     def describe(self) -> str:
         if self.sampling in ("uniform", "spread"):
             return f"{self.sampling} frames={self.max_frames}"
+        if self.sampling == "nframes":
+            return f"nframes up to {self.max_frames} pixels={self.min_pixels}..{self.max_pixels}"
         return (
             f"fps={self.fps} min_frames={self.min_frames} max_frames={self.max_frames} "
             f"pixels={self.min_pixels}..{self.max_pixels}"
@@ -61,6 +66,11 @@ class FrameRule:
 
             step = total / min(self.max_frames, total)
             return torch.arange(step / 2, total, step).int().tolist()
+        if self.sampling == "nframes":
+            import torch
+
+            count = max(2, min(self.max_frames, total) // 2 * 2)
+            return torch.linspace(0, total - 1, count).round().long().tolist()
         if self.sampling == "spread":
             if total <= self.max_frames:
                 return list(range(total))
@@ -79,7 +89,9 @@ class FrameRule:
 # The rule of each lmms-eval model class this backend stands in for, by transformers model_type.
 RULES: dict[str, FrameRule] = {
     "qwen2_vl": FrameRule(),
-    "qwen2_5_vl": FrameRule(),
+    # models/chat/qwen2_5_vl.py:66-87: nframes = min(max_num_frames, frames), floored to even; frames
+    # within its min_pixels (256*28*28) and qwen-vl-utils' cap on a video frame (768*28*28).
+    "qwen2_5_vl": FrameRule(sampling="nframes", max_frames=32, min_pixels=256 * 28 * 28, max_pixels=768 * 28 * 28),
     "internvl": FrameRule(sampling="uniform", max_frames=32),
     "llava_onevision": FrameRule(sampling="spread", max_frames=32),
 }
@@ -162,5 +174,7 @@ def decode(clip: Clip) -> VideoFrames:
         raise ValueError(f"cannot decode video {clip.path}: {len(found)} of its {total} frames decoded")
     seconds = (picked[-1] - picked[0]) / rate if rate else 0.0
     sample_fps = (len(picked) - 1) / seconds if seconds else clip.rule.fps
+    if clip.rule.sampling == "nframes" and rate:  # what transformers' video metadata calls sampled_fps
+        sample_fps = len(picked) / total * rate
     rule = clip.rule
     return VideoFrames([found[i] for i in picked], sample_fps, min_pixels=rule.min_pixels, max_pixels=rule.max_pixels)

@@ -240,8 +240,11 @@ def _qwen2_5_vl(tokenizer, template: str):
 
     ids = tokenizer.convert_tokens_to_ids
     config = Qwen2_5_VLConfig(
+        # A clip at lmms-eval's qwen2_5_vl sizes (32 frames of 448x448 pixels) is 4,096 tokens.
         text_config=_text_config(
-            tokenizer, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+            tokenizer,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            max_position_embeddings=8192,
         ),
         # Qwen2.5-VL's patches (14 px, merged 2x2) and windows (112 px) in the first block, full
         # attention in the second, as Qwen2.5-VL alternates them. Real patch sizes keep images cheap

@@ -67,6 +67,7 @@ RUNS = [
     ("qwen2_vl", "qwen2_vl", ["mme"]),
     ("qwen2_vl", "qwen2_vl", ["videomme", "egoschema_subset"]),
     ("qwen2_5_vl", "qwen2_5_vl", ["mme"]),
+    ("qwen2_5_vl", "qwen2_5_vl", ["videomme", "egoschema_subset"]),
     ("internvl", "internvl_hf", ["mme"]),
     ("internvl", "internvl_hf", ["videomme", "egoschema_subset"]),
     ("llava_onevision", "llava_hf", ["mme", "videomme", "egoschema_subset"]),
@@ -116,14 +117,15 @@ def with_video_processor(model: Path, family: str, work: Path) -> Path:
     return copy
 
 
-# Two of lmms-eval 0.7.3's classes are run with one change each, by code run before its command line:
+# Three of lmms-eval 0.7.3's classes are run with one change each, by code run before its command line:
 # * its llava_hf chat class hands the processor images=[] with a video-only request, which
 #   LLaVA-OneVision's image processor rejects (IndexError), so that class runs no video task on
 #   LLaVA-OneVision; the references give that one argument as None, as the class means it.
-# * its internvl_hf class loads every model in bfloat16. evalkit left-pads each prompt to a width
-#   bucket, so that no result depends on which requests share a batch; in bfloat16 that padding moves
-#   the logits by a rounding step, enough to flip a near tie (measured: 1 of 20 InternVL docs, at its
-#   15th generated token). The references load the model in float32, as evalkit's parity runs do.
+# * its internvl_hf and qwen2_5_vl classes load every model in bfloat16. evalkit left-pads each
+#   prompt to a width bucket, so that no result depends on which requests share a batch; in bfloat16
+#   that padding moves the logits by a rounding step, enough to flip a near tie (measured: 1 of 20
+#   InternVL docs, at its 15th generated token; 1 of 3 Qwen2.5-VL egoschema docs). The references
+#   load those models in float32, as evalkit's parity runs do.
 EMPTY_IMAGES_AS_NONE = """
 import transformers
 call = transformers.LlavaOnevisionProcessor.__call__
@@ -133,14 +135,21 @@ transformers.LlavaOnevisionProcessor.__call__ = called
 """
 FLOAT32 = """
 import torch, transformers
-load = transformers.InternVLForConditionalGeneration.from_pretrained
-transformers.InternVLForConditionalGeneration.from_pretrained = lambda *a, **k: load(*a, **{**k, "torch_dtype": torch.float32})
+def in_float32(cls):
+    load = cls.from_pretrained
+    cls.from_pretrained = lambda *a, **k: load(*a, **{**k, "torch_dtype": torch.float32})
+in_float32(transformers.InternVLForConditionalGeneration)
+in_float32(transformers.Qwen2_5_VLForConditionalGeneration)
 """
 RUN_CLI = """
 from lmms_eval.__main__ import cli_evaluate
 cli_evaluate()
 """
-PATCHED = {"llava_onevision": ("EMPTY_IMAGES_AS_NONE", EMPTY_IMAGES_AS_NONE), "internvl": ("FLOAT32", FLOAT32)}
+PATCHED = {
+    "llava_onevision": ("EMPTY_IMAGES_AS_NONE", EMPTY_IMAGES_AS_NONE),
+    "internvl": ("FLOAT32", FLOAT32),
+    "qwen2_5_vl": ("FLOAT32", FLOAT32),
+}
 
 
 def ffmpeg_env(python: str) -> dict[str, str]:
