@@ -37,23 +37,12 @@ RUNS = {
     "internvl": (["--batch-size", "1", "--dtype", "float32"], ["mme"]),
     "llava_onevision": (["--batch-size", "2", "--dtype", "float32"], ["mme"]),
 }
-# The image sizes lmms-eval's qwen2_vl and qwen2_5_vl classes load their processors with.
-CLASS_PIXELS = {
-    "qwen2_vl": {"shortest_edge": 3136, "longest_edge": 602112},
-    "qwen2_5_vl": {"shortest_edge": 256 * 28 * 28, "longest_edge": 1605632},
-}
 
 
 def build(family: str, folder: Path) -> Path:
-    from evalkit.testing.tinyvlm import build_tiny_vlm
+    from evalkit.testing.tinyvlm import build_tiny_vlm, with_lmms_class_pixels
 
-    model = build_tiny_vlm(family, folder / family)
-    if family in CLASS_PIXELS:
-        path = model / "processor_config.json"
-        config = json.loads(path.read_text())
-        config["image_processor"]["size"] = CLASS_PIXELS[family]
-        path.write_text(json.dumps(config, indent=2))
-    return model
+    return with_lmms_class_pixels(build_tiny_vlm(family, folder / family), family)
 
 
 def matches(family: str, task: str, out: Path) -> tuple[int, int, int, int]:

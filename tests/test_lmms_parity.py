@@ -58,11 +58,6 @@ RUNS = {
 }
 GROUPS = {"pope_full": ["pope_adv", "pope_pop", "pope_random"]}  # run by name, checked by member
 STRIPS_ANSWERS = {"qwen2_vl"}
-# The image sizes lmms-eval's qwen2_vl and qwen2_5_vl classes load their processors with.
-CLASS_PIXELS = {
-    "qwen2_vl": {"shortest_edge": 3136, "longest_edge": 602112},
-    "qwen2_5_vl": {"shortest_edge": 256 * 28 * 28, "longest_edge": 1605632},
-}
 NOT_METRICS = {"name", "sample_len", "alias"}
 
 
@@ -77,15 +72,9 @@ def data(tmp_path_factory) -> Path:
 
 
 def tiny_model(family: str, folder: Path) -> Path:
-    from evalkit.testing.tinyvlm import build_tiny_vlm
+    from evalkit.testing.tinyvlm import build_tiny_vlm, with_lmms_class_pixels
 
-    model = build_tiny_vlm(family, folder / family)
-    if family in CLASS_PIXELS:
-        config_path = model / "processor_config.json"
-        config = json.loads(config_path.read_text())
-        config["image_processor"]["size"] = CLASS_PIXELS[family]
-        config_path.write_text(json.dumps(config, indent=2))
-    return model
+    return with_lmms_class_pixels(build_tiny_vlm(family, folder / family), family)
 
 
 def rows_by_doc(path: Path) -> dict[int, dict]:

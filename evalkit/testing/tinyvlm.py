@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -487,6 +488,25 @@ def build_tiny_vlm(family: str, out_dir: Path, *, seed: int = 0, head_dim: int |
     model.save_pretrained(out_dir, safe_serialization=True)
     processor.save_pretrained(out_dir)
     return out_dir
+
+
+# The image sizes lmms-eval's qwen2_vl and qwen2_5_vl classes load their processors with; the tiny
+# processors' own are narrower, so parity runs widen them to these.
+LMMS_CLASS_PIXELS = {
+    "qwen2_vl": {"shortest_edge": 3136, "longest_edge": 602112},
+    "qwen2_5_vl": {"shortest_edge": 256 * 28 * 28, "longest_edge": 1605632},
+}
+
+
+def with_lmms_class_pixels(model: Path, family: str) -> Path:
+    """``model``'s processor widened to the image sizes of lmms-eval's class for ``family`` (others
+    unchanged); returns ``model``."""
+    if family in LMMS_CLASS_PIXELS:
+        path = Path(model) / "processor_config.json"
+        config = json.loads(path.read_text())
+        config["image_processor"]["size"] = LMMS_CLASS_PIXELS[family]
+        path.write_text(json.dumps(config, indent=2))
+    return model
 
 
 def _set_head_dim(text_config: Any, head_dim: int) -> None:
