@@ -40,9 +40,9 @@ RUNS = {
 
 
 def build(family: str, folder: Path) -> Path:
-    from evalkit.testing.tinyvlm import build_tiny_vlm, with_lmms_class_pixels
+    from evalkit.testing.tinyvlm import build_tiny_vlm, with_released_pixels
 
-    return with_lmms_class_pixels(build_tiny_vlm(family, folder / family), family)
+    return with_released_pixels(build_tiny_vlm(family, folder / family), family)
 
 
 def matches(family: str, task: str, out: Path) -> tuple[int, int, int, int]:

@@ -72,9 +72,9 @@ def data(tmp_path_factory) -> Path:
 
 
 def tiny_model(family: str, folder: Path) -> Path:
-    from evalkit.testing.tinyvlm import build_tiny_vlm, with_lmms_class_pixels
+    from evalkit.testing.tinyvlm import build_tiny_vlm, with_released_pixels
 
-    return with_lmms_class_pixels(build_tiny_vlm(family, folder / family), family)
+    return with_released_pixels(build_tiny_vlm(family, folder / family), family)
 
 
 def rows_by_doc(path: Path) -> dict[int, dict]:

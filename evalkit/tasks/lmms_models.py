@@ -137,21 +137,30 @@ def _as_list(until: Any) -> list[str]:
 class ImageRule:
     """How one lmms-eval model class changes an image before its processor: a JPEG round trip at
     ``jpeg_quality`` (None: none), then ``qwen_vl_utils``' resize to multiples of ``factor`` pixels
-    whose area lies in [min_pixels, max_pixels] (PIL's default resampling)."""
+    whose area lies in [min_pixels, max_pixels] (PIL's default resampling). Where the class loads
+    its processor with bounds of its own (``processor_pixels``), that processor resizes once more
+    within them (bicubic, as its PIL backend), whatever the checkpoint's processor allows."""
 
     jpeg_quality: int | None
     factor: int
     min_pixels: int
     max_pixels: int
+    processor_pixels: tuple[int, int] | None = None
 
 
 IMAGE_RULES: dict[str, ImageRule] = {
     # models/simple/qwen2_vl.py:173-180 (_encode_image_data_url) and its max_pixels/min_pixels defaults
     "qwen2_vl": ImageRule(jpeg_quality=85, factor=28, min_pixels=3136, max_pixels=602112),
     # models/chat/qwen2_5_vl.py:53-95: the PIL image from doc_to_messages goes to qwen_vl_utils with
-    # no pixel bounds, so its own (4 to 16384 tokens of 28x28 pixels); the processor then rescales
-    # within the class's bounds (256*28*28 to 1605632 pixels, the processor's own settings here).
-    "qwen2_5_vl": ImageRule(jpeg_quality=None, factor=28, min_pixels=4 * 28 * 28, max_pixels=16384 * 28 * 28),
+    # no pixel bounds, so its own (4 to 16384 tokens of 28x28 pixels); the processor, loaded with
+    # min_pixels=256*28*28 and max_pixels=1605632 (models/simple/qwen2_5_vl.py:44-45, 91), rescales.
+    "qwen2_5_vl": ImageRule(
+        jpeg_quality=None,
+        factor=28,
+        min_pixels=4 * 28 * 28,
+        max_pixels=16384 * 28 * 28,
+        processor_pixels=(256 * 28 * 28, 1605632),
+    ),
 }
 
 
@@ -167,17 +176,21 @@ def prepare_image(name: str | None, image: Any) -> Any:
         buffer.seek(0)
         decoded = Image.open(buffer).convert("RGB")
     width, height = decoded.size
-    return decoded.resize(_fitted(height, width, rule)[::-1])
+    resized = decoded.resize(_fitted(height, width, rule.factor, rule.min_pixels, rule.max_pixels)[::-1])
+    if rule.processor_pixels is None:
+        return resized
+    width, height = resized.size
+    size = _fitted(height, width, rule.factor, *rule.processor_pixels)[::-1]
+    return resized if size == resized.size else resized.resize(size, Image.Resampling.BICUBIC)
 
 
-def _fitted(height: int, width: int, rule: ImageRule) -> tuple[int, int]:
-    """qwen_vl_utils.smart_resize: (height, width) in multiples of the factor within the pixel bounds."""
-    f = rule.factor
+def _fitted(height: int, width: int, f: int, least: int, most: int) -> tuple[int, int]:
+    """qwen_vl_utils.smart_resize: (height, width) in multiples of ``f`` within [least, most] pixels."""
     h, w = max(f, round(height / f) * f), max(f, round(width / f) * f)
-    if h * w > rule.max_pixels:
-        beta = math.sqrt(height * width / rule.max_pixels)
+    if h * w > most:
+        beta = math.sqrt(height * width / most)
         h, w = math.floor(height / beta / f) * f, math.floor(width / beta / f) * f
-    elif h * w < rule.min_pixels:
-        beta = math.sqrt(rule.min_pixels / (height * width))
+    elif h * w < least:
+        beta = math.sqrt(least / (height * width))
         h, w = math.ceil(height * beta / f) * f, math.ceil(width * beta / f) * f
     return h, w

@@ -490,21 +490,19 @@ def build_tiny_vlm(family: str, out_dir: Path, *, seed: int = 0, head_dim: int |
     return out_dir
 
 
-# The image sizes lmms-eval's qwen2_vl and qwen2_5_vl classes load their processors with; the tiny
-# processors' own are narrower, so parity runs widen them to these.
-LMMS_CLASS_PIXELS = {
-    "qwen2_vl": {"shortest_edge": 3136, "longest_edge": 602112},
-    "qwen2_5_vl": {"shortest_edge": 256 * 28 * 28, "longest_edge": 1605632},
-}
+# The image sizes a released Qwen2-VL or Qwen2.5-VL processor allows. The tiny processors' are
+# narrower; parity runs widen them to these, so the sizes come from the lmms-eval class's own rule
+# (tasks/lmms_models.py IMAGE_RULES), as with a real checkpoint.
+RELEASED_QWEN_PIXELS = {"shortest_edge": 3136, "longest_edge": 12845056}
 
 
-def with_lmms_class_pixels(model: Path, family: str) -> Path:
-    """``model``'s processor widened to the image sizes of lmms-eval's class for ``family`` (others
-    unchanged); returns ``model``."""
-    if family in LMMS_CLASS_PIXELS:
+def with_released_pixels(model: Path, family: str) -> Path:
+    """``model``'s processor widened to a released checkpoint's image sizes, for the Qwen families
+    (others unchanged); returns ``model``."""
+    if family in ("qwen2_vl", "qwen2_5_vl"):
         path = Path(model) / "processor_config.json"
         config = json.loads(path.read_text())
-        config["image_processor"]["size"] = LMMS_CLASS_PIXELS[family]
+        config["image_processor"]["size"] = RELEASED_QWEN_PIXELS
         path.write_text(json.dumps(config, indent=2))
     return model
 
