@@ -201,16 +201,28 @@ def _llava_next(tokenizer, template: str):
     return config, processor
 
 
+# Qwen2-VL and Qwen2.5-VL share their text rotary sections (scaled to the tiny head) and tokens.
+_QWEN_ROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+
+
+def _qwen_vision_tokens(tokenizer) -> dict[str, Any]:
+    ids = tokenizer.convert_tokens_to_ids
+    return {
+        "image_token_id": ids("<|image_pad|>"),
+        "video_token_id": ids("<|video_pad|>"),
+        "vision_start_token_id": ids("<|vision_start|>"),
+        "vision_end_token_id": ids("<|vision_end|>"),
+        "tie_word_embeddings": False,
+    }
+
+
 def _qwen2_vl(tokenizer, template: str):
     from transformers import Qwen2VLConfig, Qwen2VLImageProcessorPil, Qwen2VLProcessor
 
     from evalkit.models.vlm_prompts import image_only
 
-    ids = tokenizer.convert_tokens_to_ids
     config = Qwen2VLConfig(
-        text_config=_text_config(
-            tokenizer, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
-        ),
+        text_config=_text_config(tokenizer, rope_parameters=_QWEN_ROPE),
         vision_config={
             "depth": 2,
             "embed_dim": 32,
@@ -222,11 +234,7 @@ def _qwen2_vl(tokenizer, template: str):
             "temporal_patch_size": 2,
             "initializer_range": INIT_STD,
         },
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=False,
+        **_qwen_vision_tokens(tokenizer),
     )
     # 16x16 .. 48x48 pixels after resizing: 4 to 36 image tokens (8x8 pixels each after merging).
     images = Qwen2VLImageProcessorPil(min_pixels=16 * 16, max_pixels=48 * 48, patch_size=4, merge_size=2)
@@ -239,14 +247,9 @@ def _qwen2_5_vl(tokenizer, template: str):
 
     from evalkit.models.vlm_prompts import image_only
 
-    ids = tokenizer.convert_tokens_to_ids
     config = Qwen2_5_VLConfig(
         # A clip at lmms-eval's qwen2_5_vl sizes (32 frames of 448x448 pixels) is 4,096 tokens.
-        text_config=_text_config(
-            tokenizer,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-            max_position_embeddings=8192,
-        ),
+        text_config=_text_config(tokenizer, rope_parameters=_QWEN_ROPE, max_position_embeddings=8192),
         # Qwen2.5-VL's patches (14 px, merged 2x2) and windows (112 px) in the first block, full
         # attention in the second, as Qwen2.5-VL alternates them. Real patch sizes keep images cheap
         # at the sizes lmms-eval's qwen2_5_vl class scales them to (at least 448x448 pixels).
@@ -263,11 +266,7 @@ def _qwen2_5_vl(tokenizer, template: str):
             "fullatt_block_indexes": [1],
             "initializer_range": INIT_STD,
         },
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=False,
+        **_qwen_vision_tokens(tokenizer),
     )
     # 56x56 .. 112x112 pixels after resizing: 4 to 16 image tokens (28x28 pixels each after merging).
     images = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2)
@@ -367,6 +366,26 @@ _CHATML_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 _CHATML_TURN = "{{ '<|im_start|>' + message['role'] + '\\n' }}CONTENT{{ '<|im_end|>\\n' }}"
 
+
+def _qwen_family(build: Callable[..., Any]) -> Family:
+    """Qwen2-VL's and Qwen2.5-VL's prompt format: ChatML with a default system turn, an image or a
+    video wrapped in vision start/end tokens."""
+    return Family(
+        specials=(*_CHATML_SPECIALS, "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"),
+        bos=None,
+        eos="<|im_end|>",
+        pad="<|endoftext|>",
+        template=_chat_template(
+            _CHATML_TURN,
+            "<|im_start|>assistant\n",
+            "<|vision_start|><|image_pad|><|vision_end|>",
+            default_system="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
+            video="<|vision_start|><|video_pad|><|vision_end|>",
+        ),
+        build=build,
+    )
+
+
 FAMILIES: dict[str, Family] = {
     # LLaVA-1.5 (Vicuna): "USER: <image>\nWhat is it? ASSISTANT:"
     "llava": Family(
@@ -397,35 +416,9 @@ FAMILIES: dict[str, Family] = {
         build=_llava_next,
     ),
     # Qwen2-VL: ChatML with a default system turn, an image wrapped in vision start/end tokens.
-    "qwen2_vl": Family(
-        specials=(*_CHATML_SPECIALS, "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"),
-        bos=None,
-        eos="<|im_end|>",
-        pad="<|endoftext|>",
-        template=_chat_template(
-            _CHATML_TURN,
-            "<|im_start|>assistant\n",
-            "<|vision_start|><|image_pad|><|vision_end|>",
-            default_system="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
-            video="<|vision_start|><|video_pad|><|vision_end|>",
-        ),
-        build=_qwen2_vl,
-    ),
+    "qwen2_vl": _qwen_family(_qwen2_vl),
     # Qwen2.5-VL: Qwen2-VL's prompt format and tokens, a vision tower with window attention.
-    "qwen2_5_vl": Family(
-        specials=(*_CHATML_SPECIALS, "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"),
-        bos=None,
-        eos="<|im_end|>",
-        pad="<|endoftext|>",
-        template=_chat_template(
-            _CHATML_TURN,
-            "<|im_start|>assistant\n",
-            "<|vision_start|><|image_pad|><|vision_end|>",
-            default_system="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
-            video="<|vision_start|><|video_pad|><|vision_end|>",
-        ),
-        build=_qwen2_5_vl,
-    ),
+    "qwen2_5_vl": _qwen_family(_qwen2_5_vl),
     # LLaVA-OneVision (Qwen2): ChatML with a default system turn, "<image>\n" and "<video>\n" parts.
     "llava_onevision": Family(
         specials=(*_CHATML_SPECIALS, "<image>", "<video>"),
