@@ -104,4 +104,6 @@ def request_key(model_hash: str, task_hash: str, request: Request) -> str:
     parts = [model_hash, task_hash, request.doc_id, request.instance, request.repeat, request.args]
     if request.visuals is not None:
         parts.append(list(request.visuals.digests))
+    if request.round:
+        parts.append({"round": request.round})
     return _sha(parts)

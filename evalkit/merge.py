@@ -16,9 +16,10 @@ from evalkit.shards import read_records, shard_files
 from evalkit.tasks.scoring import RequestError
 
 
-def merge_results(output: Path, plan: RunPlan, launch: str, written: int) -> list[Any]:
+def merge_results(output: Path, plan: RunPlan, launch: str, written: int | None) -> list[Any]:
     """Every request's result (or its recorded error) by global index; this launch's count must
-    equal what the ranks wrote."""
+    equal what the ranks wrote (``written``; None between waves of a multi-round run, whose last
+    merge checks it)."""
     index_of = plan.index_of
     counted = {"now": 0}
 
@@ -39,6 +40,6 @@ def merge_results(output: Path, plan: RunPlan, launch: str, written: int) -> lis
         yield from earlier.items()
 
     outputs = merge_shards([pairs()], len(plan.requests), replaceable=lambda r: isinstance(r, RequestError))
-    if counted["now"] != written:
+    if written is not None and counted["now"] != written:
         raise AssertionError(f"ranks reported {written} results this run but the shards hold {counted['now']}")
     return outputs

@@ -57,6 +57,12 @@ class Monitor:
         """This rank has finished its share and now only waits for the others."""
         self.working = False
 
+    def more(self, total: int) -> None:
+        """Another wave of ``total`` requests (all ranks) begins; this rank works again."""
+        self.bar.total += total
+        self.bar.refresh()
+        self.working = True
+
     def _run(self) -> None:
         while not self._stop.wait(POLL_SECONDS):
             self._beat()

@@ -45,6 +45,24 @@ class RunPlan:
         """Global index of each request, by its content key (how saved results are found)."""
         return {r.key: r.index for r in self.requests}
 
+    @property
+    def multi_round(self) -> bool:
+        """Some task asks for more rounds after the first (``evalkit.rounds``)."""
+        return any(getattr(p.task, "multi_round", False) for p in self.tasks)
+
+    def add(self, requests: list[Request], output: Path) -> list[Request]:
+        """Append later requests (numbered from the end of the plan, keyed by their content); those
+        an earlier run saved join ``done``. Returns the ones still to compute."""
+        keyed = [
+            replace(r, key=request_key(self.model["hash"], self.task_hashes[r.task], r), index=len(self.requests) + i)
+            for i, r in enumerate(requests)
+        ]
+        self.requests.extend(keyed)
+        self.__dict__.pop("index_of", None)
+        saved = finished_indices(output, {r.key: r.index for r in keyed})
+        self.done |= saved
+        return [r for r in keyed if r.index not in saved]
+
 
 @dataclass(frozen=True)
 class Work:
@@ -54,6 +72,7 @@ class Work:
     pending: int
     launch: str  # names this launch's shard files
     kinds: frozenset[str]  # request kinds of the whole run (a backend checks at load that it can serve them)
+    rounds: bool = False  # more rounds of multi-round docs may follow this work (``evalkit.rounds``)
 
 
 def load_tasks(config: RunConfig, model_path: str, judge_url: str | None = None) -> dict[str, Any]:
@@ -172,13 +191,17 @@ def deal(plan: RunPlan, dp: int, launch: str) -> list[Work]:
     """Each dp rank's share of the pending requests, balanced by cost. A sharing unit (a doc's
     choices, docs whose prompts begin alike) goes to one rank whole, where it shares rows."""
     pending = [r for r in plan.requests if r.index not in plan.done]
+    return deal_pending(pending, dp, launch, rounds=plan.multi_round)
+
+
+def deal_pending(pending: list[Request], dp: int, launch: str, *, rounds: bool) -> list[Work]:
     grouped = sharing_units(pending)
     costs = [unit_cost(unit) for unit in grouped]
     kinds = frozenset(r.kind for r in pending)
     shares = []
     for rank in range(dp):
         share = sorted((r for i in shard_indices(costs, rank, dp) for r in grouped[i]), key=lambda r: r.index)
-        shares.append(Work(requests=share, pending=len(pending), launch=launch, kinds=kinds))
+        shares.append(Work(requests=share, pending=len(pending), launch=launch, kinds=kinds, rounds=rounds))
     return shares
 
 

@@ -13,6 +13,7 @@ stops the group).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -48,6 +49,7 @@ from evalkit.parallel import (
     settle_before_exit,
     shutdown,
 )
+from evalkit.rounds import Rounds
 from evalkit.shards import SHARD_DIR, ShardWriter
 from evalkit.tasks.images import VisualSource
 from evalkit.timings import Phases
@@ -102,6 +104,7 @@ class Ready:
     run_plan: plan.RunPlan | None
     images: VisualSource
     backend: Backend
+    rounds: Rounds | None  # rank 0 of a run with multi-round docs: their later rounds
 
 
 def prepare(config: RunConfig, topo: Topology, phases: Phases, judge: JudgeProxy | None, lock: OutputLock) -> Ready:
@@ -128,7 +131,8 @@ def prepare(config: RunConfig, topo: Topology, phases: Phases, judge: JudgeProxy
     with phases.phase("model_load"):
         context = BuildContext(model=inputs.model, topo=topo, kinds=work.kinds)
         backend = topo.agreed(lambda: inputs.spec.build(config, context))
-    return Ready(work=work, run_plan=run_plan, images=images, backend=backend)
+    rounds = Rounds.of(run_plan, config.output) if run_plan is not None and work.rounds else None
+    return Ready(work=work, run_plan=run_plan, images=images, backend=backend, rounds=rounds)
 
 
 def run_requests(config: RunConfig, topo: Topology, ready: Ready, phases: Phases) -> list[dict[str, Any]]:
@@ -146,9 +150,19 @@ def run_requests(config: RunConfig, topo: Topology, ready: Ready, phases: Phases
     stop.install()
     executor = execute.Executor(topo, backend, writer, monitor, stop, config.on_error, images=ready.images.images)
     t0 = time.time()
+    ran = len(work.requests)
     try:
         with writer or contextlib.nullcontext(), phases.phase("model_calls"):
             executor.run(work.requests)
+            while work.rounds:  # the next rounds of multi-round docs, wave by wave
+                monitor.idle()
+                if writer is not None:
+                    writer.sync()
+                topo.all_gather(None)  # every rank's answers are on disk before rank 0 reads them
+                work = topo.hand_out(functools.partial(next_wave, ready.rounds, work.launch, topo.layout.dp))
+                monitor.more(work.pending)
+                executor.run(work.requests)
+                ran += len(work.requests)
     except execute.StopRequested:
         raise Stopped(stop.signal) from None
     finally:
@@ -162,7 +176,7 @@ def run_requests(config: RunConfig, topo: Topology, ready: Ready, phases: Phases
             "rank": topo.rank,
             "dp_rank": topo.dp_rank,
             "tp_rank": topo.tp_rank,
-            "requests": len(work.requests),
+            "requests": ran,
             "seconds": round(time.time() - t0, 3),
             "parameters": backend.num_parameters_local,
             "written": writer.written if writer else 0,
@@ -172,6 +186,12 @@ def run_requests(config: RunConfig, topo: Topology, ready: Ready, phases: Phases
     monitor.close()
     phases.add("gather", time.monotonic() - gathering)
     return stats
+
+
+def next_wave(rounds: Rounds | None, launch: str, dp: int) -> list[plan.Work]:
+    """Rank 0: the next rounds of multi-round docs, dealt (``evalkit.rounds``)."""
+    assert rounds is not None, "only rank 0, which planned the run, deals later rounds"
+    return rounds.wave(launch, dp)
 
 
 def evaluate(config: RunConfig, topo: Topology) -> None:
@@ -188,7 +208,10 @@ def evaluate(config: RunConfig, topo: Topology) -> None:
             with phases.phase("merge"):
                 written = sum(s["written"] for s in stats)
                 outputs = merge.merge_results(config.output, ready.run_plan, ready.work.launch, written)
-            resume = {"reused": len(ready.run_plan.done), "computed": ready.work.pending}
+                if ready.rounds is not None:
+                    outputs = ready.rounds.fold(outputs)
+            done = ready.run_plan.done
+            resume = {"reused": len(done), "computed": len(ready.run_plan.requests) - len(done)}
             # Scoring code that draws random numbers (mmmu's parse of an unmatched answer) sees the
             # seeded state lm-eval and lmms-eval give it, whatever planning and the layout drew.
             set_seeds(config)

@@ -18,6 +18,7 @@ LAYERS: list[list[str]] = [
     ["evalkit.cli"],
     ["evalkit.runner"],
     ["evalkit.results"],  # score and write
+    ["evalkit.rounds"],
     ["evalkit.merge"],
     ["evalkit.execute", "evalkit.monitor"],
     ["evalkit.plan"],

@@ -28,14 +28,26 @@ DIGEST_PREFIX = "sha256:"
 
 
 @dataclass(frozen=True)
+class RoundRef:
+    """A later round of a multi-round doc: its number, the answers of the rounds before it and what
+    the task passed on from the last one; the task gives that round's visuals from these."""
+
+    index: int
+    previous: tuple[str, ...]
+    info: Any = None
+
+
+@dataclass(frozen=True)
 class Visuals:
     """The images of one request, by reference: the rank that evaluates the request loads them
-    from its own copy of the task (``task.doc_to_image`` of doc ``doc_id``), so images are never
-    shipped between ranks; ``digests`` name their content (resume keys hash them)."""
+    from its own copy of the task (``task.doc_to_image`` of doc ``doc_id``, or for a later round of
+    a multi-round doc the task's visuals of that ``round``), so images are never shipped between
+    ranks; ``digests`` name their content (resume keys hash them)."""
 
     task: str
     doc_id: int
     digests: tuple[str, ...]
+    round: RoundRef | None = None
 
 
 def is_image(value: Any) -> bool:
@@ -155,7 +167,11 @@ class VisualSource:
                 f"task '{visuals.task}' has {len(docs)} docs here, but a request names doc {visuals.doc_id}; "
                 f"every rank must load the same data"
             )
-        images = as_visuals(task.doc_to_image(docs[visuals.doc_id]))
+        doc, later = docs[visuals.doc_id], visuals.round
+        if later is None:
+            images = as_visuals(task.doc_to_image(doc))
+        else:
+            images = as_visuals(task.round_visuals(doc, later.index, list(later.previous), later.info))
         found = digests(images)
         if found != visuals.digests:
             raise ImagesChanged(

@@ -44,6 +44,7 @@ import inspect
 import os
 from collections.abc import Callable, Mapping
 from copy import deepcopy
+from dataclasses import dataclass
 from typing import Any
 
 import datasets
@@ -79,10 +80,9 @@ EXTRA_KEYS = LMMS_KEYS | IGNORED_KEYS | {"full_docs", "reasoning_tags", "auto_st
 LMMS_ONLY_OUTPUT_TYPES = {
     "generate_visual_cot": "a model that draws an image before it answers (lmms-eval's ovis_u1, bagel_unig2u, "
     "illume_plus, qwen_image_edit classes; its llava_hf, qwen2_vl and internvl_hf classes refuse it too)",
-    "generate_until_multi_round": "lmms-eval's own round-by-round generation (its qwen2_vl, qwen2_5_vl and "
-    "llava_onevision classes; its llava_hf and internvl_hf classes refuse it)",
     "generate_until_agentic": "lmms-eval's evaluator's agent loop",
 }
+MULTI_ROUND = "generate_until_multi_round"
 # dataset_kwargs entries that steer lmms-eval's downloader, not datasets.load_dataset.
 DOWNLOADER_KWARGS = ("max_retries", "num_proc", "local_files_only", "force_download", "force_unzip", "create_link")
 
@@ -221,6 +221,16 @@ def split_messages(messages: Any) -> tuple[list[dict[str, Any]], list[Any]]:
     return out, images
 
 
+@dataclass(frozen=True)
+class Round:
+    """One later round of a multi-round doc, or ``terminal``: the doc has had all its rounds."""
+
+    terminal: bool
+    context: Any
+    info: Any
+    visuals: Any
+
+
 class LmmsTask(ConfigurableTask):
     """lm-eval's ConfigurableTask with lmms-eval's task keys (see the module's description)."""
 
@@ -236,15 +246,20 @@ class LmmsTask(ConfigurableTask):
         kind = config.get("output_type")
         if kind in LMMS_ONLY_OUTPUT_TYPES:
             raise ValueError(
-                f"output_type '{kind}' needs {LMMS_ONLY_OUTPUT_TYPES[kind]}; evalkit runs "
-                f"generate_until, loglikelihood, multiple_choice and loglikelihood_rolling"
+                f"output_type '{kind}' needs {LMMS_ONLY_OUTPUT_TYPES[kind]}; evalkit runs generate_until, "
+                f"generate_until_multi_round, loglikelihood, multiple_choice and loglikelihood_rolling"
             )
+        # A multi-round task's first round is lm-eval's generate_until request; the rest follow it
+        # (``next_round``), each a generation of its own.
+        self.multi_round = kind == MULTI_ROUND
+        if self.multi_round:
+            config["output_type"] = "generate_until"
         self._lmms = {key: config.pop(key) for key in sorted(EXTRA_KEYS) if key in config}
         self._reasoning = reasoning_tags(self._lmms.get("reasoning_tags"))
         self._strip_thinking = bool(self._lmms.get("auto_strip_thinking")) and self._reasoning is None
         self.model_name = model_name(config.get("metadata"))
         self.aggregation_args = AggregationArgs()  # scoring names the run's output folder here
-        self._frame_rule = video.rule_for(model_type(config.get("metadata")))
+        self._frame_rule = video.rule_for(model_type(config.get("metadata")), rounds=self.multi_round)
         legacy = "lmms_eval_specific_kwargs" not in self._lmms
         blocks = self._lmms.get(PROMPT_KWARGS[1] if legacy else PROMPT_KWARGS[0])
         self.lmms_eval_specific_kwargs = deepcopy(choose_prompt_kwargs(blocks, self.model_name, legacy=legacy))
@@ -306,6 +321,35 @@ class LmmsTask(ConfigurableTask):
     def doc_to_image(self, doc: Any, doc_to_image: Any = None) -> Any:
         """The doc's visuals as the model's lmms-eval class hands them to its processor."""
         visuals = self._doc_visuals(doc, doc_to_image)
+        if isinstance(visuals, list):
+            return [prepare_image(self.model_name, v) for v in visuals]
+        return prepare_image(self.model_name, visuals)
+
+    def next_round(self, doc: Any, round_idx: int, previous: list[str], info: Any) -> Round:
+        """Round ``round_idx`` of a multi-round doc after the answers ``previous``, as lmms-eval's
+        model classes ask the task for it: ``doc_to_text(doc, previous_output=..., round_idx=...,
+        previous_round_info=...)`` gives (visuals, context, terminal, outputs, info)."""
+        step = self.config.doc_to_text(
+            doc,
+            lmms_eval_specific_kwargs=self.lmms_eval_specific_kwargs,
+            previous_output=list(previous),
+            round_idx=round_idx,
+            previous_round_info=info,
+        )
+        if not (isinstance(step, tuple) and len(step) == 5):
+            raise ValueError(
+                f"task '{self.config.task}': doc_to_text of round {round_idx} returned {type(step).__name__}, "
+                f"not lmms-eval's (visuals, context, terminal, outputs, info)"
+            )
+        visuals, context, terminal, _, info = step
+        return Round(terminal=bool(terminal), context=context, info=info, visuals=self._prepared(visuals))
+
+    def round_visuals(self, doc: Any, round_idx: int, previous: list[str], info: Any) -> Any:
+        """The visuals of a later round, for the rank that evaluates it."""
+        return self.next_round(doc, round_idx, previous, info).visuals
+
+    def _prepared(self, visuals: Any) -> Any:
+        visuals = video.as_clips(visuals, self._frame_rule)
         if isinstance(visuals, list):
             return [prepare_image(self.model_name, v) for v in visuals]
         return prepare_image(self.model_name, visuals)
@@ -377,7 +421,10 @@ class LmmsTask(ConfigurableTask):
             return requests
         for request in requests if isinstance(requests, list) else [requests]:
             context, gen_kwargs, *rest = request.arguments
-            request.arguments = (context, request_gen_kwargs(self.model_name, gen_kwargs), *rest)
+            settings = request_gen_kwargs(self.model_name, gen_kwargs)
+            if self.multi_round:  # lmms-eval's multi-round methods drop until: a round ends at end of sequence
+                settings["until"] = []
+            request.arguments = (context, settings, *rest)
         return requests
 
     # ------------------------------------------------------------ scoring, as lmms-eval's evaluator
@@ -408,7 +455,7 @@ class LmmsTask(ConfigurableTask):
         return sample_counts(len(self._all_docs), taken)
 
     def process_results(self, doc: Any, results: Any) -> Any:
-        if self.OUTPUT_TYPE == "generate_until":
+        if self.OUTPUT_TYPE == "generate_until" and not self.multi_round:
             if results and isinstance(results[0], list):
                 results = results[0]
             results = [r.strip() if r is not None else "" for r in results]

@@ -45,6 +45,7 @@ class Request:
     args: tuple
     key: str = ""
     visuals: Visuals | None = None
+    round: int = 0  # a multi-round doc's later rounds count from 1 (``evalkit.rounds``)
 
     @property
     def cost(self) -> int:

@@ -65,7 +65,7 @@ def attach_outputs(plan: TaskPlan, outputs: list[Any], think_end_token: str | No
             errors.setdefault(instance.doc_id, failures[0])
             values = [PLACEHOLDER[instance.request_type]] * len(values)
         elif instance.request_type == "generate_until" and think_end_token:
-            values = [drop_thinking(v, think_end_token) for v in values]
+            values = [drop_thinking(v, think_end_token) if isinstance(v, str) else v for v in values]
         instance.resps = [_as_response(instance.request_type, v) for v in values]
     return errors
 

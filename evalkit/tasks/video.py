@@ -38,6 +38,14 @@ class FrameRule:
     ``sampling="nframes"``: lmms-eval's qwen2_5_vl class asks qwen-vl-utils for every frame up to
     ``max_frames`` (an even count, at least 2), spread evenly from the first to the last (rounded
     ``linspace``); each frame resized to the model's patch grid within the pixel limits.
+    ``sampling="fps_floor"``: qwen-vl-utils 0.0.14's own default (``fps`` frames per second, at least
+    ``min_frames``, floored to an even count, at ``linspace(...).round()``), then at most
+    ``max_frames`` of those at ``linspace(..., dtype=int)`` positions, as lmms-eval's qwen2_5_vl
+    class takes a round's clip. ``positions_fps``: the rate the model's temporal positions assume,
+    where the class hands its processor frames without their rate (None: the rate they were taken at).
+    ``repeat_to_max``: after the ``fps`` rule, exactly ``max_frames`` of its frames at
+    ``linspace(..., dtype=int)`` positions, repeats kept, as lmms-eval's qwen2_vl class takes a
+    round's clip.
     """
 
     fps: float = 2.0
@@ -45,13 +53,22 @@ class FrameRule:
     max_frames: int = 32
     min_pixels: int = 3136
     max_pixels: int = 602112
-    sampling: Literal["fps", "uniform", "spread", "nframes"] = "fps"
+    sampling: Literal["fps", "uniform", "spread", "nframes", "fps_floor"] = "fps"
+    positions_fps: float | None = None
+    repeat_to_max: bool = False
 
     def describe(self) -> str:
         if self.sampling in ("uniform", "spread"):
             return f"{self.sampling} frames={self.max_frames}"
+        if self.repeat_to_max:
+            return f"fps={self.fps} min_frames={self.min_frames} then {self.max_frames} with repeats"
         if self.sampling == "nframes":
             return f"nframes up to {self.max_frames} pixels={self.min_pixels}..{self.max_pixels}"
+        if self.sampling == "fps_floor":
+            return (
+                f"fps_floor fps={self.fps} min_frames={self.min_frames} max_frames={self.max_frames} "
+                f"pixels={self.min_pixels}..{self.max_pixels} positions_fps={self.positions_fps}"
+            )
         return (
             f"fps={self.fps} min_frames={self.min_frames} max_frames={self.max_frames} "
             f"pixels={self.min_pixels}..{self.max_pixels}"
@@ -71,6 +88,8 @@ class FrameRule:
 
             count = max(2, min(self.max_frames, total) // 2 * 2)
             return torch.linspace(0, total - 1, count).round().long().tolist()
+        if self.sampling == "fps_floor":
+            return self._fps_floor(total, video_fps)
         if self.sampling == "spread":
             if total <= self.max_frames:
                 return list(range(total))
@@ -80,10 +99,32 @@ class FrameRule:
         wanted = total / video_fps * self.fps if video_fps > 0 else least
         count = min(max(round(min(max(wanted, least), most) / 2) * 2, 2), most)
         picked = [round(i * (total - 1) / (count - 1)) for i in range(count)]
+        if self.repeat_to_max:
+            return [picked[k] for k in _int_linspace(count - 1, self.max_frames)]
         if count > self.max_frames:  # lmms-eval's cap: evenly spaced positions among those picked
             keep = sorted({int(i * (count - 1) / (self.max_frames - 1)) for i in range(self.max_frames)})
             picked = [picked[k] for k in keep]
         return picked
+
+    def _fps_floor(self, total: int, video_fps: float) -> list[int]:
+        import torch
+
+        least = math.ceil(self.min_frames / 2) * 2
+        most = math.floor(min(768, total) / 2) * 2
+        wanted = total / video_fps * self.fps if video_fps > 0 else least
+        count = math.floor(min(min(max(wanted, least), most), total) / 2) * 2
+        if count < 2:
+            raise ValueError(f"a clip of {total} frames gives {count} frames at {self.fps} fps")
+        picked = torch.linspace(0, total - 1, count).round().long().tolist()
+        keep = sorted({int(k) for k in _int_linspace(count - 1, self.max_frames)})
+        return [picked[k] for k in keep]
+
+
+def _int_linspace(stop: int, num: int) -> list[int]:
+    """``numpy.linspace(0, stop, num, dtype=int)``: positions truncated toward zero."""
+    import numpy as np
+
+    return np.linspace(0, stop, num, dtype=int).tolist()
 
 
 # The rule of each lmms-eval model class this backend stands in for, by transformers model_type.
@@ -97,7 +138,25 @@ RULES: dict[str, FrameRule] = {
 }
 
 
-def rule_for(model_type: str | None) -> FrameRule:
+# A round of a generate_until_multi_round task, where the class takes clips its own way: lmms-eval's
+# qwen2_5_vl class (models/simple/qwen2_5_vl.py:450-511) gives qwen-vl-utils the clip with its own
+# pixel bounds and no frame count, keeps at most max_num_frames of those frames, and hands the
+# processor the frames without their rate (transformers' video processor then takes them to be 24
+# frames a second: second_per_grid_ts 2/24, measured with transformers 5.25).
+# Its qwen2_vl class (models/simple/qwen2_vl.py:632-655) skips the np.unique its generate_until
+# applies, so a round's clip is always max_num_frames frames, repeats included.
+ROUND_RULES: dict[str, FrameRule] = {
+    "qwen2_vl": FrameRule(repeat_to_max=True),
+    "qwen2_5_vl": FrameRule(
+        sampling="fps_floor", max_frames=32, min_pixels=256 * 28 * 28, max_pixels=768 * 28 * 28, positions_fps=24.0
+    ),
+}
+
+
+def rule_for(model_type: str | None, *, rounds: bool = False) -> FrameRule:
+    """The frame rule of the class that runs ``model_type``; ``rounds``: in a multi-round task."""
+    if rounds and model_type in ROUND_RULES:
+        return ROUND_RULES[model_type]
     return RULES.get(model_type or "", FrameRule())
 
 
@@ -177,4 +236,6 @@ def decode(clip: Clip) -> VideoFrames:
     if clip.rule.sampling == "nframes" and rate:  # what transformers' video metadata calls sampled_fps
         sample_fps = len(picked) / total * rate
     rule = clip.rule
+    if rule.positions_fps is not None:
+        sample_fps = rule.positions_fps
     return VideoFrames([found[i] for i in picked], sample_fps, min_pixels=rule.min_pixels, max_pixels=rule.max_pixels)

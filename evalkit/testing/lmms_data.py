@@ -597,6 +597,51 @@ def write_egoschema(root: Path) -> Path:
     return _write(root, "lmms-eval/egoschema", columns, features, config="Subset")
 
 
+# OVO-Bench forward (multi-round): each round shows the next chunk of a clip and asks again; REC counts
+# an action, SSR asks whether a step is done, CRR whether the question can be answered yet.
+# (id, task, chunk colours per round, activity or question, per-round test_info)
+OVO_FORWARD_DOCS = [
+    (101, "REC", [["red"], ["red", "blue"]], "wave", [{"count": 0}, {"count": 1}]),
+    (
+        102,
+        "SSR",
+        [["green"], ["green", "white"], ["white", "yellow"]],
+        "",
+        [{"step": "paint the wall", "type": 0}, {"step": "paint the wall", "type": 1}, {"step": "dry", "type": 1}],
+    ),
+    (103, "CRR", [["blue"], ["blue", "red"]], "What colour comes after blue?", [{"type": 0}, {"type": 1}]),
+]
+OVO_CHUNK_FRAMES = 8
+
+
+def write_ovo_forward(root: Path) -> Path:
+    """``kcz358/OVOBench``, config ``forward`` (split ``test``), and its chunked clips
+    (``$HF_HOME/ovobench/chunked_videos/{id}_{round}.mp4``), as lmms-eval 0.7's ``ovo_forward`` reads them."""
+    import datasets
+
+    columns: dict[str, list] = {k: [] for k in ("id", "task", "activity", "question", "test_info")}
+    for video, task, chunks, text, infos in OVO_FORWARD_DOCS:
+        for n, colours in enumerate(chunks):
+            chunk = Path(root) / HF_HOME / "ovobench" / "chunked_videos" / f"{video}_{n}.mp4"
+            write_clip(chunk, colours, frames=OVO_CHUNK_FRAMES)
+        columns["id"].append(video)
+        columns["task"].append(task)
+        columns["activity"].append(text if task == "REC" else "")
+        columns["question"].append(text if task == "CRR" else "")
+        rows = []
+        for n, info in enumerate(infos):
+            rows.append({"realtime": float(4 * (n + 1)), "count": info.get("count"), "type": info.get("type")})
+            rows[-1]["step"] = info.get("step")
+        columns["test_info"].append(rows)
+    text = datasets.Value("string")
+    number = datasets.Value("int64")
+    info = {"realtime": datasets.Value("float64"), "count": number, "type": number, "step": text}
+    features = datasets.Features(
+        {"id": number, "task": text, "activity": text, "question": text, "test_info": datasets.List(info)}
+    )
+    return _write(root, "kcz358/OVOBench", columns, features, config="forward")
+
+
 # MixEval-X image2text, multiple choice: the judge names the option the answer chose (its filter),
 # scored against the option's index. (colour, shape, count, where, query, options, answer index)
 MIX_EVALS_DOCS = [
@@ -639,6 +684,7 @@ WRITERS = {
     "docvqa_val": write_docvqa,
     "videomme": write_videomme,
     "egoschema_subset": write_egoschema,
+    "ovo_forward": write_ovo_forward,
     "mix_evals_image2text_mc": write_mix_evals,
 }
 

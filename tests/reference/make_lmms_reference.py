@@ -57,6 +57,11 @@ OUT_DIR = REPO / "tests" / "reference" / "lmms-eval-0.7.3"
 # each tool's own random stream.
 JUDGE_MODEL = "stub-model"
 JUDGED = {"mmvet": ["--gen_kwargs", "temperature=0"]}
+# lmms-eval 0.7.3 runs qwen2_5_vl as its chat class, which hands a multi-round task's requests to the
+# simple class's generate_until_multi_round in the chat request layout (doc_to_messages where that
+# method expects generation settings), which fails (AttributeError) before any model call; its
+# simple class runs them.
+TASK_FLAGS = {**JUDGED, "ovo_forward": ["--force_simple"]}
 # Groups run by name, and the member tasks whose references they give.
 GROUPS = {"pope_full": ["pope_adv", "pope_pop", "pope_random"]}
 # (tiny family, lmms-eval model class, tasks)
@@ -66,8 +71,10 @@ RUNS = [
     ("llava", "llava_hf", ["mmvet"]),
     ("qwen2_vl", "qwen2_vl", ["mme"]),
     ("qwen2_vl", "qwen2_vl", ["videomme", "egoschema_subset"]),
+    ("qwen2_vl", "qwen2_vl", ["ovo_forward"]),
     ("qwen2_5_vl", "qwen2_5_vl", ["mme"]),
     ("qwen2_5_vl", "qwen2_5_vl", ["videomme", "egoschema_subset"]),
+    ("qwen2_5_vl", "qwen2_5_vl", ["ovo_forward"]),
     ("internvl", "internvl_hf", ["mme"]),
     ("internvl", "internvl_hf", ["videomme", "egoschema_subset"]),
     ("llava_onevision", "llava_hf", ["mme", "videomme", "egoschema_subset"]),
@@ -141,6 +148,20 @@ def in_float32(cls):
 in_float32(transformers.InternVLForConditionalGeneration)
 in_float32(transformers.Qwen2_5_VLForConditionalGeneration)
 """
+# * its multi-round classes (qwen2_5_vl among them) answer a doc with a tuple of its rounds' answers;
+#   its evaluator keeps a list of strings as it is, "one entry per round" (api/instance.py,
+#   unwrap_generation_output), but turns a tuple into its str(), whose single string ovo_forward's
+#   process_results then indexes round by round (IndexError from the second round on: lmms-eval
+#   0.7.3 cannot score ovo_forward). The references hand the evaluator the rounds as that list.
+ROUNDS_AS_LISTS = """
+import lmms_eval.api.instance, lmms_eval.evaluator
+unwrap = lmms_eval.api.instance.unwrap_generation_output
+def rounds_as_list(output):
+    if isinstance(output, tuple) and output and all(isinstance(x, str) for x in output):
+        output = list(output)
+    return unwrap(output)
+lmms_eval.evaluator.unwrap_generation_output = rounds_as_list
+"""
 RUN_CLI = """
 from lmms_eval.__main__ import cli_evaluate
 cli_evaluate()
@@ -150,6 +171,7 @@ PATCHED = {
     "internvl": ("FLOAT32", FLOAT32),
     "qwen2_5_vl": ("FLOAT32", FLOAT32),
 }
+TASK_PATCHES = {"ovo_forward": ("ROUNDS_AS_LISTS", ROUNDS_AS_LISTS)}
 
 
 def ffmpeg_env(python: str) -> dict[str, str]:
@@ -178,7 +200,7 @@ def run_lmms_eval(
     argv = [python, *(["-c", patch + RUN_CLI] if patch else ["-m", "lmms_eval"]), "--model", model_class]
     argv += ["--model_args", f"pretrained={model},device_map=cpu", "--device", "cpu", "--tasks", ",".join(tasks)]
     argv += ["--batch_size", "1", "--log_samples", "--output_path", str(out)]
-    argv += [flag for task in tasks for flag in JUDGED.get(task, [])]
+    argv += [flag for task in tasks for flag in TASK_FLAGS.get(task, [])]
     env = {
         **os.environ,
         **OFFLINE_ENV,
@@ -276,7 +298,10 @@ def main() -> None:
 
                 judge = stack.enter_context(OpenAIStub(StubBehaviour(chat_reply=hashed_grade))).base_url
             served = with_video_processor(model, family, work)
-            label, patch = PATCHED.get(family, (None, None))
+            changes = [PATCHED[family]] if family in PATCHED else []
+            changes += [TASK_PATCHES[task] for task in tasks if task in TASK_PATCHES]
+            label = ", ".join(name for name, _ in changes) or None
+            patch = "".join(code for _, code in changes) or None
             argv = run_lmms_eval(args.python, model_class, served, tasks, data, out, judge, patch)
             if label:  # the command as recorded names the change instead of spelling it out
                 argv = [argv[0], "-c", f"<{label}; then as python -m lmms_eval>", *argv[3:]]
