@@ -127,6 +127,12 @@ class Monitor:
             pass
         os._exit(1)
 
+    def abandon(self) -> None:
+        """The run ends early on this rank: no more beats, and the bar's line ends where it stood."""
+        self._stop.set()
+        self._thread.join()
+        self.bar.close()
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join()

@@ -165,6 +165,9 @@ def run_requests(config: RunConfig, topo: Topology, ready: Ready, phases: Phases
                 ran += len(work.requests)
     except execute.StopRequested:
         raise Stopped(stop.signal) from None
+    except UsageError:  # a later round's bad input: its one line goes below the progress bar
+        monitor.abandon()
+        raise
     finally:
         stop.restore()
     for name, seconds in backend.timings.items():

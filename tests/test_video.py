@@ -56,6 +56,26 @@ def test_frame_rule_follows_lmms_eval_qwen2_5_vl():
     assert (rule.min_pixels, rule.max_pixels) == (256 * 28 * 28, 768 * 28 * 28)
 
 
+def test_frame_rules_of_a_multi_round_tasks_rounds():
+    """A round of lmms-eval's generate_until_multi_round: its qwen2_vl class takes the fps rule's
+    frames and then exactly 32 at ``linspace(..., dtype=int)``, repeats kept; its qwen2_5_vl class
+    takes qwen-vl-utils' 2 fps (floored to even), at most 32 of those, with positions at 24 fps."""
+    from evalkit.tasks.video import rule_for
+
+    qwen2 = rule_for("qwen2_vl", rounds=True)
+    assert qwen2.indices(8, 4.0) == [0] * 11 + [2] * 10 + [5] * 10 + [7]  # 4 frames (0, 2, 5, 7), 32 picks
+    assert len(qwen2.indices(3000, 30.0)) == 32 and rule_for("qwen2_vl") != qwen2
+    qwen25 = rule_for("qwen2_5_vl", rounds=True)
+    assert qwen25.indices(8, 4.0) == [0, 2, 5, 7]
+    # 23 frames at 4 fps: 11.5 frames at 2 fps, floored to 10 (the generate_until rule rounds to 12)
+    assert qwen25.indices(23, 4.0) == [0, 2, 5, 7, 10, 12, 15, 17, 20, 22]
+    assert len(rule_for("qwen2_vl").indices(23, 4.0)) == 12
+    picked = qwen25.indices(3000, 30.0)  # 200 frames at 2 fps, 32 of them
+    assert len(picked) == 32 and picked[0] == 0 and picked[-1] == 2999
+    assert qwen25.positions_fps == 24.0 and rule_for("qwen2_5_vl").positions_fps is None
+    assert rule_for("internvl", rounds=True) == rule_for("internvl")  # its own rule where a class has none
+
+
 def test_clip_digest_names_content_and_rule(tmp_path):
     a = write_clip(tmp_path / "a.mp4", ["red", "blue"])
     b = write_clip(tmp_path / "b.mp4", ["green", "white"])
@@ -138,6 +158,27 @@ def test_missing_or_undecodable_clip_ends_with_one_line(tmp_path, qwen_model, br
     expected = "cannot decode video" if broken else "does not exist"
     assert len(errors) == 1 and expected in errors[0] and "bad.mp4" in errors[0], done.stderr[-2000:]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_later_rounds_missing_clip_ends_the_run_with_one_line(tmp_path, qwen_model):
+    """ovo_forward's third round of a doc names a clip that is not there: found when that round is
+    asked for, after the rounds before it ran; one line, exit 2, no results (the rounds that ran are
+    kept for --resume)."""
+    from evalkit.testing.lmms_data import HF_HOME, write_ovo_forward
+
+    write_ovo_forward(tmp_path)
+    missing = tmp_path / HF_HOME / "ovobench" / "chunked_videos" / "102_2.mp4"
+    missing.unlink()
+    env = {**os.environ, "HF_HOME": str(tmp_path / HF_HOME), "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "evalkit", "--model", str(qwen_model), "--tasks", "lmms:ovo_forward"]
+    command += ["--output", str(tmp_path / "out"), "--device", "cpu", "--gen-kwargs", "max_new_tokens=4"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("evalkit: error:")]
+    assert len(errors) == 1 and "ovo_forward" in errors[0] and "round 2" in errors[0], done.stderr[-2000:]
+    assert str(missing) in errors[0] and "Traceback" not in done.stderr
+    assert not (tmp_path / "out" / "results.json").exists()
+    assert any((tmp_path / "out" / "shards").glob("*.jsonl"))
 
 
 def test_lmms_eval_video_task_with_a_missing_clip_ends_with_one_line(tmp_path, qwen_model):

@@ -1,7 +1,7 @@
 """Vision-language models end to end: the bundled lmms-eval-format image task and lmms-eval's own
 `mme` task (by name, unchanged, on local data in its hub schema) on tiny VLMs of three families, and
-lmms-eval's video tasks `videomme` and `egoschema_subset` on Qwen2-VL, at every layout, killed and
-resumed, crashing; and image tasks in both task-file forms.
+lmms-eval's video tasks `videomme`, `egoschema_subset` and the multi-round `ovo_forward` on Qwen2-VL,
+at every layout, killed and resumed, crashing; and image tasks in both task-file forms.
 
 Every run is real: ``python -m evalkit`` or torchrun on CPU with gloo, models built from a config.
 """
@@ -24,7 +24,8 @@ pytestmark = pytest.mark.multiprocess
 FAULTS = str(REPO / "tests" / "fault_entry.py")
 TASK = "vlm_demo"
 LAYOUT_TASKS = "vlm_demo,mme"  # mme: lmms-eval's own task folder
-VIDEO_TASKS = "videomme,egoschema_subset"  # lmms-eval's, clips under $HF_HOME
+# lmms-eval's, clips under $HF_HOME; ovo_forward asks again round by round, each round a request
+VIDEO_TASKS = "videomme,egoschema_subset,ovo_forward"
 FAMILIES = ("llava", "qwen2_vl", "internvl")
 # lmms-eval's image and video tasks at every layout on Qwen2-VL; the bundled image task on the other
 # families (their lmms-eval prompts and video inputs are held to lmms-eval's own in
@@ -61,13 +62,13 @@ def vlm_args(model: Path, *extra: str) -> list[str]:
 
 @functools.cache
 def lmms_data() -> Path:
-    """A working folder holding MME, Video-MME and EgoSchema in the hub schemas (clips under its
-    hf_home), written once per process."""
-    from evalkit.testing.lmms_data import write_egoschema, write_mme, write_videomme
+    """A working folder holding MME, Video-MME, EgoSchema and OVO-Bench (forward) in the hub schemas
+    (clips under its hf_home), written once per process."""
+    from evalkit.testing.lmms_data import write_egoschema, write_mme, write_ovo_forward, write_videomme
 
     folder = Path(tempfile.mkdtemp(prefix="lmms-data-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    for write in (write_mme, write_videomme, write_egoschema):
+    for write in (write_mme, write_videomme, write_egoschema, write_ovo_forward):
         write(folder)
     return folder
 
@@ -161,8 +162,10 @@ def test_killed_vlm_run_resumes_on_another_world_size(family, tiny_vlm, referenc
     assert killed.returncode != 0 and "SIGKILL" in killed.stderr
     assert killed.seconds < BOUND_SECONDS
     saved = sum(len(p.read_text().splitlines()) for p in (output / "shards").glob("*.jsonl"))
-    # One generation request per doc: the reference's sample rows count every request.
-    total = sum(len(p.read_text().splitlines()) for p in reference.output.glob("samples_*.jsonl"))
+    # Every request the reference computed, a multi-round doc's later rounds included.
+    total = sum(rank["requests"] for rank in reference.results()["throughput"]["per_rank"])
+    rows = sum(len(p.read_text().splitlines()) for p in reference.output.glob("samples_*.jsonl"))
+    assert total > rows  # ovo_forward's docs asked more than once
     assert 0 < saved < total
     assert not (output / "results.json").exists()
     resumed = evaluate(model, output, REFERENCE, "--resume", tasks=TASKS_OF[family])
