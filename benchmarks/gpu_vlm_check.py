@@ -15,6 +15,7 @@ On a machine without CUDA it prints one line saying so and exits 0.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -83,6 +84,15 @@ def main() -> int:
         write_data([str(data), "--tasks", IMAGE_DATA])
         for family, (flags, tasks) in RUNS.items():
             model = build(family, Path(tmp) / "models")
+            built = hashlib.sha256((model / "model.safetensors").read_bytes()).hexdigest()
+            wanted = json.loads((REFERENCES / f"{family}.{tasks[0]}.json").read_text())["model_sha256"]
+            if built != wanted:  # the references are evidence only for the weights they were made with
+                print(
+                    f"| {family} | {','.join(tasks)} | weights built here ({built[:12]}) differ from the "
+                    f"references' ({wanted[:12]}) | | | | |"
+                )
+                failed += 1
+                continue
             out = Path(tmp) / f"out-{family}"
             cmd = [sys.executable, "-m", "evalkit", "--model", str(model), "--device", args.device]
             cmd += ["--tasks", ",".join(f"lmms:{t}" for t in tasks), "--output", str(out), *flags]

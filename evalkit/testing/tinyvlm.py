@@ -21,9 +21,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -472,7 +473,8 @@ def build_tiny_vlm(family: str, out_dir: Path, *, seed: int = 0, head_dim: int |
     if head_dim:
         _set_head_dim(config.text_config, head_dim)
     torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32).eval()
+    with _release_independent_init():
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32).eval()
     head = model.get_output_embeddings().weight
     with torch.no_grad():
         head[tokenizer.convert_tokens_to_ids("\u010a")] *= NEWLINE_LOGIT_SCALE  # byte-level symbol for "\n"
@@ -481,6 +483,30 @@ def build_tiny_vlm(family: str, out_dir: Path, *, seed: int = 0, head_dim: int |
     model.save_pretrained(out_dir, safe_serialization=True)
     processor.save_pretrained(out_dir)
     return out_dir
+
+
+@contextlib.contextmanager
+def _release_independent_init() -> Iterator[None]:
+    """Seeded weights that do not depend on the torch release. torch's ``trunc_normal_`` draws its
+    values differently from one release to another (torch 2.11 through the inverse normal CDF,
+    2.13 by rejection), and transformers draws SigLIP's patch embedding (LLaVA-OneVision's vision
+    tower) with it; the same seed then built another model on a machine with torch 2.11. Here it
+    draws normal values clipped to the bounds, as every release draws them."""
+    import torch
+    from transformers import initialization
+
+    functions = initialization.TORCH_INIT_FUNCTIONS
+    original = functions["trunc_normal_"]
+
+    def clipped_normal(tensor, mean=0.0, std=1.0, a=-2.0, b=2.0, generator=None):  # noqa: ANN001, ANN202
+        with torch.no_grad():
+            return tensor.normal_(mean, std, generator=generator).clamp_(a, b)
+
+    functions["trunc_normal_"] = clipped_normal
+    try:
+        yield
+    finally:
+        functions["trunc_normal_"] = original
 
 
 # The image sizes a released Qwen2-VL or Qwen2.5-VL processor allows. The tiny processors' are
