@@ -56,6 +56,7 @@ def task_variables(base_url: str, model: str | None) -> dict[str, str]:
         "OPENAI_API_KEY": PLACEHOLDER_KEY,  # lmms-eval's providers refuse to run without one
         "JUDGE_BASE_URL": base_url,  # lmms-eval's reasoning judge
         "JUDGE_API_KEY": PLACEHOLDER_KEY,
+        "Deepseek_API": PLACEHOLDER_KEY,  # phyx's judge code refuses to load without it
     }
     if model:
         for name in ("MODEL_VERSION", "JUDGE_MODEL_VERSION", "JUDGE_MODEL_NAME", "GPT_EVAL_MODEL_NAME"):

@@ -18,12 +18,13 @@ from typing import Any
 from evalkit.config import RunConfig
 from evalkit.errors import UsageError
 from evalkit.identity import model_fingerprint, request_key, served_fingerprint, task_config_hash
-from evalkit.judge import task_environment
+from evalkit.judge import PLACEHOLDER_KEY, task_environment
 from evalkit.models.packing import share_keys
 from evalkit.outdir import check_folder
 from evalkit.preflight import Inputs
 from evalkit.sharding import shard_indices
 from evalkit.shards import read_all
+from evalkit.tasks.judged import aim_clients
 from evalkit.tasks.library import TaskLibrary
 from evalkit.tasks.requests import PromptOptions, Request, TaskPlan, build_plans, number_requests
 
@@ -85,7 +86,10 @@ def load_tasks(config: RunConfig, model_path: str, judge_url: str | None = None)
     for line in library.notices(config.tasks):  # information, so on stdout: stderr is for what went wrong
         print(f"evalkit: {line}", flush=True)
     with task_environment(judge_url, config.judge_model):
-        return library.load_checked(list(config.tasks))
+        loaded = library.load_checked(list(config.tasks))
+    if judge_url is not None:  # task code that built a client with an address of its own asks the proxy
+        aim_clients(loaded["tasks"], judge_url, PLACEHOLDER_KEY)
+    return loaded
 
 
 def prompt_options(config: RunConfig) -> PromptOptions:

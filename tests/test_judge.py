@@ -379,3 +379,41 @@ def test_a_whole_run_scores_through_the_judge_and_resume_never_asks_twice(data, 
     assert len((tmp_path / "out" / JOURNAL).read_text().splitlines()) == asked
     assert f"judge stub-model: {asked} answer(s) asked, 0 replayed" in first.stdout
     assert SECRET not in files_text(tmp_path / "out") + first.stdout + first.stderr + resumed.stdout + resumed.stderr
+
+
+def judge_phyx(messages) -> str:
+    """PhyX's multiple-choice judge prompt ends with the ground truth and the predicted answer: 1
+    when the answer names the red ball (option A), else 0."""
+    prompt = messages[-1]["content"]
+    truth = prompt.rsplit("Ground truth answer:", 1)[1].split("\n")[0].strip()
+    predicted = prompt.rsplit("Predicted answer:", 1)[1].split("\n")[0].strip()
+    return "1" if truth == "A" and "red" in predicted else "0"
+
+
+def test_a_judge_client_with_its_own_address_asks_the_proxy(tmp_path, monkeypatch):
+    """phyx's judge code builds an OpenAI client for api.deepseek.com when imported (and refuses to
+    load without ``Deepseek_API``); evalkit points that client at the judge proxy, so the task is a
+    judge task like any other: the stub judge gets PhyX's own prompts, as the judge model."""
+    from evalkit.testing.lmms_data import write_phyx
+
+    write_phyx(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with OpenAIStub(StubBehaviour(chat_reply=judge_phyx)) as stub:
+        config = run_config(tmp_path, stub, tasks=("phyx_mc",))
+        assert judge_tasks(load_tasks(config, "tiny")["tasks"]) == ["phyx_mc"]
+        forget_task_code()
+        config.output.mkdir()
+        with JudgeProxy(config.judge_options(), config.output) as proxy:
+            loaded = load_tasks(config, str(config.output), proxy.url)
+            plans = build_plans(loaded["tasks"], PromptOptions())
+            requests = number_requests(plans)
+            plan = RunPlan(
+                model_path="tiny", tasks=plans, groups={}, requests=requests, model={}, task_hashes={}, done=set()
+            )
+            # B by its letter (no judge), A as "the red one" (judged right), C as "the blue one" (judged wrong)
+            scored = score_outputs(config, plan, ["B", "the red one", "the blue one"], Phases(), proxy)
+    assert scored.results["results"]["phyx_mc"]["eval_results,none"] == pytest.approx(2 / 3)
+    prompts = judge_prompts(stub)
+    assert len(prompts) == 2 and all("Ground truth answer:" in p for p in prompts)
+    assert {body["model"] for _, body in stub.behaviour.bodies} == {JUDGE_MODEL}
+    assert scored.results["judge"]["asked"] == 2

@@ -93,25 +93,58 @@ def _is_judge_client(value: Any) -> bool:
 
 def _reaches_judge(value: Any, seen: set[int]) -> bool:
     """Whether ``value`` is a judge client or task code that uses one, at any depth."""
+    return next(_clients(value, seen), None) is not None
+
+
+def _clients(value: Any, seen: set[int]) -> Iterator[Any]:
+    """The judge clients (objects, classes, functions or modules of ``JUDGE_CLIENTS``) that
+    ``value`` is or that task code reaches from it, at any depth, each once."""
     if id(value) in seen:
-        return False
+        return
     seen.add(id(value))
     if _is_judge_client(value):
-        return True
+        yield value
+        return
     value = inspect.unwrap(value) if callable(value) else value
     if isinstance(value, types.MethodType):
         value = value.__func__
     if isinstance(value, types.FunctionType):
-        if not _is_task_code(value.__code__.co_filename):
-            return False
-        return any(_reaches_judge(v, seen) for v in _globals_used(value))
+        if _is_task_code(value.__code__.co_filename):
+            for used in _globals_used(value):
+                yield from _clients(used, seen)
+        return
     cls = value if isinstance(value, type) else type(value)
     if not _is_task_code(_source_file(cls)):
-        return False
+        return
     members = [inspect.getattr_static(cls, name) for name in vars(cls)]
     members = [m.__func__ if isinstance(m, (staticmethod, classmethod)) else m for m in members]
     attributes = list(vars(value).values()) if not isinstance(value, type) and hasattr(value, "__dict__") else []
-    return any(_reaches_judge(m, seen) for m in members + attributes if m is not None)
+    for member in members + attributes:
+        if member is not None:
+            yield from _clients(member, seen)
+
+
+def aim_clients(tasks: Mapping[str, Any], base_url: str, api_key: str) -> int:
+    """Point every OpenAI client object that the tasks' scoring code holds at ``base_url`` (the
+    judge proxy) with ``api_key``: task code that built its client with an address of its own
+    (phyx's is api.deepseek.com) then asks the judge as every other judge task does. Returns how
+    many clients were pointed."""
+    try:
+        from openai import AsyncOpenAI, OpenAI
+    except ImportError:  # no openai package: task code cannot have built such a client
+        return 0
+    seen: set[int] = set()
+    found = [
+        client
+        for task in tasks.values()
+        for fn in scoring_functions(task)
+        for client in _clients(fn, seen)
+        if isinstance(client, (OpenAI, AsyncOpenAI))
+    ]
+    for client in found:
+        client.base_url = base_url
+        client.api_key = api_key
+    return len(found)
 
 
 def _source_file(cls: type) -> str | None:

@@ -39,6 +39,7 @@ from lm_eval.tasks._index import Entry, Kind, TaskIndex
 
 from evalkit.compat import install_compat
 from evalkit.errors import did_you_mean, one_line
+from evalkit.judge import task_environment
 from evalkit.tasks.library import TaskLibrary, _Factory
 from evalkit.tasks.problems import TaskLoadError, causes, dataset_label, reason
 
@@ -454,7 +455,9 @@ def validate(library: TaskLibrary, names: list[str]) -> dict[str, str | None]:
     install_compat()
     _evaluate_failure.cache_clear()  # an evaluate metric may have been made available since
     results: dict[str, str | None] = {}
-    with _LOCK, _scope():
+    # Task code sees what a run's task code sees while it loads: the judge variables, pointing nowhere
+    # (judge task code may build its client when imported).
+    with _LOCK, _scope(), task_environment(None, None):
         factory = _ValidatingFactory(library.metadata)
         for name in names:
             results[name] = library.unknown(name) or _validate_one(factory, library, name)

@@ -642,6 +642,42 @@ def write_ovo_forward(root: Path) -> Path:
     return _write(root, "kcz358/OVOBench", columns, features, config="forward")
 
 
+# PhyX: a physics question about a drawing, the image base64-encoded in the row; its judge (an LLM
+# asked whether a free-form answer matches the option letter) is hard-wired to api.deepseek.com.
+# (colour, shape, count, where, question, answer, category)
+PHYX_DOCS = [
+    ("red", "circle", 1, "left", "Which ball falls first? A. red B. blue C. green D. white", "B", "Mechanics"),
+    ("blue", "square", 2, "right", "Which block is heavier? A. red B. blue C. green D. white", "A", "Mechanics"),
+    ("green", "circle", 1, "left", "Which lens focuses light? A. red B. blue C. green D. white", "C", "Optics"),
+]
+PHYX_SPLITS = ("phyx_mc", "phyx_oe", "phyx_mini_mc", "phyx_mini_oe")
+
+
+def write_phyx(root: Path) -> Path:
+    """``Cloudriver/PhyX``, config ``data_for_llms_eval`` (splits phyx_mc, phyx_oe, phyx_mini_mc,
+    phyx_mini_oe), as lmms-eval 0.7's ``phyx`` tasks read them."""
+    import base64
+    import io
+
+    import datasets
+
+    columns: dict[str, list] = {k: [] for k in ("index", "question", "image", "answer", "category")}
+    for n, (colour, shape, count, where, question, answer, category) in enumerate(PHYX_DOCS):
+        buffer = io.BytesIO()
+        draw(colour, shape, count, where).save(buffer, format="PNG")
+        columns["index"].append(n)
+        columns["question"].append(question)
+        columns["image"].append(base64.b64encode(buffer.getvalue()).decode())
+        columns["answer"].append(answer)
+        columns["category"].append(category)
+    text = datasets.Value("string")
+    features = datasets.Features(
+        {"index": datasets.Value("int64"), "question": text, "image": text, "answer": text, "category": text}
+    )
+    parts = {("data_for_llms_eval", split): columns for split in PHYX_SPLITS}
+    return _write_splits(root, "Cloudriver/PhyX", features, parts)
+
+
 # MixEval-X image2text, multiple choice: the judge names the option the answer chose (its filter),
 # scored against the option's index. (colour, shape, count, where, query, options, answer index)
 MIX_EVALS_DOCS = [
@@ -685,6 +721,7 @@ WRITERS = {
     "videomme": write_videomme,
     "egoschema_subset": write_egoschema,
     "ovo_forward": write_ovo_forward,
+    "phyx_mc": write_phyx,
     "mix_evals_image2text_mc": write_mix_evals,
 }
 
