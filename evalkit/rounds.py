@@ -16,6 +16,7 @@ answers in order, one list: what lmms-eval's task code indexes round by round.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,7 @@ class Rounds:
         first = self.plan.requests[chain.indices[0]]
         number = len(chain.indices)
         name = chain.plan.name
+        given = copy.deepcopy(chain.info)  # what the evaluating rank passes to get the same visuals
         try:
             step = chain.plan.task.next_round(chain.instance.doc, number, answers, chain.info)
             if step.terminal:
@@ -91,7 +93,7 @@ class Rounds:
         except (OSError, ValueError, TypeError, KeyError, AssertionError) as exc:
             raise UsageError(f"task '{name}' doc {first.doc_id} round {number}: {exc}") from None
         chain.info = step.info
-        visuals = Visuals(name, first.doc_id, found, RoundRef(number, tuple(answers), step.info)) if found else None
+        visuals = Visuals(name, first.doc_id, found, RoundRef(number, tuple(answers), given)) if found else None
         return Request(
             index=-1,
             task=name,
