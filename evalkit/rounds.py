@@ -1,4 +1,5 @@
-"""Later rounds of multi-round docs (lmms-eval's ``generate_until_multi_round``), in waves.
+"""Later rounds of multi-round docs (lmms-eval's ``generate_until_multi_round`` and
+``generate_until_agentic``), in waves.
 
 A multi-round doc's first round is an ordinary generation request of the plan. After each wave of
 model calls rank 0 reads back the answers, asks the task for each unfinished doc's next round given
@@ -12,6 +13,11 @@ number), so a resumed run finds the rounds an earlier run answered, at any proce
 that evaluates a later round reads its visuals from its own copy of the task, asking the task for
 that round with the same earlier answers (``RoundRef``). For scoring, a doc's output is its rounds'
 answers in order, one list: what lmms-eval's task code indexes round by round.
+
+An agentic doc (lmms-eval's evaluator's agent loop) runs the same way, with that loop's rules: the
+task sees the outputs it kept (it may rewrite them), a step without a new prompt or visuals repeats
+the last ones, the doc ends when the task says so or after ``max_agentic_steps`` generations, and
+its answer is its last output (or lmms-eval's JSON account of the state it reached).
 """
 
 from __future__ import annotations
@@ -31,13 +37,16 @@ from evalkit.tasks.scoring import RequestError
 
 @dataclass
 class Chain:
-    """One multi-round doc: the global indices of its rounds' requests so far."""
+    """One multi-round doc: the global indices of its rounds' requests so far; for an agentic doc
+    also the outputs its task keeps (it may rewrite them) and, once done, its answer."""
 
     plan: TaskPlan
     instance: Any  # lm-eval's instance (its doc, and the first round's arguments)
     indices: list[int]
     info: Any = None
     done: bool = False
+    outputs: list[str] = field(default_factory=list)
+    answer: str | None = None
 
 
 @dataclass
@@ -81,19 +90,35 @@ class Rounds:
         return pending
 
     def _next(self, chain: Chain, answers: list[str]) -> Request | None:
-        first = self.plan.requests[chain.indices[0]]
+        first, last = self.plan.requests[chain.indices[0]], self.plan.requests[chain.indices[-1]]
         number = len(chain.indices)
         name = chain.plan.name
+        task = chain.plan.task
+        if task.agentic:  # lmms-eval's agent loop hands the task the outputs it kept, and the newest
+            chain.outputs.append(answers[-1])
+        previous = list(chain.outputs) if task.agentic else answers
         given = copy.deepcopy(chain.info)  # what the evaluating rank passes to get the same visuals
         try:
-            step = chain.plan.task.next_round(chain.instance.doc, number, answers, chain.info)
-            if step.terminal:
-                return None
+            step = task.next_round(chain.instance.doc, number, chain.outputs if task.agentic else answers, chain.info)
             found = digests(as_visuals(step.visuals)) if step.visuals else ()
         except (OSError, ValueError, TypeError, KeyError, AssertionError) as exc:
             raise UsageError(f"task '{name}' doc {first.doc_id} round {number}: {exc}") from None
         chain.info = step.info
-        visuals = Visuals(name, first.doc_id, found, RoundRef(number, tuple(answers), given)) if found else None
+        if task.agentic:
+            final = answers[-1]
+            if step.outputs is not None:
+                chain.outputs = list(step.outputs)
+                final = chain.outputs[-1] if chain.outputs else final
+            if step.terminal or number >= task.max_steps:
+                chain.answer = task.agentic_answer(final, chain.info, chain.outputs)
+                return None
+        elif step.terminal:
+            return None
+        if step.visuals is None and task.agentic:  # the step keeps the visuals it had
+            visuals = last.visuals
+        else:
+            visuals = Visuals(name, first.doc_id, found, RoundRef(number, tuple(previous), given)) if found else None
+        context = step.context if step.context is not None or not task.agentic else last.args[0]
         return Request(
             index=-1,
             task=name,
@@ -101,7 +126,7 @@ class Rounds:
             instance=first.instance,
             repeat=0,
             kind="generate_until",
-            args=(step.context, first.args[1]),
+            args=(context, first.args[1]),
             visuals=visuals,
             round=number,
         )
@@ -114,11 +139,12 @@ class Rounds:
         return deal_pending(pending, dp, launch, rounds=not all(c.done for c in self.chains))
 
     def fold(self, outputs: list[Any]) -> list[Any]:
-        """The outputs with each multi-round doc's first request holding all its answers (or the
-        first failed round's error)."""
+        """The outputs with each multi-round doc's first request holding all its answers (an agentic
+        doc's: its answer), or the first failed round's error."""
         folded = list(outputs)
         for chain in self.chains:
             answers = [outputs[i] for i in chain.indices]
             failed = next((a for a in answers if isinstance(a, RequestError)), None)
-            folded[chain.indices[0]] = failed if failed is not None else answers
+            kept = chain.answer if chain.plan.task.agentic else answers
+            folded[chain.indices[0]] = failed if failed is not None else kept
         return folded

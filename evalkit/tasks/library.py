@@ -118,7 +118,8 @@ def _cached_root_index(root: Path, rules: str) -> dict[str, Entry]:
 class _Factory(TaskFactory):
     """lm-eval's factory, with three additions: a failure names the task it happened in; a
     relative ``data_files`` path that is not in the working folder is looked up beside its YAML
-    (so a task folder such as evalkit's bundled demo runs from anywhere); and a task YAML in
+    (so a task folder such as evalkit's bundled demo runs from anywhere), and for lmms-eval's tasks
+    also above the ``lmms_eval`` package (its agentic tasks name ``lmms_eval/tasks/.../x.jsonl``); and a task YAML in
     lmms-eval's form (``doc_to_visual``, ``lmms_eval_specific_kwargs``, ...) is built as an
     ``LmmsTask`` instead of a plain ``ConfigurableTask``."""
 
@@ -145,7 +146,10 @@ class _Factory(TaskFactory):
         cfg = super()._load_full_config(entry, overrides)
         kwargs = cfg.get("dataset_kwargs")
         if entry.yaml_path and isinstance(kwargs, dict) and "data_files" in kwargs:
-            kwargs["data_files"] = _beside(kwargs["data_files"], Path(entry.yaml_path).parent)
+            folders = [Path(entry.yaml_path).parent]
+            if _in_lmms_eval(entry):  # its agentic tasks name their data from the package's own parent folder
+                folders.append(lmms_index.tasks_dir().parent.parent)
+            kwargs["data_files"] = _beside(kwargs["data_files"], folders)
         if entry.kind is Kind.TASK and "class" not in cfg and (is_lmms_config(cfg) or _in_lmms_eval(entry)):
             cfg["class"] = LmmsTask
         return cfg
@@ -165,16 +169,18 @@ def _dataset_of(entry: Entry, overrides: dict[str, Any] | None) -> str | None:
     return dataset_label(cfg)
 
 
-def _beside(files: Any, folder: Path) -> Any:
+def _beside(files: Any, folders: list[Path]) -> Any:
+    """Relative data files not in the working folder, found in the first of ``folders`` that has them."""
     if isinstance(files, str):
         relative = "://" not in files and not Path(files).is_absolute()
-        if relative and not Path(files).exists() and (folder / files).exists():
-            return str(folder / files)
+        if relative and not Path(files).exists():
+            found = next((folder / files for folder in folders if (folder / files).exists()), None)
+            return str(found) if found else files
         return files
     if isinstance(files, list):
-        return [_beside(f, folder) for f in files]
+        return [_beside(f, folders) for f in files]
     if isinstance(files, dict):
-        return {split: _beside(f, folder) for split, f in files.items()}
+        return {split: _beside(f, folders) for split, f in files.items()}
     return files
 
 

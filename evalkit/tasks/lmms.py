@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import os
 from collections.abc import Callable, Mapping
 from copy import deepcopy
@@ -80,9 +81,13 @@ EXTRA_KEYS = LMMS_KEYS | IGNORED_KEYS | {"full_docs", "reasoning_tags", "auto_st
 LMMS_ONLY_OUTPUT_TYPES = {
     "generate_visual_cot": "a model that draws an image before it answers (lmms-eval's ovis_u1, bagel_unig2u, "
     "illume_plus, qwen_image_edit classes; its llava_hf, qwen2_vl and internvl_hf classes refuse it too)",
-    "generate_until_agentic": "lmms-eval's evaluator's agent loop",
 }
 MULTI_ROUND = "generate_until_multi_round"
+AGENTIC = "generate_until_agentic"
+# lmms-eval's evaluator: an agentic doc's steps unless its generation_kwargs say otherwise.
+AGENTIC_STEPS = 12
+# What lmms-eval's evaluator copies from an agentic doc's last state into its fallback answer.
+AGENTIC_STATE_KEYS = ("cash", "days_elapsed", "inventory", "mobile_data_working")
 # dataset_kwargs entries that steer lmms-eval's downloader, not datasets.load_dataset.
 DOWNLOADER_KWARGS = ("max_retries", "num_proc", "local_files_only", "force_download", "force_unzip", "create_link")
 
@@ -228,7 +233,8 @@ class Round:
     terminal: bool
     context: Any
     info: Any
-    visuals: Any
+    visuals: Any  # None: an agentic step keeps the visuals it had
+    outputs: Any = None  # an agentic task's outputs so far as it rewrote them (None: as they were)
 
 
 class LmmsTask(ConfigurableTask):
@@ -247,11 +253,16 @@ class LmmsTask(ConfigurableTask):
         if kind in LMMS_ONLY_OUTPUT_TYPES:
             raise ValueError(
                 f"output_type '{kind}' needs {LMMS_ONLY_OUTPUT_TYPES[kind]}; evalkit runs generate_until, "
-                f"generate_until_multi_round, loglikelihood, multiple_choice and loglikelihood_rolling"
+                f"generate_until_multi_round, generate_until_agentic, loglikelihood, multiple_choice and "
+                f"loglikelihood_rolling"
             )
-        # A multi-round task's first round is lm-eval's generate_until request; the rest follow it
-        # (``next_round``), each a generation of its own.
-        self.multi_round = kind == MULTI_ROUND
+        # A multi-round or agentic task's first round is lm-eval's generate_until request; the rest
+        # follow it (``next_round``, ``evalkit.rounds``), each a generation of its own.
+        self._kind = kind
+        self.multi_round = kind in (MULTI_ROUND, AGENTIC)
+        self.agentic = kind == AGENTIC
+        generation = config.get("generation_kwargs") or {}
+        self.max_steps = int(generation.get("max_agentic_steps", AGENTIC_STEPS)) if self.agentic else 0
         if self.multi_round:
             config["output_type"] = "generate_until"
         self._lmms = {key: config.pop(key) for key in sorted(EXTRA_KEYS) if key in config}
@@ -259,7 +270,7 @@ class LmmsTask(ConfigurableTask):
         self._strip_thinking = bool(self._lmms.get("auto_strip_thinking")) and self._reasoning is None
         self.model_name = model_name(config.get("metadata"))
         self.aggregation_args = AggregationArgs()  # scoring names the run's output folder here
-        self._frame_rule = video.rule_for(model_type(config.get("metadata")), rounds=self.multi_round)
+        self._frame_rule = video.rule_for(model_type(config.get("metadata")), rounds=kind == MULTI_ROUND)
         legacy = "lmms_eval_specific_kwargs" not in self._lmms
         blocks = self._lmms.get(PROMPT_KWARGS[1] if legacy else PROMPT_KWARGS[0])
         self.lmms_eval_specific_kwargs = deepcopy(choose_prompt_kwargs(blocks, self.model_name, legacy=legacy))
@@ -320,7 +331,9 @@ class LmmsTask(ConfigurableTask):
 
     def doc_to_image(self, doc: Any, doc_to_image: Any = None) -> Any:
         """The doc's visuals as the model's lmms-eval class hands them to its processor."""
-        visuals = self._doc_visuals(doc, doc_to_image)
+        return self._for_model(self._doc_visuals(doc, doc_to_image))
+
+    def _for_model(self, visuals: Any) -> Any:
         if isinstance(visuals, list):
             return [prepare_image(self.model_name, v) for v in visuals]
         return prepare_image(self.model_name, visuals)
@@ -336,23 +349,45 @@ class LmmsTask(ConfigurableTask):
             round_idx=round_idx,
             previous_round_info=info,
         )
+        if self.agentic and isinstance(step, str):  # lmms-eval's agent loop: the next prompt alone
+            return Round(terminal=False, context=step, info=info, visuals=None)
         if not (isinstance(step, tuple) and len(step) == 5):
+            if self.agentic:  # its agent loop stops there
+                return Round(terminal=True, context=None, info=info, visuals=None)
             raise ValueError(
                 f"task '{self.config.task}': doc_to_text of round {round_idx} returned {type(step).__name__}, "
                 f"not lmms-eval's (visuals, context, terminal, outputs, info)"
             )
-        visuals, context, terminal, _, info = step
-        return Round(terminal=bool(terminal), context=context, info=info, visuals=self._prepared(visuals))
+        visuals, context, terminal, outputs, info = step
+        if visuals is not None:
+            visuals = self._for_model(video.as_clips(visuals, self._frame_rule))
+        return Round(terminal=bool(terminal), context=context, info=info, visuals=visuals, outputs=outputs)
 
     def round_visuals(self, doc: Any, round_idx: int, previous: list[str], info: Any) -> Any:
         """The visuals of a later round, for the rank that evaluates it."""
         return self.next_round(doc, round_idx, previous, info).visuals
 
-    def _prepared(self, visuals: Any) -> Any:
-        visuals = video.as_clips(visuals, self._frame_rule)
-        if isinstance(visuals, list):
-            return [prepare_image(self.model_name, v) for v in visuals]
-        return prepare_image(self.model_name, visuals)
+    def agentic_answer(self, final: str, info: Any, outputs: list[str]) -> str:
+        """An agentic doc's answer, as lmms-eval's evaluator gives it to ``process_results``: the last
+        output, or, when the task kept state and that output is not a JSON object (it never
+        submitted), a JSON account of the state that says so."""
+        if info is None or final.strip().startswith("{"):
+            return final
+        kept = info if isinstance(info, dict) else {}
+        state = kept.get("state", {})
+        answer = {
+            "success": False,
+            "error": "max_agentic_steps_reached",
+            "tool_calls": float(kept.get("tool_calls", 0)),
+            "valid_tool_calls": float(kept.get("valid_tool_calls", kept.get("tool_calls", 0))),
+            "invalid_steps": float(kept.get("invalid_steps", 0.0)),
+            "state": state,
+            "last_model_output": final,
+            "trace": outputs,
+        }
+        if isinstance(state, dict):
+            answer.update({key: state[key] for key in AGENTIC_STATE_KEYS if key in state})
+        return json.dumps(answer, ensure_ascii=False)
 
     def _doc_visuals(self, doc: Any, doc_to_image: Any = None) -> Any:
         if doc_to_image is not None or not self._own_image:
@@ -422,7 +457,8 @@ class LmmsTask(ConfigurableTask):
         for request in requests if isinstance(requests, list) else [requests]:
             context, gen_kwargs, *rest = request.arguments
             settings = request_gen_kwargs(self.model_name, gen_kwargs)
-            if self.multi_round:  # lmms-eval's multi-round methods drop until: a round ends at end of sequence
+            settings.pop("max_agentic_steps", None)  # the agent loop's, never the model's
+            if self._kind == MULTI_ROUND:  # lmms-eval's multi-round methods drop until: a round ends at end of sequence
                 settings["until"] = []
             request.arguments = (context, settings, *rest)
         return requests
@@ -473,6 +509,8 @@ class LmmsTask(ConfigurableTask):
         dumped = super().dump_config()
         if self._own_image:
             dumped.pop("doc_to_image", None)
+        if self.multi_round:
+            dumped["output_type"] = self._kind
         for key, value in self._lmms.items():
             dumped[key] = self.config.serialize_function(value) if callable(value) else deepcopy(value)
         return dumped

@@ -260,7 +260,7 @@ def reason(exc: BaseException, dataset: str | None = None) -> str:
     if isinstance(exc, FileNotFoundError) and missing_file:
         return (
             f"data file '{missing_file.group(1)}' not found (relative data_files are looked up in the working "
-            f"folder, then beside the task's YAML)"
+            f"folder, then beside the task's YAML, and for lmms-eval's tasks above its package)"
         )
     if isinstance(exc, StopIteration) or "Expected at least one" in text:
         return "the dataset is empty (an empty data file?); the task has no docs to evaluate"
