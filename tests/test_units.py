@@ -211,6 +211,7 @@ def test_deal_keeps_a_context_on_one_rank_and_balances_cost():
             for i, (kind, args, doc) in enumerate(requests)
         ],
         done={0, 1},
+        multi_round=False,
     )
     for dp in (2, 3):
         shares = [work.requests for work in deal(plan, dp, "launch")]
