@@ -368,22 +368,41 @@ _CHATML_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 _CHATML_TURN = "{{ '<|im_start|>' + message['role'] + '\\n' }}CONTENT{{ '<|im_end|>\\n' }}"
 
 
-def _qwen_family(build: Callable[..., Any]) -> Family:
-    """Qwen2-VL's and Qwen2.5-VL's prompt format: ChatML with a default system turn, an image or a
-    video wrapped in vision start/end tokens."""
+_QWEN_SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+
+
+def _chatml_family(
+    build: Callable[..., Any],
+    specials: tuple[str, ...],
+    image: str,
+    video: str,
+    *,
+    default_system: str = "",
+    extra: tuple[tuple[str, str], ...] = (),
+) -> Family:
+    """A ChatML family (Qwen2's tokens and turns): its own special tokens and image and video parts."""
     return Family(
-        specials=(*_CHATML_SPECIALS, "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"),
+        specials=(*_CHATML_SPECIALS, *specials),
         bos=None,
         eos="<|im_end|>",
         pad="<|endoftext|>",
         template=_chat_template(
-            _CHATML_TURN,
-            "<|im_start|>assistant\n",
-            "<|vision_start|><|image_pad|><|vision_end|>",
-            default_system="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
-            video="<|vision_start|><|video_pad|><|vision_end|>",
+            _CHATML_TURN, "<|im_start|>assistant\n", image, default_system=default_system, video=video
         ),
         build=build,
+        extra=extra,
+    )
+
+
+def _qwen_family(build: Callable[..., Any]) -> Family:
+    """Qwen2-VL's and Qwen2.5-VL's prompt format: ChatML with a default system turn, an image or a
+    video wrapped in vision start/end tokens."""
+    return _chatml_family(
+        build,
+        ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"),
+        "<|vision_start|><|image_pad|><|vision_end|>",
+        "<|vision_start|><|video_pad|><|vision_end|>",
+        default_system=_QWEN_SYSTEM,
     )
 
 
@@ -421,29 +440,20 @@ FAMILIES: dict[str, Family] = {
     # Qwen2.5-VL: Qwen2-VL's prompt format and tokens, a vision tower with window attention.
     "qwen2_5_vl": _qwen_family(_qwen2_5_vl),
     # LLaVA-OneVision (Qwen2): ChatML with a default system turn, "<image>\n" and "<video>\n" parts.
-    "llava_onevision": Family(
-        specials=(*_CHATML_SPECIALS, "<image>", "<video>"),
-        bos=None,
-        eos="<|im_end|>",
-        pad="<|endoftext|>",
-        template=_chat_template(
-            _CHATML_TURN,
-            "<|im_start|>assistant\n",
-            "<image>\n",
-            default_system="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
-            video="<video>\n",
-        ),
-        build=_llava_onevision,
+    "llava_onevision": _chatml_family(
+        _llava_onevision,
+        ("<image>", "<video>"),
+        "<image>\n",
+        "<video>\n",
+        default_system=_QWEN_SYSTEM,
         extra=(("image_token", "<image>"), ("video_token", "<video>")),
     ),
     # InternVL (transformers-native): ChatML, an image as "<IMG_CONTEXT>\n", expanded to <img>...</img>.
-    "internvl": Family(
-        specials=(*_CHATML_SPECIALS, "<img>", "</img>", "<IMG_CONTEXT>", "<video>"),
-        bos=None,
-        eos="<|im_end|>",
-        pad="<|endoftext|>",
-        template=_chat_template(_CHATML_TURN, "<|im_start|>assistant\n", "<IMG_CONTEXT>\n", video="<video>\n"),
-        build=_internvl,
+    "internvl": _chatml_family(
+        _internvl,
+        ("<img>", "</img>", "<IMG_CONTEXT>", "<video>"),
+        "<IMG_CONTEXT>\n",
+        "<video>\n",
         extra=(
             ("start_image_token", "<img>"),
             ("end_image_token", "</img>"),
