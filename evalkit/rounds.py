@@ -99,7 +99,7 @@ class Rounds:
         previous = list(chain.outputs) if task.agentic else answers
         given = copy.deepcopy(chain.info)  # what the evaluating rank passes to get the same visuals
         try:
-            step = task.next_round(chain.instance.doc, number, chain.outputs if task.agentic else answers, chain.info)
+            step = task.next_round(chain.instance.doc, number, previous, chain.info)
             found = digests(as_visuals(step.visuals)) if step.visuals else ()
         except (OSError, ValueError, TypeError, KeyError, AssertionError) as exc:
             raise UsageError(f"task '{name}' doc {first.doc_id} round {number}: {exc}") from None

@@ -74,7 +74,9 @@ def run_config(tmp_path: Path, stub: OpenAIStub | None, **extra) -> RunConfig:
     return RunConfig(model="tiny", output=tmp_path / "out", **{"tasks": ("mmvet",), "concurrency": 4, **judge, **extra})
 
 
-def score_mmvet(config: RunConfig, proxy: JudgeProxy | None, outputs: list[str] = PREDICTIONS):
+def score_tasks(config: RunConfig, proxy: JudgeProxy | None, outputs: list[str] = PREDICTIONS):
+    """The configured tasks loaded and scored on ``outputs`` (MM-Vet's predictions by default), as a
+    run's rank 0 does, through ``proxy``."""
     loaded = load_tasks(config, str(config.output), proxy.url if proxy else None)
     plans = build_plans(loaded["tasks"], PromptOptions())
     requests = number_requests(plans)
@@ -97,7 +99,7 @@ def test_mmvet_is_scored_by_the_judge_and_resume_asks_nothing(data, tmp_path, mo
         config = run_config(tmp_path, stub)
         config.output.mkdir()
         with JudgeProxy(config.judge_options(), config.output) as proxy:
-            scored = score_mmvet(config, proxy)
+            scored = score_tasks(config, proxy)
         assert scored.results["results"]["mmvet"]["gpt_eval_score,none"] == EXPECTED_SCORE
         assert scored.results["judge"] == {"base_url": stub.base_url, "model": JUDGE_MODEL, "asked": 4, "replayed": 0}
 
@@ -121,7 +123,7 @@ def test_mmvet_is_scored_by_the_judge_and_resume_asks_nothing(data, tmp_path, mo
         # Scoring again over the same folder (what --resume does) replays every answer.
         forget_task_code()
         with JudgeProxy(config.judge_options(), config.output) as proxy:
-            again = score_mmvet(config, proxy)
+            again = score_tasks(config, proxy)
         assert len(stub.behaviour.bodies) == 4
         assert again.results["judge"]["asked"] == 0 and again.results["judge"]["replayed"] == 4
         assert again.results["results"]["mmvet"]["gpt_eval_score,none"] == EXPECTED_SCORE
@@ -208,14 +210,8 @@ def test_a_judge_in_a_filter_is_found_and_asked(tmp_path, monkeypatch):
         forget_task_code()
         config.output.mkdir()
         with JudgeProxy(config.judge_options(), config.output) as proxy:
-            loaded = load_tasks(config, str(config.output), proxy.url)
-            plans = build_plans(loaded["tasks"], PromptOptions())
-            requests = number_requests(plans)
-            plan = RunPlan(
-                model_path="tiny", tasks=plans, groups={}, requests=requests, model={}, task_hashes={}, done=set()
-            )
             # right (B), wrong (C for B), right (A)
-            scored = score_outputs(config, plan, ["red", "three", "left"], Phases(), proxy)
+            scored = score_tasks(config, proxy, ["red", "three", "left"])
     assert [row["filtered_resps"] for row in scored.samples["mix_evals_image2text_mc"]] == [["1"], ["2"], ["0"]]
     assert scored.results["results"]["mix_evals_image2text_mc"]["exact_match,flexible-extract"] == pytest.approx(2 / 3)
     assert len(stub.behaviour.bodies) == 3
@@ -226,7 +222,7 @@ def test_transient_failures_are_retried_by_the_proxy(data, tmp_path):
         config = run_config(tmp_path, stub, max_retries=2)
         config.output.mkdir()
         with JudgeProxy(config.judge_options(), config.output) as proxy:
-            scored = score_mmvet(config, proxy)
+            scored = score_tasks(config, proxy)
         assert scored.results["results"]["mmvet"]["gpt_eval_score,none"] == EXPECTED_SCORE
         assert sorted(stub.behaviour.attempts.values()) == [2, 2, 2, 2]
 
@@ -404,14 +400,8 @@ def test_a_judge_client_with_its_own_address_asks_the_proxy(tmp_path, monkeypatc
         forget_task_code()
         config.output.mkdir()
         with JudgeProxy(config.judge_options(), config.output) as proxy:
-            loaded = load_tasks(config, str(config.output), proxy.url)
-            plans = build_plans(loaded["tasks"], PromptOptions())
-            requests = number_requests(plans)
-            plan = RunPlan(
-                model_path="tiny", tasks=plans, groups={}, requests=requests, model={}, task_hashes={}, done=set()
-            )
             # B by its letter (no judge), A as "the red one" (judged right), C as "the blue one" (judged wrong)
-            scored = score_outputs(config, plan, ["B", "the red one", "the blue one"], Phases(), proxy)
+            scored = score_tasks(config, proxy, ["B", "the red one", "the blue one"])
     assert scored.results["results"]["phyx_mc"]["eval_results,none"] == pytest.approx(2 / 3)
     prompts = judge_prompts(stub)
     assert len(prompts) == 2 and all("Ground truth answer:" in p for p in prompts)
